@@ -1,0 +1,72 @@
+"""Trace a torch module to one ONNX file (with its weights inline or in one external-data file)."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+OPSET = 17
+# onnx >= 1.23 writes IR version 14 by default, which onnxruntime 1.31 refuses; opset 17 needs IR 8.
+IR_VERSION = 8
+# protobuf cannot hold a file over 2 GiB; stay well under it.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1 << 30
+
+
+def export_graph(
+    module: torch.nn.Module,
+    args: tuple,
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+    external_data: bool | None = None,
+) -> list[str]:
+    """Export module(*args) to path; returns the names of the files written (graph, maybe data).
+
+    external_data=None decides by size: weights over 1 GiB go to `<name>.data` beside the graph.
+    """
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="ortseq-trace-") as scratch:
+        traced = Path(scratch) / "graph.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic: verify.py checks the result
+            torch.onnx.export(
+                module,
+                args,
+                str(traced),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+            )
+        model = onnx.load(str(traced))  # also pulls in per-tensor files the tracer writes for huge models
+    model.ir_version = IR_VERSION
+    weight_bytes = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    if external_data is None:
+        external_data = weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES
+    if not external_data:
+        onnx.save_model(model, str(path))
+        return [path.name]
+    data_name = path.name + ".data"
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=1024,
+    )
+    return [path.name, data_name]
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize

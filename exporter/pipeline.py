@@ -1,0 +1,170 @@
+"""`ortseq export`: checkpoint -> verified ONNX graphs + tokenizer + manifest, written atomically.
+
+Everything is written to a temporary directory beside the output and renamed into place only
+when every graph has been verified, so a failed or interrupted export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from exporter import onnx_export, verify
+from exporter.families import family_for
+from exporter.progress import log
+from exporter.sources import resolved_source
+from graphs import contract
+from graphs.manifest import GenerationDefaults, Manifest, TokenizerInfo, sha256_of
+
+# Shapes used for tracing; verify.py checks the graphs at other ones.
+TRACE_BATCH, TRACE_SRC, TRACE_BEAMS, TRACE_PAST = 2, 9, 2, 3
+
+
+def export(source: str, out_dir: Path, external_data: bool | None = None) -> Manifest:
+    out_dir = Path(out_dir).absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent) as tmp:
+        staging = Path(tmp) / "export"
+        staging.mkdir()
+        with resolved_source(source, Path(tmp)) as checkpoint:
+            manifest = _export_checkpoint(checkpoint, staging, external_data)
+            manifest.source = source
+        manifest.write(staging)
+        _replace_dir(staging, out_dir)
+    log(f"export complete: {out_dir}")
+    return manifest
+
+
+def _export_checkpoint(checkpoint: Path, staging: Path, external_data: bool | None) -> Manifest:
+    family_name, family = family_for(checkpoint)
+    log(f"loading {family_name} checkpoint from {checkpoint}")
+    model = family.load_model(str(checkpoint))
+    dims = family.dims(model)
+    files: list[str] = []
+
+    log("exporting encoder")
+    encoder = family.EncoderExport(model).eval()
+    ids = torch.randint(3, dims.vocab_size, (TRACE_BATCH, TRACE_SRC))
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    files += onnx_export.export_graph(
+        encoder,
+        (ids, mask),
+        staging / contract.ENCODER_FILE,
+        list(contract.ENCODER_INPUTS),
+        contract.encoder_outputs(dims.decoder_layers),
+        contract.encoder_dynamic_axes(dims.decoder_layers),
+        external_data,
+    )
+    verify.verify_encoder(
+        staging / contract.ENCODER_FILE, encoder, dims.decoder_layers, dims.vocab_size, dims.max_position_embeddings
+    )
+
+    log("exporting decoder")
+    decoder = family.DecoderExport(model).eval()
+    files += onnx_export.export_graph(
+        decoder,
+        _decoder_trace_args(dims, mask),
+        staging / contract.DECODER_FILE,
+        contract.decoder_inputs(dims.decoder_layers),
+        contract.decoder_outputs(dims.decoder_layers),
+        contract.decoder_dynamic_axes(dims.decoder_layers),
+        external_data,
+    )
+    verify.verify_decoder(
+        staging / contract.DECODER_FILE,
+        decoder,
+        dims.decoder_layers,
+        dims.decoder_heads,
+        dims.head_dim,
+        dims.vocab_size,
+        dims.max_position_embeddings,
+    )
+
+    tokenizer_info = _save_tokenizer(checkpoint, staging, dims.max_position_embeddings)
+    files.append(tokenizer_info.file)
+    return Manifest(
+        family=family_name,
+        dims=dims,
+        special_tokens=family.special_tokens(model),
+        generation=_generation_defaults(model),
+        tokenizer=tokenizer_info,
+        opset=onnx_export.OPSET,
+        files={name: sha256_of(staging / name) for name in files},
+        versions=_versions(),
+    )
+
+
+def _decoder_trace_args(dims, encoder_mask: torch.Tensor) -> tuple:
+    rows = TRACE_BATCH * TRACE_BEAMS
+    past = [torch.randn(rows, dims.decoder_heads, TRACE_PAST, dims.head_dim) for _ in range(2 * dims.decoder_layers)]
+    cross = [torch.randn(TRACE_BATCH, dims.decoder_heads, TRACE_SRC, dims.head_dim) for _ in range(2 * dims.decoder_layers)]
+    input_ids = torch.randint(3, dims.vocab_size, (rows, 1))
+    beam_idx = torch.tensor([1, 0, 3, 2])
+    return (input_ids, encoder_mask, beam_idx, *past, *cross)
+
+
+def _save_tokenizer(checkpoint: Path, staging: Path, max_positions: int) -> TokenizerInfo:
+    """Write tokenizer.json (the tokenizers-library file transformers itself runs) for the runtime."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        if not (Path(tmp) / "tokenizer.json").is_file():
+            raise ValueError(f"{checkpoint}: the tokenizer has no tokenizers-library form (tokenizer.json)")
+        shutil.copy(Path(tmp) / "tokenizer.json", staging / "tokenizer.json")
+    model_max_length = tokenizer.model_max_length
+    if not isinstance(model_max_length, int) or model_max_length > max_positions:
+        model_max_length = max_positions  # transformers uses a huge sentinel when the checkpoint says nothing
+    return TokenizerInfo(
+        file="tokenizer.json",
+        model_max_length=model_max_length,
+        add_special_tokens=True,
+        clean_up_tokenization_spaces=bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)),
+    )
+
+
+def _generation_defaults(model) -> GenerationDefaults:
+    gen = model.generation_config
+    return GenerationDefaults(
+        num_beams=gen.num_beams or 1,
+        max_length=gen.max_length if gen.max_length is not None else 20,
+        min_length=gen.min_length or 0,
+        length_penalty=float(gen.length_penalty if gen.length_penalty is not None else 1.0),
+        no_repeat_ngram_size=gen.no_repeat_ngram_size or 0,
+        early_stopping=bool(gen.early_stopping),
+        forced_eos_token_id=gen.forced_eos_token_id,
+    )
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    from graphs import __version__
+
+    return {
+        "ortseq": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    """Move staging to out_dir; an existing out_dir is replaced only once the new one is complete."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out_dir)

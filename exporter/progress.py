@@ -1,0 +1,11 @@
+"""Progress messages for long export work: one logger, printed to stderr by the CLI."""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("ortseq.export")
+
+
+def log(message: str) -> None:
+    logger.info(message)

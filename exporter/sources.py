@@ -1,0 +1,67 @@
+"""Turn what the user typed (alias, hub id, local directory) into a local checkpoint directory."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from exporter.progress import log
+
+# Short names for `make export MODEL=...`. A value starting with "tiny:" is built locally, offline.
+ALIASES = {
+    "pegasus-xsum": "google/pegasus-xsum",
+    "pegasus-large": "google/pegasus-large",
+    "tiny-pegasus": "tiny:pegasus",
+}
+
+# Files a checkpoint needs; hub downloads skip the rest (other frameworks' weights, etc.).
+_CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "pytorch_model.bin", "*.py"]
+
+
+class SourceError(ValueError):
+    """The source cannot be found or downloaded; the message says what to do instead."""
+
+
+@contextmanager
+def resolved_source(source: str, scratch: Path):
+    """Yield a local directory holding the checkpoint named by source (built in scratch if tiny)."""
+    target = ALIASES.get(source, source)
+    if target.startswith("tiny:"):
+        from exporter import tiny
+
+        yield tiny.build(target.removeprefix("tiny:"), scratch / "checkpoint")
+        return
+    local = Path(os.path.expanduser(target))
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise SourceError(f"{local} has no config.json: save the model there with save_pretrained() first")
+        yield local
+        return
+    if local.exists() or target.startswith((".", "/", "~")) or target.count("/") > 1:
+        raise SourceError(f"{target} is not a directory holding a saved model")
+    yield _download(target)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:  # a copy in the local hub cache works offline
+        return Path(snapshot_download(repo_id, allow_patterns=_CHECKPOINT_PATTERNS, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        pass
+    log(f"downloading {repo_id} from the Hugging Face hub")
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_CHECKPOINT_PATTERNS))
+    except RepositoryNotFoundError as exc:
+        raise SourceError(f"{repo_id} is not a model on the Hugging Face hub (nor a local directory)") from exc
+    except Exception as exc:  # connection errors come in many types, all mean the same to the user
+        raise SourceError(
+            f"cannot download {repo_id}: the Hugging Face hub is unreachable ({type(exc).__name__}).\n"
+            f"To export offline, save the model on a machine with access "
+            f"(AutoModelForSeq2SeqLM.from_pretrained('{repo_id}').save_pretrained(DIR), and the same for its "
+            f"tokenizer), copy DIR here and run: ortseq export DIR --out OUT"
+        ) from exc

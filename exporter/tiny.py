@@ -1,0 +1,131 @@
+"""Small random Pegasus models built locally, offline, with their own sentencepiece tokenizer.
+
+``tiny-pegasus`` is the embedded default of the main job: a real checkpoint folder
+(save_pretrained) that goes through exactly the same export path as a hub checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+from exporter.progress import log
+
+# Pegasus' layout: pad 0, eos 1, unk 2 in the sentencepiece model; transformers' PegasusTokenizer then
+# puts <pad>, </s>, <mask_1>, <mask_2> and <unk_2>..<unk_102> in front (offset 103).
+_WORDS = (
+    "the a of to and in is was for on that with as by at from his her it an are were which be this has had "
+    "have not but its their they he she who one new after first been also more two than other year years "
+    "when would there into over only city government people team time world state school company season "
+    "river music film game war party church police court report council market water energy village "
+    "summary article study research minister president election museum station island bridge festival "
+    "said says will can may could should made make found found announced reported expected increased"
+).split()
+
+
+def _synthetic_corpus(num_lines: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(num_lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 30))]
+        words[0] = words[0].capitalize()
+        if rng.random() < 0.3:
+            words.insert(rng.randrange(len(words)), str(rng.randint(1, 2030)))
+        if rng.random() < 0.2:
+            words.insert(rng.randrange(len(words)), rng.choice(["café", "naïve", "Zürich", "São", "—", "€5"]))
+        lines.append(" ".join(words) + rng.choice([".", ".", "!", "?", ","]))
+    return lines
+
+
+def train_pegasus_sentencepiece(out_dir: Path, vocab_size: int = 400, seed: int = 0) -> Path:
+    """Train a unigram sentencepiece model with Pegasus' special-token ids; returns spiece.model."""
+    import sentencepiece as spm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = out_dir / "corpus.txt"
+    corpus.write_text("\n".join(_synthetic_corpus(4000, seed)) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(out_dir / "spiece"),
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
+    corpus.unlink()
+    (out_dir / "spiece.vocab").unlink(missing_ok=True)
+    return out_dir / "spiece.model"
+
+
+def build(kind: str, out_dir: Path) -> Path:
+    """Build the tiny model named kind ("pegasus") into out_dir."""
+    builders = {"pegasus": build_tiny_pegasus}
+    if kind not in builders:
+        raise ValueError(f"no tiny model called {kind!r}; known: {sorted(builders)}")
+    return builders[kind](out_dir)
+
+
+def build_tiny_pegasus(out_dir: Path, seed: int = 0) -> Path:
+    """Save a small random Pegasus (and its tokenizer) to out_dir, as save_pretrained would."""
+    import torch
+    from transformers import GenerationConfig, PegasusConfig, PegasusForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    log(f"building tiny-pegasus in {out_dir} (sentencepiece trained on the spot)")
+    spiece = train_pegasus_sentencepiece(out_dir / "_spm", seed=seed)
+    tokenizer = _pegasus_tokenizer_from_spiece(spiece)
+
+    config = PegasusConfig(
+        vocab_size=len(tokenizer),
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=256,
+        activation_function="relu",
+        scale_embedding=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        forced_eos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    model = PegasusForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        num_beams=4,
+        max_length=32,
+        length_penalty=0.6,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        forced_eos_token_id=1,
+    )
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    shutil.copy(spiece, out_dir / "spiece.model")  # as real Pegasus checkpoints ship it
+    for leftover in spiece.parent.iterdir():
+        leftover.unlink()
+    spiece.parent.rmdir()
+    return out_dir
+
+
+def _pegasus_tokenizer_from_spiece(spiece: Path):
+    """transformers 5.x builds Pegasus' tokenizer from a folder with spiece.model and a config naming it."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    folder = spiece.parent
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PegasusTokenizer", "model_max_length": 256})
+    )
+    return AutoTokenizer.from_pretrained(str(folder))

@@ -1,0 +1,77 @@
+"""The graph contract: names, dtypes and shapes of every graph's inputs and outputs.
+
+The exporter writes graphs with exactly these names, and the runtime feeds them by these names.
+Axis names: ``batch`` (inputs), ``rows`` (batch * beams: one row per live hypothesis), ``src``
+(encoder length), ``past`` (tokens already decoded). ``H``/``dh`` are fixed per model.
+
+Encoder (``encoder.onnx``)
+    input_ids [batch, src] int64, attention_mask [batch, src] int64
+    -> last_hidden_state [batch, src, D] float,
+       cross_key_{l}, cross_value_{l} [batch, H, src, dh] float for every decoder layer l.
+    The cross-attention K/V are computed once per input and shared by all beams.
+
+Decoder step (``decoder.onnx``), one new token per row, past may be empty (past = 0):
+    input_ids [rows, 1] int64, encoder_attention_mask [batch, src] int64,
+    beam_idx [rows] int64 (which row of the past each row continues; applied inside the graph),
+    past_key_{l}, past_value_{l} [rows, H, past, dh], cross_key_{l}, cross_value_{l} as above
+    -> logits [rows, vocab] float, present_key_{l}, present_value_{l} [rows, H, past + 1, dh].
+    rows must be a multiple of batch: row r belongs to input r // (rows / batch). The cross
+    attention folds the beams of an input into its query axis instead of copying K/V per beam.
+"""
+
+from __future__ import annotations
+
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+
+ENCODER_INPUTS = ("input_ids", "attention_mask")
+DECODER_STATIC_INPUTS = ("input_ids", "encoder_attention_mask", "beam_idx")
+
+
+def cross_names(num_layers: int) -> list[str]:
+    """Names of the cross-attention K/V tensors, in graph order (key, value per layer)."""
+    return [name for layer in range(num_layers) for name in (f"cross_key_{layer}", f"cross_value_{layer}")]
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [name for layer in range(num_layers) for name in (f"past_key_{layer}", f"past_value_{layer}")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [name for layer in range(num_layers) for name in (f"present_key_{layer}", f"present_value_{layer}")]
+
+
+def encoder_outputs(num_layers: int) -> list[str]:
+    return ["last_hidden_state", *cross_names(num_layers)]
+
+
+def decoder_inputs(num_layers: int) -> list[str]:
+    return [*DECODER_STATIC_INPUTS, *past_names(num_layers), *cross_names(num_layers)]
+
+
+def decoder_outputs(num_layers: int) -> list[str]:
+    return ["logits", *present_names(num_layers)]
+
+
+def encoder_dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {name: {0: "batch", 1: "src"} for name in ENCODER_INPUTS}
+    axes["last_hidden_state"] = {0: "batch", 1: "src"}
+    for name in cross_names(num_layers):
+        axes[name] = {0: "batch", 2: "src"}
+    return axes
+
+
+def decoder_dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {
+        "input_ids": {0: "rows"},
+        "encoder_attention_mask": {0: "batch", 1: "src"},
+        "beam_idx": {0: "rows"},
+        "logits": {0: "rows"},
+    }
+    for name in past_names(num_layers):
+        axes[name] = {0: "rows", 2: "past"}
+    for name in present_names(num_layers):
+        axes[name] = {0: "rows", 2: "past_plus_1"}
+    for name in cross_names(num_layers):
+        axes[name] = {0: "batch", 2: "src"}
+    return axes

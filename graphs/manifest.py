@@ -1,0 +1,126 @@
+"""manifest.json: everything the runtime needs to know about an export directory.
+
+Written by the exporter, read by the runtime; plain JSON so that a person can read it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MANIFEST_FILE = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """The export directory is missing, incomplete or corrupted."""
+
+
+@dataclass
+class ModelDims:
+    d_model: int
+    encoder_layers: int
+    decoder_layers: int
+    decoder_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+
+
+@dataclass
+class SpecialTokens:
+    pad_token_id: int
+    eos_token_id: int
+    decoder_start_token_id: int
+
+
+@dataclass
+class GenerationDefaults:
+    """Defaults from the model's generation config (transformers' names and meanings)."""
+
+    num_beams: int = 1
+    max_length: int = 20
+    min_length: int = 0
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    early_stopping: bool = False
+    forced_eos_token_id: int | None = None
+
+
+@dataclass
+class TokenizerInfo:
+    """How the runtime tokenizes: which file, and what transformers' tokenizer does around it."""
+
+    file: str = "tokenizer.json"
+    model_max_length: int = 512
+    add_special_tokens: bool = True
+    clean_up_tokenization_spaces: bool = False
+
+
+@dataclass
+class Manifest:
+    family: str
+    dims: ModelDims
+    special_tokens: SpecialTokens
+    generation: GenerationDefaults
+    tokenizer: TokenizerInfo
+    opset: int
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    versions: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+    precision: str = "fp32"
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    def write(self, directory: Path) -> None:
+        (Path(directory) / MANIFEST_FILE).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        path = Path(directory) / MANIFEST_FILE
+        if not Path(directory).is_dir():
+            raise ManifestError(f"export directory {directory} does not exist; run `ortseq export` first")
+        if not path.is_file():
+            raise ManifestError(f"{path} is missing: {directory} is not an ortseq export directory")
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("schema_version") != SCHEMA_VERSION:
+                raise ManifestError(
+                    f"{path} has schema version {raw.get('schema_version')}, this ortseq reads {SCHEMA_VERSION}"
+                )
+            return cls(
+                family=raw["family"],
+                dims=ModelDims(**raw["dims"]),
+                special_tokens=SpecialTokens(**raw["special_tokens"]),
+                generation=GenerationDefaults(**raw["generation"]),
+                tokenizer=TokenizerInfo(**raw["tokenizer"]),
+                opset=raw["opset"],
+                files=raw["files"],
+                versions=raw.get("versions", {}),
+                source=raw.get("source", ""),
+                precision=raw.get("precision", "fp32"),
+                schema_version=raw["schema_version"],
+            )
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ManifestError(f"{path} is corrupted or incomplete ({exc}); export the model again") from exc
+
+    def verify_files(self, directory: Path) -> None:
+        """Check that every listed file is present and has the recorded sha256."""
+        for name, expected in self.files.items():
+            path = Path(directory) / name
+            if not path.is_file():
+                raise ManifestError(f"{path} is missing from the export directory; export the model again")
+            if sha256_of(path) != expected:
+                raise ManifestError(f"{path} is corrupted (sha256 differs from manifest.json); export the model again")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,62 @@
+"""Text <-> ids with the tokenizers library, exactly as transformers' tokenizer does it.
+
+The export directory holds the `tokenizer.json` that transformers itself runs (its tokenizers
+backend), so encoding is the same code on the same file; decoding adds transformers' optional
+clean-up of spaces before punctuation.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from graphs.manifest import TokenizerInfo
+
+logger = logging.getLogger("ortseq")
+
+
+class TextTokenizer:
+    def __init__(self, directory: Path, info: TokenizerInfo, pad_token_id: int):
+        self._tokenizer = Tokenizer.from_file(str(Path(directory) / info.file))
+        self._tokenizer.no_padding()
+        self.info = info
+        self.pad_token_id = pad_token_id
+        self._warned_truncation = False
+
+    def encode(self, texts: list[str], max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Batch-encode, right-padded with the pad id; over-long texts are cut to max_length tokens
+        the way transformers' truncation=True cuts them (room kept for the special tokens)."""
+        self._tokenizer.enable_truncation(max_length or self.info.model_max_length)
+        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=self.info.add_special_tokens)
+        if any(encoding.overflowing for encoding in encodings) and not self._warned_truncation:
+            logger.warning(
+                "an input was longer than %d tokens: truncated to the model's maximum",
+                max_length or self.info.model_max_length,
+            )
+            self._warned_truncation = True
+        width = max(len(encoding.ids) for encoding in encodings)
+        input_ids = np.full((len(encodings), width), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            input_ids[row, : len(encoding.ids)] = encoding.ids
+            attention_mask[row, : len(encoding.ids)] = 1
+        return input_ids, attention_mask
+
+    def decode(self, ids: np.ndarray) -> list[str]:
+        texts = self._tokenizer.decode_batch([list(map(int, row)) for row in ids], skip_special_tokens=True)
+        if self.info.clean_up_tokenization_spaces:
+            texts = [_clean_up_tokenization(text) for text in texts]
+        return texts
+
+
+def _clean_up_tokenization(text: str) -> str:
+    """transformers' clean_up_tokenization: no space before punctuation and common contractions."""
+    for before, after in (
+        (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+        (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+    ):  # fmt: skip
+        text = text.replace(before, after)
+    return text
