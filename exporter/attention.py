@@ -35,7 +35,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
-def cross_attend_shared(q_rows: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor, mask: torch.Tensor, scaling: float):
+def cross_attend_shared(
+    q_rows: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor, mask: torch.Tensor, scaling: float
+):
     """Cross-attention for one new token per row, with K/V shared by all beams of an input.
 
     q_rows [rows, H, 1, dh] with rows = batch * beams; cross_k/v [batch, H, src, dh];

@@ -103,7 +103,9 @@ def _export_checkpoint(checkpoint: Path, staging: Path, external_data: bool | No
 def _decoder_trace_args(dims, encoder_mask: torch.Tensor) -> tuple:
     rows = TRACE_BATCH * TRACE_BEAMS
     past = [torch.randn(rows, dims.decoder_heads, TRACE_PAST, dims.head_dim) for _ in range(2 * dims.decoder_layers)]
-    cross = [torch.randn(TRACE_BATCH, dims.decoder_heads, TRACE_SRC, dims.head_dim) for _ in range(2 * dims.decoder_layers)]
+    cross = [
+        torch.randn(TRACE_BATCH, dims.decoder_heads, TRACE_SRC, dims.head_dim) for _ in range(2 * dims.decoder_layers)
+    ]
     input_ids = torch.randint(3, dims.vocab_size, (rows, 1))
     beam_idx = torch.tensor([1, 0, 3, 2])
     return (input_ids, encoder_mask, beam_idx, *past, *cross)

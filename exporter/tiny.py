@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.progress import log
@@ -71,7 +72,25 @@ def build(kind: str, out_dir: Path) -> Path:
     return builders[kind](out_dir)
 
 
-def build_tiny_pegasus(out_dir: Path, seed: int = 0) -> Path:
+@dataclass(frozen=True)
+class TinyPegasusShape:
+    """Sizes of a small random Pegasus; the defaults are tiny-pegasus, the main job's model."""
+
+    d_model: int = 64
+    heads: int = 4
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    ffn_dim: int = 128
+    extra_vocab: int = 0  # model vocab beyond the tokenizer's (allowed by Pegasus, exercises odd sizes)
+    max_position_embeddings: int = 256
+    init_std: float = 0.3  # larger than 0.02 so that outputs depend on the input (no near-uniform logits)
+    eos_logit_bias: float = 3.0  # makes hypotheses end at varied lengths (exercises finished beams)
+    # Pegasus ties the LM head to the embeddings; a random tied model repeats its last token forever,
+    # so the tiny default is untied (both layouts export the same way).
+    tie_embeddings: bool = False
+
+
+def build_tiny_pegasus(out_dir: Path, shape: TinyPegasusShape = TinyPegasusShape(), seed: int = 0) -> Path:
     """Save a small random Pegasus (and its tokenizer) to out_dir, as save_pretrained would."""
     import torch
     from transformers import GenerationConfig, PegasusConfig, PegasusForConditionalGeneration
@@ -79,20 +98,21 @@ def build_tiny_pegasus(out_dir: Path, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     log(f"building tiny-pegasus in {out_dir} (sentencepiece trained on the spot)")
     spiece = train_pegasus_sentencepiece(out_dir / "_spm", seed=seed)
-    tokenizer = _pegasus_tokenizer_from_spiece(spiece)
-
+    tokenizer = _pegasus_tokenizer_from_spiece(spiece, shape.max_position_embeddings)
     config = PegasusConfig(
-        vocab_size=len(tokenizer),
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        max_position_embeddings=256,
+        vocab_size=len(tokenizer) + shape.extra_vocab,
+        d_model=shape.d_model,
+        encoder_layers=shape.encoder_layers,
+        decoder_layers=shape.decoder_layers,
+        encoder_attention_heads=shape.heads,
+        decoder_attention_heads=shape.heads,
+        encoder_ffn_dim=shape.ffn_dim,
+        decoder_ffn_dim=shape.ffn_dim,
+        max_position_embeddings=shape.max_position_embeddings,
         activation_function="relu",
         scale_embedding=True,
+        init_std=shape.init_std,
+        tie_word_embeddings=shape.tie_embeddings,
         pad_token_id=0,
         eos_token_id=1,
         decoder_start_token_id=0,
@@ -100,6 +120,7 @@ def build_tiny_pegasus(out_dir: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = PegasusForConditionalGeneration(config).eval()
+    _make_outputs_input_dependent(model, shape.eos_logit_bias)
     model.generation_config = GenerationConfig(
         num_beams=4,
         max_length=32,
@@ -112,13 +133,29 @@ def build_tiny_pegasus(out_dir: Path, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     shutil.copy(spiece, out_dir / "spiece.model")  # as real Pegasus checkpoints ship it
-    for leftover in spiece.parent.iterdir():
-        leftover.unlink()
-    spiece.parent.rmdir()
+    shutil.rmtree(spiece.parent)
     return out_dir
 
 
-def _pegasus_tokenizer_from_spiece(spiece: Path):
+def _make_outputs_input_dependent(model, eos_logit_bias: float) -> None:
+    """Random init makes a tied-embedding decoder repeat its largest-norm token whatever the input.
+
+    Equal-norm embedding rows and stronger cross-attention make the tokens depend on the input, so
+    that a wrong mask, position or cache entry changes the output (tests rely on this).
+    """
+    import torch
+
+    with torch.no_grad():
+        embeddings = model.model.shared.weight
+        norms = embeddings.norm(dim=1, keepdim=True)
+        embeddings.mul_(norms.mean() / norms.clamp_min(1e-6))  # the pad row stays zero
+        for layer in model.model.decoder.layers:
+            layer.encoder_attn.q_proj.weight.mul_(3.0)
+            layer.encoder_attn.k_proj.weight.mul_(3.0)
+        model.final_logits_bias[0, model.config.eos_token_id] += eos_logit_bias
+
+
+def _pegasus_tokenizer_from_spiece(spiece: Path, model_max_length: int):
     """transformers 5.x builds Pegasus' tokenizer from a folder with spiece.model and a config naming it."""
     import json
 
@@ -126,6 +163,6 @@ def _pegasus_tokenizer_from_spiece(spiece: Path):
 
     folder = spiece.parent
     (folder / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "PegasusTokenizer", "model_max_length": 256})
+        json.dumps({"tokenizer_class": "PegasusTokenizer", "model_max_length": model_max_length})
     )
     return AutoTokenizer.from_pretrained(str(folder))

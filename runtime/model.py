@@ -114,7 +114,9 @@ class Seq2SeqModel:
             min_length=defaults.min_length if min_length is None else min_length,
             min_new_tokens=0 if min_new_tokens is None else min_new_tokens,
             length_penalty=defaults.length_penalty if length_penalty is None else length_penalty,
-            no_repeat_ngram_size=defaults.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size,
+            no_repeat_ngram_size=defaults.no_repeat_ngram_size
+            if no_repeat_ngram_size is None
+            else no_repeat_ngram_size,
             early_stopping=defaults.early_stopping if early_stopping is None else early_stopping,
             num_return_sequences=num_return_sequences,
             eos_token_id=tokens.eos_token_id,
@@ -159,21 +161,14 @@ class Seq2SeqModel:
             raise InvalidInputError(
                 f"input length {input_ids.shape[1]} exceeds the model's maximum of {positions} tokens; truncate it"
             )
-        if attention_mask is None:
-            attention_mask = self._default_attention_mask(input_ids)
+        if attention_mask is None:  # generate() infers no mask for encoder-decoders: every token is seen
+            attention_mask = np.ones_like(input_ids)
         attention_mask = _as_int64_matrix("attention_mask", attention_mask)
         if attention_mask.shape != input_ids.shape:
             raise InvalidInputError(f"attention_mask has shape {attention_mask.shape}, input_ids {input_ids.shape}")
         if not np.isin(attention_mask, (0, 1)).all() or not attention_mask.any(axis=1).all():
             raise InvalidInputError("attention_mask must be 0/1 with at least one 1 per row")
         return input_ids, attention_mask
-
-    def _default_attention_mask(self, input_ids: np.ndarray) -> np.ndarray:
-        """As generate(): mask the pad tokens if there are any (and pad differs from EOS)."""
-        tokens = self.manifest.special_tokens
-        if tokens.pad_token_id != tokens.eos_token_id and (input_ids == tokens.pad_token_id).any():
-            return (input_ids != tokens.pad_token_id).astype(np.int64)
-        return np.ones_like(input_ids)
 
     def with_defaults(self, **changes) -> Seq2SeqModel:
         """A view of this model whose generation defaults are changed (the sessions are shared)."""

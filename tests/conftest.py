@@ -1,0 +1,54 @@
+"""Fixtures: tiny random Pegasus checkpoints of several shapes, exported once per test session."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from exporter.pipeline import export
+from exporter.tiny import TinyPegasusShape, build_tiny_pegasus
+
+torch.set_num_threads(1)  # multi-threaded torch on a loaded 2-core machine is very slow
+logging.getLogger("ortseq").setLevel(logging.WARNING)
+
+# Shapes chosen to break shape assumptions: odd head counts, head_dim not a power of two,
+# asymmetric encoder/decoder depth, vocab sizes that are not multiples of 8, short position tables.
+SHAPES = {
+    "base": TinyPegasusShape(),
+    "odd_heads": TinyPegasusShape(
+        d_model=60, heads=3, encoder_layers=3, decoder_layers=1, ffn_dim=72, extra_vocab=6,
+        max_position_embeddings=64, eos_logit_bias=2.5,
+    ),
+    "deep_decoder": TinyPegasusShape(
+        d_model=32, heads=2, encoder_layers=1, decoder_layers=3, ffn_dim=48, extra_vocab=1,
+        max_position_embeddings=40, eos_logit_bias=1.5, tie_embeddings=True,
+    ),
+}  # fmt: skip
+
+
+class ExportedModel:
+    def __init__(self, checkpoint: Path, export_dir: Path):
+        from transformers import PegasusForConditionalGeneration
+
+        self.checkpoint = checkpoint
+        self.export_dir = export_dir
+        self.torch_model = PegasusForConditionalGeneration.from_pretrained(str(checkpoint)).eval()
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """exported(name) -> ExportedModel for a shape of SHAPES, built and exported once."""
+    cache: dict[str, ExportedModel] = {}
+
+    def get(name: str) -> ExportedModel:
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            checkpoint = build_tiny_pegasus(root / "checkpoint", SHAPES[name], seed=len(cache) + 1)
+            export(str(checkpoint), root / "export")
+            cache[name] = ExportedModel(checkpoint, root / "export")
+        return cache[name]
+
+    return get
