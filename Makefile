@@ -1,0 +1,52 @@
+# ortseq: the front door. `make demo` sets everything up and runs the main job; `make test` tests.
+PY      := .venv/bin/python
+ORTSEQ  := .venv/bin/ortseq
+MODEL   ?= tiny-pegasus
+EXPORTS ?= exports
+
+.PHONY: all demo setup export generate test test-full bench lint lsg-golden clean
+
+all: demo
+
+setup: .venv/.installed .venv-hf4/.installed
+
+# torch is pinned in the same pip call, or pip pulls the multi-GB CUDA build
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install -q "torch==2.13.0" -e ".[export,bench,dev]"
+	touch $@
+
+# transformers 4.x, only to check our tokenizer against its slow (sentencepiece) PegasusTokenizer
+.venv-hf4/.installed:
+	python3 -m venv .venv-hf4
+	.venv-hf4/bin/pip install -q "transformers==4.57.6" sentencepiece protobuf
+	touch $@
+
+demo: setup  ## the main job: export the embedded default model and summarize with it
+	$(ORTSEQ) export $(MODEL) --out $(EXPORTS)/$(MODEL)
+	printf '%s\n' \
+	  "The city council said the new river bridge will open next year after the election, the minister reported." \
+	  "Police said the museum was closed on Sunday when water from the river reached the station." \
+	  | $(ORTSEQ) generate $(EXPORTS)/$(MODEL)
+
+export: setup
+	$(ORTSEQ) export $(MODEL) --out $(EXPORTS)/$(MODEL)
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-full: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/bench.py
+
+lint: setup
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+lsg-golden:
+	bash scripts/lsg_golden/setup_env.sh
+	.venv-lsg-ref/bin/python scripts/lsg_golden/make_goldens.py
+
+clean:
+	rm -rf $(EXPORTS) .cache .pytest_cache
