@@ -129,7 +129,8 @@ def run_all(models: list[str], rounds: int) -> list[dict]:
         checkpoint, export_dir = prepare(model)
         length = min(512, json.loads((checkpoint / "config.json").read_text())["max_position_embeddings"])
         dirs = {"transformers": checkpoint, "ortseq": export_dir}
-        sizes = {"transformers": disk_mb(checkpoint / "model.safetensors"), "ortseq": disk_mb(export_dir)}
+        weights = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")) / 2**20
+        sizes = {"transformers": weights, "ortseq": disk_mb(export_dir)}
         for mode in MODES:
             samples: dict[str, list[dict]] = {system: [] for system in dirs}
             for round_ in range(rounds):
