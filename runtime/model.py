@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -169,11 +168,6 @@ class Seq2SeqModel:
         if not np.isin(attention_mask, (0, 1)).all() or not attention_mask.any(axis=1).all():
             raise InvalidInputError("attention_mask must be 0/1 with at least one 1 per row")
         return input_ids, attention_mask
-
-    def with_defaults(self, **changes) -> Seq2SeqModel:
-        """A view of this model whose generation defaults are changed (the sessions are shared)."""
-        manifest = replace(self.manifest, generation=replace(self.manifest.generation, **changes))
-        return Seq2SeqModel(self.directory, manifest, self.sessions, self.tokenizer)
 
 
 def _check_int(name: str, value, minimum: int) -> None:

@@ -46,7 +46,7 @@ class EncoderDecoderSessions:
         self.encoder = create_session(Path(directory) / contract.ENCODER_FILE, provider, threads)
         self.decoder = create_session(Path(directory) / contract.DECODER_FILE, provider, threads)
         self._cross_names = contract.cross_names(self.layers)
-        self._past_names = contract.past_names(self.layers)
+        self.past_names = contract.past_names(self.layers)
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
         """Cross-attention K/V of every decoder layer, by graph input name."""
@@ -64,7 +64,7 @@ class CpuDecoderStep:
         dims = sessions.manifest.dims
         self._session = sessions.decoder
         self._feeds = {**cross, "encoder_attention_mask": attention_mask}
-        self._past_names = sessions._past_names
+        self._past_names = sessions.past_names
         empty = np.zeros((rows, dims.decoder_heads, 0, dims.head_dim), dtype=np.float32)
         self._past = dict.fromkeys(self._past_names, empty)
 
