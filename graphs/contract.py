@@ -2,16 +2,19 @@
 
 The exporter writes graphs with exactly these names, and the runtime feeds them by these names.
 Axis names: ``batch`` (inputs), ``rows`` (batch * beams: one row per live hypothesis), ``src``
-(encoder length), ``past`` (tokens already decoded). ``H``/``dh`` are fixed per model.
+(encoder input length), ``mem`` (encoder output length: what cross-attention sees; src for plain
+Pegasus, globals + src for LSG), ``past`` (tokens already decoded). ``H``/``dh`` are fixed per model.
 
 Encoder (``encoder.onnx``)
     input_ids [batch, src] int64, attention_mask [batch, src] int64
-    -> last_hidden_state [batch, src, D] float,
-       cross_key_{l}, cross_value_{l} [batch, H, src, dh] float for every decoder layer l.
+    -> last_hidden_state [batch, mem, D] float,
+       encoder_attention_mask [batch, mem] int64: the mask the decoder's cross-attention must use
+       (the family decides it: e.g. LSG prepends its global tokens, mask_first_token hides token 0),
+       cross_key_{l}, cross_value_{l} [batch, H, mem, dh] float for every decoder layer l.
     The cross-attention K/V are computed once per input and shared by all beams.
 
 Decoder step (``decoder.onnx``), one new token per row, past may be empty (past = 0):
-    input_ids [rows, 1] int64, encoder_attention_mask [batch, src] int64,
+    input_ids [rows, 1] int64, encoder_attention_mask [batch, mem] int64 (the encoder's output),
     beam_idx [rows] int64 (which row of the past each row continues; applied inside the graph),
     past_key_{l}, past_value_{l} [rows, H, past, dh], cross_key_{l}, cross_value_{l} as above
     -> logits [rows, vocab] float, present_key_{l}, present_value_{l} [rows, H, past + 1, dh].
@@ -42,7 +45,7 @@ def present_names(num_layers: int) -> list[str]:
 
 
 def encoder_outputs(num_layers: int) -> list[str]:
-    return ["last_hidden_state", *cross_names(num_layers)]
+    return ["last_hidden_state", "encoder_attention_mask", *cross_names(num_layers)]
 
 
 def decoder_inputs(num_layers: int) -> list[str]:
@@ -55,16 +58,17 @@ def decoder_outputs(num_layers: int) -> list[str]:
 
 def encoder_dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
     axes: dict[str, dict[int, str]] = {name: {0: "batch", 1: "src"} for name in ENCODER_INPUTS}
-    axes["last_hidden_state"] = {0: "batch", 1: "src"}
+    axes["last_hidden_state"] = {0: "batch", 1: "mem"}
+    axes["encoder_attention_mask"] = {0: "batch", 1: "mem"}
     for name in cross_names(num_layers):
-        axes[name] = {0: "batch", 2: "src"}
+        axes[name] = {0: "batch", 2: "mem"}
     return axes
 
 
 def decoder_dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
     axes: dict[str, dict[int, str]] = {
         "input_ids": {0: "rows"},
-        "encoder_attention_mask": {0: "batch", 1: "src"},
+        "encoder_attention_mask": {0: "batch", 1: "mem"},
         "beam_idx": {0: "rows"},
         "logits": {0: "rows"},
     }
@@ -73,5 +77,5 @@ def decoder_dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
     for name in present_names(num_layers):
         axes[name] = {0: "rows", 2: "past_plus_1"}
     for name in cross_names(num_layers):
-        axes[name] = {0: "batch", 2: "src"}
+        axes[name] = {0: "batch", 2: "mem"}
     return axes

@@ -63,8 +63,8 @@ class Seq2SeqModel:
             min_length=min_length,
         )
         batch = input_ids.shape[0]
-        cross = self.sessions.encode(input_ids, attention_mask)
-        step = self.sessions.decoder_step(cross, attention_mask, rows=batch * settings.num_beams)
+        memory = self.sessions.encode(input_ids, attention_mask)
+        step = self.sessions.decoder_step(memory, rows=batch * settings.num_beams)
         if settings.num_beams == 1:
             return greedy_search(step, batch, settings)
         return beam_search(step, batch, settings)

@@ -45,25 +45,34 @@ class EncoderDecoderSessions:
         self.layers = manifest.dims.decoder_layers
         self.encoder = create_session(Path(directory) / contract.ENCODER_FILE, provider, threads)
         self.decoder = create_session(Path(directory) / contract.DECODER_FILE, provider, threads)
-        self._cross_names = contract.cross_names(self.layers)
+        self._memory_names = ["encoder_attention_mask", *contract.cross_names(self.layers)]
         self.past_names = contract.past_names(self.layers)
+        _check_outputs(self.encoder, contract.encoder_outputs(self.layers), directory)
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
-        """Cross-attention K/V of every decoder layer, by graph input name."""
-        outputs = self.encoder.run(self._cross_names, {"input_ids": input_ids, "attention_mask": attention_mask})
-        return dict(zip(self._cross_names, outputs))
+        """What every decoder step reads: the cross-attention mask and every layer's cross K/V, by name."""
+        outputs = self.encoder.run(self._memory_names, {"input_ids": input_ids, "attention_mask": attention_mask})
+        return dict(zip(self._memory_names, outputs))
 
-    def decoder_step(self, cross: dict[str, np.ndarray], attention_mask: np.ndarray, rows: int) -> CpuDecoderStep:
-        return CpuDecoderStep(self, cross, attention_mask, rows)
+    def decoder_step(self, memory: dict[str, np.ndarray], rows: int) -> CpuDecoderStep:
+        return CpuDecoderStep(self, memory, rows)
+
+
+def _check_outputs(session: ort.InferenceSession, expected: list[str], directory: Path) -> None:
+    missing = sorted(set(expected) - {output.name for output in session.get_outputs()})
+    if missing:
+        raise ManifestError(
+            f"{directory}: the graphs lack outputs {missing}; the export was made by an older ortseq, export it again"
+        )
 
 
 class CpuDecoderStep:
     """A StepFn over the decoder session; the past starts empty and grows by one token per call."""
 
-    def __init__(self, sessions: EncoderDecoderSessions, cross: dict, attention_mask: np.ndarray, rows: int):
+    def __init__(self, sessions: EncoderDecoderSessions, memory: dict[str, np.ndarray], rows: int):
         dims = sessions.manifest.dims
         self._session = sessions.decoder
-        self._feeds = {**cross, "encoder_attention_mask": attention_mask}
+        self._feeds = dict(memory)
         self._past_names = sessions.past_names
         empty = np.zeros((rows, dims.decoder_heads, 0, dims.head_dim), dtype=np.float32)
         self._past = dict.fromkeys(self._past_names, empty)

@@ -46,7 +46,7 @@ def exported(tmp_path_factory):
     def get(name: str) -> ExportedModel:
         if name not in cache:
             root = tmp_path_factory.mktemp(name)
-            checkpoint = build_tiny_pegasus(root / "checkpoint", SHAPES[name], seed=len(cache) + 1)
+            checkpoint = build_tiny_pegasus(root / "checkpoint", SHAPES[name], seed=list(SHAPES).index(name) + 1)
             export(str(checkpoint), root / "export")
             cache[name] = ExportedModel(checkpoint, root / "export")
         return cache[name]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -50,7 +52,7 @@ def test_generate_matches_transformers_on_padded_batch(exported, shape, setting)
     ours = Seq2SeqModel.load(model.export_dir)
     max_len = SHAPES[shape].max_position_embeddings
     vocab = ours.manifest.dims.vocab_size
-    ids, mask = padded_batch(vocab, [max_len, max_len // 2 + 1, 1], seed=hash(setting) % 1000)
+    ids, mask = padded_batch(vocab, [max_len, max_len // 2 + 1, 1], seed=zlib.crc32(setting.encode()) % 1000)
     expected = torch_generate(model.torch_model, ids, mask, SETTINGS[setting])
     np.testing.assert_array_equal(ours.generate(ids, mask, **SETTINGS[setting]), expected)
 
@@ -84,3 +86,30 @@ def test_fixtures_end_hypotheses_at_varied_lengths(exported):
     eos = ours.manifest.special_tokens.eos_token_id
     lengths = {int(np.argmax(row == eos)) for row in out if (row == eos).any()}
     assert len(lengths) >= 3, f"hypotheses end at too few distinct lengths: {lengths}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["greedy", "beam4_lp06"])
+def test_disagreements_are_fp32_ties_that_float64_decides_our_way(exported, setting):
+    """Sweep many inputs; wherever our tokens differ from transformers' fp32 tokens, float64 must agree with ours.
+
+    Two fp32 implementations with different kernels differ by ~1e-4 in the logits, so a top-2 gap
+    smaller than that can go either way (seen: seed 366, gap 2.6e-5, where transformers' fp32 error
+    was 1.5e-3 and ours 3.4e-4). A real bug would disagree with float64 too.
+    """
+    import copy
+
+    model = exported("base")
+    ours = Seq2SeqModel.load(model.export_dir)
+    torch64 = None
+    max_len = SHAPES["base"].max_position_embeddings
+    disagreements = []
+    for seed in range(300):
+        ids, mask = padded_batch(ours.manifest.dims.vocab_size, [max_len, max_len // 2 + 1, 1], seed=seed)
+        got = ours.generate(ids, mask, **SETTINGS[setting])
+        if np.array_equal(got, torch_generate(model.torch_model, ids, mask, SETTINGS[setting])):
+            continue
+        torch64 = torch64 or copy.deepcopy(model.torch_model).double()
+        disagreements.append(seed)
+        np.testing.assert_array_equal(got, torch_generate(torch64, ids, mask, SETTINGS[setting]), f"seed {seed}")
+    assert len(disagreements) <= 3, f"too many fp32 ties to be chance: seeds {disagreements}"

@@ -54,7 +54,7 @@ def _self_attention(attn: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> tor
 
 
 class EncoderExport(nn.Module):
-    """input_ids, attention_mask -> last_hidden_state, cross K/V of every decoder layer."""
+    """input_ids, attention_mask -> last_hidden_state, cross-attention mask, cross K/V of every decoder layer."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -71,10 +71,15 @@ class EncoderExport(nn.Module):
             h = layer.final_layer_norm(x)
             x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
         x = enc.layer_norm(x)
-        cross = []
-        for attn in self.cross_attentions:
-            cross += [split_heads(attn.k_proj(x), attn.num_heads), split_heads(attn.v_proj(x), attn.num_heads)]
-        return (x, *cross)
+        return (x, attention_mask.clone(), *cross_key_values(self.cross_attentions, x))
+
+
+def cross_key_values(cross_attentions: nn.ModuleList, memory: torch.Tensor) -> list[torch.Tensor]:
+    """[k_0, v_0, k_1, v_1, ...]: every decoder layer's cross-attention K/V of the encoder output."""
+    cross = []
+    for attn in cross_attentions:
+        cross += [split_heads(attn.k_proj(memory), attn.num_heads), split_heads(attn.v_proj(memory), attn.num_heads)]
+    return cross
 
 
 class DecoderExport(nn.Module):
