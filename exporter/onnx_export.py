@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -24,12 +25,43 @@ def export_graph(
     output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
     external_data: bool | None = None,
+    finalize: Callable[[onnx.ModelProto], None] | None = None,
 ) -> list[str]:
     """Export module(*args) to path; returns the names of the files written (graph, maybe data).
 
     external_data=None decides by size: weights over 1 GiB go to `<name>.data` beside the graph.
+    finalize, if given, edits the traced model before it is saved (e.g. adds a custom op's function).
     """
     path = Path(path)
+    model = trace_to_proto(module, args, input_names, output_names, dynamic_axes)
+    if finalize is not None:
+        finalize(model)
+    weight_bytes = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    if external_data is None:
+        external_data = weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES
+    if not external_data:
+        onnx.save_model(model, str(path))
+        return [path.name]
+    data_name = path.name + ".data"
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=1024,
+    )
+    return [path.name, data_name]
+
+
+def trace_to_proto(
+    module: torch.nn.Module,
+    args: tuple,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+) -> onnx.ModelProto:
+    """Trace module(*args) with the TorchScript exporter into an in-memory model (weights loaded)."""
     with tempfile.TemporaryDirectory(prefix="ortseq-trace-") as scratch:
         traced = Path(scratch) / "graph.onnx"
         with torch.no_grad(), warnings.catch_warnings():
@@ -47,22 +79,7 @@ def export_graph(
             )
         model = onnx.load(str(traced))  # also pulls in per-tensor files the tracer writes for huge models
     model.ir_version = IR_VERSION
-    weight_bytes = sum(_tensor_bytes(t) for t in model.graph.initializer)
-    if external_data is None:
-        external_data = weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES
-    if not external_data:
-        onnx.save_model(model, str(path))
-        return [path.name]
-    data_name = path.name + ".data"
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data_name,
-        size_threshold=1024,
-    )
-    return [path.name, data_name]
+    return model
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:

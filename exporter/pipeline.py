@@ -48,28 +48,13 @@ def _export_checkpoint(checkpoint: Path, staging: Path, external_data: bool | No
     files: list[str] = []
 
     log("exporting encoder")
-    encoder = family.EncoderExport(model).eval()
-    ids = torch.randint(3, dims.vocab_size, (TRACE_BATCH, TRACE_SRC))
-    mask = torch.ones_like(ids)
-    mask[1, -2:] = 0
-    files += onnx_export.export_graph(
-        encoder,
-        (ids, mask),
-        staging / contract.ENCODER_FILE,
-        list(contract.ENCODER_INPUTS),
-        contract.encoder_outputs(dims.decoder_layers),
-        contract.encoder_dynamic_axes(dims.decoder_layers),
-        external_data,
-    )
-    verify.verify_encoder(
-        staging / contract.ENCODER_FILE, encoder, dims.decoder_layers, dims.vocab_size, dims.max_position_embeddings
-    )
+    _export_encoder(family, model, dims, staging, external_data, files)
 
     log("exporting decoder")
     decoder = family.DecoderExport(model).eval()
     files += onnx_export.export_graph(
         decoder,
-        _decoder_trace_args(dims, mask),
+        _decoder_trace_args(dims),
         staging / contract.DECODER_FILE,
         contract.decoder_inputs(dims.decoder_layers),
         contract.decoder_outputs(dims.decoder_layers),
@@ -100,7 +85,37 @@ def _export_checkpoint(checkpoint: Path, staging: Path, external_data: bool | No
     )
 
 
-def _decoder_trace_args(dims, encoder_mask: torch.Tensor) -> tuple:
+def _export_encoder(family, model, dims, staging: Path, external_data: bool | None, files: list[str]) -> None:
+    encoder = family.EncoderExport(model).eval()
+    trace_length = family.encoder_trace_length(model) if hasattr(family, "encoder_trace_length") else TRACE_SRC
+    ids = torch.randint(3, dims.vocab_size, (TRACE_BATCH, trace_length))
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    finalize = getattr(family, "finalize_encoder_graph", None)
+    files += onnx_export.export_graph(
+        encoder,
+        (ids, mask),
+        staging / contract.ENCODER_FILE,
+        list(contract.ENCODER_INPUTS),
+        contract.encoder_outputs(dims.decoder_layers),
+        contract.encoder_dynamic_axes(dims.decoder_layers),
+        external_data,
+        finalize=(lambda graph: finalize(encoder, graph)) if finalize else None,
+    )
+    extra_lengths = family.encoder_verify_lengths(model) if hasattr(family, "encoder_verify_lengths") else []
+    verify.verify_encoder(
+        staging / contract.ENCODER_FILE,
+        encoder,
+        dims.decoder_layers,
+        dims.vocab_size,
+        dims.max_position_embeddings,
+        extra_lengths,
+    )
+
+
+def _decoder_trace_args(dims) -> tuple:
+    encoder_mask = torch.ones(TRACE_BATCH, TRACE_SRC, dtype=torch.int64)
+    encoder_mask[1, -2:] = 0
     rows = TRACE_BATCH * TRACE_BEAMS
     past = [torch.randn(rows, dims.decoder_heads, TRACE_PAST, dims.head_dim) for _ in range(2 * dims.decoder_layers)]
     cross = [

@@ -65,17 +65,21 @@ def _random_batch(rng: np.random.Generator, batch: int, src: int, vocab: int) ->
     return ids, mask
 
 
-def verify_encoder(path: Path, module: torch.nn.Module, num_layers: int, vocab: int, max_len: int) -> float:
+def verify_encoder(
+    path: Path, module: torch.nn.Module, num_layers: int, vocab: int, max_len: int, extra_lengths=()
+) -> float:
+    """extra_lengths: more source lengths the family wants checked (batch 2, one row padded)."""
     session, rng, worst = _session(path), np.random.default_rng(1), 0.0
     names = contract.encoder_outputs(num_layers)
-    for batch, src in ENCODER_CASES:
+    cases = [*ENCODER_CASES, *((2, length) for length in extra_lengths)]
+    for batch, src in cases:
         src = src or max_len
         ids, mask = _random_batch(rng, batch, src, vocab)
         got = session.run(names, {"input_ids": ids, "attention_mask": mask})
         with torch.no_grad():
             want = module(torch.from_numpy(ids), torch.from_numpy(mask))
         worst = max(worst, _compare(f"encoder at batch {batch}, length {src}", got, list(want), names))
-    log(f"verified {path.name} at {len(ENCODER_CASES)} new shapes (max abs diff {worst:.2g})")
+    log(f"verified {path.name} at {len(cases)} new shapes (max abs diff {worst:.2g})")
     return worst
 
 

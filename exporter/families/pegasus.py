@@ -14,6 +14,10 @@ from exporter.attention import additive_mask, attend, cross_attend_shared, merge
 from graphs.manifest import ModelDims, SpecialTokens
 
 
+def handles(config: dict) -> bool:
+    return config.get("model_type") == "pegasus"
+
+
 def load_model(source_dir: str) -> nn.Module:
     from transformers import PegasusForConditionalGeneration
 
