@@ -4,7 +4,7 @@ ORTSEQ  := .venv/bin/ortseq
 MODEL   ?= tiny-pegasus
 EXPORTS ?= exports
 
-.PHONY: all demo setup export generate test test-full bench lint lsg-golden clean
+.PHONY: all demo setup export generate test test-full bench bench-lsg lint lsg-golden clean
 
 all: demo
 
@@ -40,6 +40,11 @@ test-full: setup
 
 bench: setup
 	$(PY) benchmarks/bench.py
+
+# LSG encoder at 1024/2048/4096 tokens: ours vs the reference code (its own pinned venv) vs full attention
+bench-lsg: setup
+	bash scripts/lsg_golden/setup_env.sh
+	$(PY) benchmarks/bench_lsg.py
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -12,7 +12,9 @@ from exporter.progress import log
 ALIASES = {
     "pegasus-xsum": "google/pegasus-xsum",
     "pegasus-large": "google/pegasus-large",
+    "lsg-pegasus-large-4096": "ccdv/lsg-pegasus-large-4096",
     "tiny-pegasus": "tiny:pegasus",
+    "tiny-lsg-pegasus": "tiny:lsg-pegasus",
 }
 
 # Files a checkpoint needs; hub downloads skip the rest (other frameworks' weights, etc.).

@@ -65,8 +65,10 @@ def train_pegasus_sentencepiece(out_dir: Path, vocab_size: int = 400, seed: int 
 
 
 def build(kind: str, out_dir: Path) -> Path:
-    """Build the tiny model named kind ("pegasus") into out_dir."""
-    builders = {"pegasus": build_tiny_pegasus}
+    """Build the tiny model named kind ("pegasus", "lsg-pegasus") into out_dir."""
+    from exporter.tiny_lsg import build_tiny_lsg_pegasus
+
+    builders = {"pegasus": build_tiny_pegasus, "lsg-pegasus": build_tiny_lsg_pegasus}
     if kind not in builders:
         raise ValueError(f"no tiny model called {kind!r}; known: {sorted(builders)}")
     return builders[kind](out_dir)

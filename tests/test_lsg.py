@@ -138,3 +138,44 @@ def _teacher_forced_logits(model: Seq2SeqModel, ids, mask, decoder_ids) -> np.nd
     step = model.sessions.decoder_step(memory, rows=ids.shape[0])
     rows = np.arange(ids.shape[0])
     return np.stack([step(decoder_ids[:, i], rows) for i in range(decoder_ids.shape[1])], axis=1)
+
+
+def test_attention_memory_is_linear_in_length():
+    """No tensor the op makes grows like T^2: the biggest is the per-block score tensor, T x (G + 2S + 3B)."""
+    from torch.overrides import TorchFunctionMode
+
+    class LargestTensor(TorchFunctionMode):
+        largest = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                LargestTensor.largest = max(LargestTensor.largest, out.numel())
+            return out
+
+    settings = LSGSettings(32, 32, 2, "norm", 1, 1)
+    keys_per_block = 1 + 2 * 32 + 3 * 32
+    for t in (1024, 4096):
+        q, k, v = (torch.randn(1, 1, 1 + t, 4) for _ in range(3))
+        LargestTensor.largest = 0
+        with torch.no_grad(), LargestTensor():
+            LSGAttentionCore(settings)(q, k, v, torch.ones(1, t), torch.zeros(0))
+        assert LargestTensor.largest <= t * keys_per_block, (t, LargestTensor.largest)
+
+
+def test_tiny_lsg_pegasus_summarizes_long_text(tmp_path):
+    """`ortseq export tiny-lsg-pegasus` (built offline) serves texts far longer than 2 blocks, in a padded batch."""
+    from exporter.tiny import build
+
+    checkpoint = build("lsg-pegasus", tmp_path / "checkpoint")
+    assert json.loads((checkpoint / "config.json").read_text())["sparsity_type"] == "norm"
+    export(str(checkpoint), tmp_path / "export")
+    model = Seq2SeqModel.load(tmp_path / "export")
+    assert model.manifest.family == "lsg_pegasus"
+    texts = ["The river bridge will open next year. " * 60, "The museum was closed."]
+    ids, mask = model.tokenizer.encode(texts)
+    assert ids.shape[1] > 3 * 32
+    memory = model.sessions.encode(ids, mask)
+    assert memory["encoder_attention_mask"].shape == (2, 1 + ids.shape[1])  # the global token is prepended
+    summaries = model.summarize(texts, num_beams=2, max_new_tokens=8)
+    assert len(summaries) == 2 and all(isinstance(s, str) for s in summaries)

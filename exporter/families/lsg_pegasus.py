@@ -63,10 +63,16 @@ class LSGEncoderConfig:
 def load_model(source_dir: str) -> nn.Module:
     """transformers' Pegasus with the LSG parts attached as `model.lsg_config` / `model.lsg_weights`."""
     from transformers import PegasusConfig, PegasusForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
     config_dict = json.loads((Path(source_dir) / "config.json").read_text())
     config = PegasusConfig.from_pretrained(source_dir)
-    model = PegasusForConditionalGeneration.from_pretrained(source_dir, config=config, attn_implementation="eager")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # it would report the global embeddings as unexpected: we read them below
+    try:
+        model = PegasusForConditionalGeneration.from_pretrained(source_dir, config=config, attn_implementation="eager")
+    finally:
+        hf_logging.set_verbosity(verbosity)
     model.lsg_config = LSGEncoderConfig.from_config(config_dict)
     model.lsg_weights = read_checkpoint_tensors(Path(source_dir), [GLOBALS_KEY, POSITIONS_KEY])
     return model.eval()
