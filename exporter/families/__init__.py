@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-from exporter.families import pegasus
+from exporter.families import encoder_decoder, pegasus
 
 # config.json "model_type" -> family module
-_BY_MODEL_TYPE: dict[str, ModuleType] = {"pegasus": pegasus}
+_BY_MODEL_TYPE: dict[str, ModuleType] = {"pegasus": pegasus, "encoder-decoder": encoder_decoder}
 
 
 class UnsupportedModelError(ValueError):
