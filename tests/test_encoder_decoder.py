@@ -209,3 +209,44 @@ def test_decoder_graph_shares_cross_key_values_across_beams(encdec):
     graph = onnx.load(str(model.export_dir / contract.DECODER_FILE)).graph
     shapes = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
     assert shapes["cross_key_0"][0] == "batch" and shapes["past_key_0"][0] == "rows"
+
+
+def test_tied_checkpoint_storing_shared_weights_once_exports_the_encoder_weights(encdec, tmp_path):
+    """transformers 4.x saved a tie_encoder_decoder=True model's shared weights once, under the encoder's
+    names. transformers 5.x ignores tie_encoder_decoder and initialises those decoder weights at random;
+    the export takes them from the encoder, as the checkpoint means, and generates what the model with
+    both copies generates."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import EncoderDecoderModel
+
+    model = encdec("roberta2roberta_tied")
+    checkpoint = tmp_path / "deduplicated"
+    shutil.copytree(model.checkpoint, checkpoint)
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    shared = [name for name in weights if name.startswith("decoder.roberta.") and "crossattention" not in name]
+    assert len(shared) > 10
+    save_file({k: v for k, v in weights.items() if k not in shared}, str(checkpoint / "model.safetensors"))
+
+    reloaded = EncoderDecoderModel.from_pretrained(str(checkpoint))
+    assert not torch.equal(
+        reloaded.decoder.roberta.embeddings.word_embeddings.weight, reloaded.encoder.embeddings.word_embeddings.weight
+    )
+
+    export(str(checkpoint), tmp_path / "export")
+    ids, mask = padded_batch(model, [20, 7], seed=4)
+    settings = dict(num_beams=4, max_new_tokens=12)
+    ours = Seq2SeqModel.load(tmp_path / "export").generate(ids, mask, **settings)
+    np.testing.assert_array_equal(ours, torch_generate(model.torch_model, ids, mask, settings))
+
+
+@pytest.mark.parametrize("name", ["bert2bert", "roberta2roberta", "bertgeneration"])
+def test_without_attention_mask_pad_ids_are_attended_like_transformers(encdec, name):
+    """No mask: generate() attends every token, pad ids included (RoBERTa still gives them the padding position)."""
+    model = encdec(name)
+    ids, _ = padded_batch(model, [20, 9], seed=3)
+    settings = dict(num_beams=4, max_new_tokens=10)
+    with torch.no_grad():
+        expected = model.torch_model.generate(torch.from_numpy(ids), **settings).numpy()
+    np.testing.assert_array_equal(model.ours.generate(ids, **settings), expected)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from exporter.attention import additive_mask, attend, cross_attend_shared, merge_heads, split_heads
+from exporter.progress import log
 from graphs.manifest import ModelDims, SpecialTokens
 
 
@@ -70,9 +71,27 @@ def _stack(config) -> Stack:
 def load_model(source_dir: str) -> nn.Module:
     from transformers import EncoderDecoderModel
 
-    model = EncoderDecoderModel.from_pretrained(source_dir).eval()
+    model, info = EncoderDecoderModel.from_pretrained(source_dir, output_loading_info=True)
     _stack(model.config.encoder), _stack(model.config.decoder)  # fail early, with the supported list
-    return model
+    if getattr(model.config, "tie_encoder_decoder", False):
+        _restore_tied_decoder_weights(model, set(info["missing_keys"]))
+    return model.eval()
+
+
+def _restore_tied_decoder_weights(model: nn.Module, missing: set[str]) -> None:
+    """transformers 5.x ignores tie_encoder_decoder: a tied checkpoint whose file holds the shared
+    weights once (under the encoder's names, as 4.x's safetensors saving keeps them) loads with a
+    randomly initialised decoder. The checkpoint means the encoder's weights: copy them back."""
+    prefix = f"decoder.{model.decoder.base_model_prefix}."
+    encoder = dict(model.encoder.named_parameters())
+    restored = 0
+    with torch.no_grad():
+        for name, param in model.decoder.base_model.named_parameters():
+            if prefix + name in missing and name in encoder:
+                param.copy_(encoder[name])
+                restored += 1
+    if restored:
+        log(f"tie_encoder_decoder: {restored} decoder weights missing from the checkpoint taken from the encoder")
 
 
 def embed(embeddings: nn.Module, stack: Stack, input_ids: torch.Tensor, past: int) -> torch.Tensor:
