@@ -16,15 +16,20 @@ import torch
 from exporter import onnx_export, verify
 from exporter.families import family_for
 from exporter.progress import log
-from exporter.sources import resolved_source
+from exporter.sources import ALIASES, resolved_source
+from exporter.tokenizer_files import save_tokenizer
 from graphs import contract
-from graphs.manifest import GenerationDefaults, Manifest, TokenizerInfo, sha256_of
+from graphs.manifest import GenerationDefaults, Manifest, sha256_of
 
 # Shapes used for tracing; verify.py checks the graphs at other ones.
 TRACE_BATCH, TRACE_SRC, TRACE_BEAMS, TRACE_PAST = 2, 9, 2, 3
 
 
-def export(source: str, out_dir: Path, external_data: bool | None = None) -> Manifest:
+def export(
+    source: str, out_dir: Path, external_data: bool | None = None, add_special_tokens: bool | None = None
+) -> Manifest:
+    """add_special_tokens: whether the runtime tokenizes inputs with the tokenizer's special tokens;
+    None follows the model family's knowledge of the source's model card (default True)."""
     out_dir = Path(out_dir).absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -32,7 +37,7 @@ def export(source: str, out_dir: Path, external_data: bool | None = None) -> Man
         staging = Path(tmp) / "export"
         staging.mkdir()
         with resolved_source(source, Path(tmp)) as checkpoint:
-            manifest = _export_checkpoint(checkpoint, staging, external_data)
+            manifest = _export_checkpoint(checkpoint, staging, external_data, source, add_special_tokens)
             manifest.source = source
         manifest.write(staging)
         _replace_dir(staging, out_dir)
@@ -40,8 +45,12 @@ def export(source: str, out_dir: Path, external_data: bool | None = None) -> Man
     return manifest
 
 
-def _export_checkpoint(checkpoint: Path, staging: Path, external_data: bool | None) -> Manifest:
+def _export_checkpoint(
+    checkpoint: Path, staging: Path, external_data: bool | None, source: str, add_special_tokens: bool | None
+) -> Manifest:
     family_name, family = family_for(checkpoint)
+    if add_special_tokens is None:  # a family may know model cards that tokenize without them
+        add_special_tokens = getattr(family, "add_special_tokens", lambda _: True)(ALIASES.get(source, source))
     log(f"loading {family_name} checkpoint from {checkpoint}")
     model = family.load_model(str(checkpoint))
     dims = family.dims(model)
@@ -71,7 +80,7 @@ def _export_checkpoint(checkpoint: Path, staging: Path, external_data: bool | No
         dims.max_position_embeddings,
     )
 
-    tokenizer_info = _save_tokenizer(checkpoint, staging, dims.max_position_embeddings)
+    tokenizer_info = save_tokenizer(checkpoint, staging, dims.max_position_embeddings, add_special_tokens)
     files.append(tokenizer_info.file)
     return Manifest(
         family=family_name,
@@ -124,27 +133,6 @@ def _decoder_trace_args(dims) -> tuple:
     input_ids = torch.randint(3, dims.vocab_size, (rows, 1))
     beam_idx = torch.tensor([1, 0, 3, 2])
     return (input_ids, encoder_mask, beam_idx, *past, *cross)
-
-
-def _save_tokenizer(checkpoint: Path, staging: Path, max_positions: int) -> TokenizerInfo:
-    """Write tokenizer.json (the tokenizers-library file transformers itself runs) for the runtime."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        if not (Path(tmp) / "tokenizer.json").is_file():
-            raise ValueError(f"{checkpoint}: the tokenizer has no tokenizers-library form (tokenizer.json)")
-        shutil.copy(Path(tmp) / "tokenizer.json", staging / "tokenizer.json")
-    model_max_length = tokenizer.model_max_length
-    if not isinstance(model_max_length, int) or model_max_length > max_positions:
-        model_max_length = max_positions  # transformers uses a huge sentinel when the checkpoint says nothing
-    return TokenizerInfo(
-        file="tokenizer.json",
-        model_max_length=model_max_length,
-        add_special_tokens=True,
-        clean_up_tokenization_spaces=bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)),
-    )
 
 
 def _generation_defaults(model) -> GenerationDefaults:

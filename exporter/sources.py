@@ -16,6 +16,16 @@ ALIASES = {
     "tiny-pegasus": "tiny:pegasus",
     "tiny-lsg-pegasus": "tiny:lsg-pegasus",
 }
+# EncoderDecoderModel checkpoints (exporter/families/encoder_decoder.py, exporter/tiny_encoder_decoder.py)
+ALIASES.update(
+    {
+        "roberta2roberta-discofuse": "google/roberta2roberta_L-24_discofuse",
+        "bert2bert-cnn": "patrickvonplaten/bert2bert_cnn_daily_mail",
+        "tiny-bert2bert": "tiny:bert2bert",
+        "tiny-roberta2roberta": "tiny:roberta2roberta",
+        "tiny-bertgeneration": "tiny:bertgeneration",
+    }
+)
 
 # Files a checkpoint needs; hub downloads skip the rest (other frameworks' weights, etc.).
 _CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "pytorch_model.bin", "*.py"]

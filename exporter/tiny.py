@@ -65,9 +65,12 @@ def train_pegasus_sentencepiece(out_dir: Path, vocab_size: int = 400, seed: int 
 
 
 def build(kind: str, out_dir: Path) -> Path:
-    """Build the tiny model named kind ("pegasus", "lsg-pegasus") into out_dir."""
+    """Build the tiny model named kind ("pegasus", "lsg-pegasus", or an encoder-decoder kind) into out_dir."""
+    from exporter import tiny_encoder_decoder
     from exporter.tiny_lsg import build_tiny_lsg_pegasus
 
+    if kind in tiny_encoder_decoder.KINDS:
+        return tiny_encoder_decoder.build(kind, out_dir)
     builders = {"pegasus": build_tiny_pegasus, "lsg-pegasus": build_tiny_lsg_pegasus}
     if kind not in builders:
         raise ValueError(f"no tiny model called {kind!r}; known: {sorted(builders)}")

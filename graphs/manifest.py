@@ -57,6 +57,7 @@ class TokenizerInfo:
     model_max_length: int = 512
     add_special_tokens: bool = True
     clean_up_tokenization_spaces: bool = False
+    strip_decoded_text: bool = False  # sentencepiece-backed ("slow") transformers tokenizers strip decoded text
 
 
 @dataclass

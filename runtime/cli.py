@@ -24,7 +24,7 @@ def _export(args: argparse.Namespace) -> int:
     from exporter.verify import GraphMismatchError
 
     try:
-        export(args.source, args.out, external_data=args.external_data)
+        export(args.source, args.out, external_data=args.external_data, add_special_tokens=args.add_special_tokens)
     except (SourceError, UnsupportedModelError) as exc:
         raise InvalidInputError(str(exc)) from exc
     except GraphMismatchError as exc:
@@ -60,13 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="export a checkpoint to an ONNX directory (needs torch)")
     export.add_argument("-v", "--verbose", action="store_true", help="more log output")
-    export.add_argument("source", help="alias (pegasus-xsum, pegasus-large, tiny-pegasus), hub id or local directory")
+    export.add_argument("source", help="alias (see README), hub id or local directory")
     export.add_argument("--out", required=True, help="export directory to create (replaced only when complete)")
     export.add_argument(
         "--external-data",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="store weights in a .data file beside each graph (default: only over 1 GiB)",
+    )
+    export.add_argument(
+        "--add-special-tokens",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tokenize inputs with the tokenizer's special tokens (default: as the model card does; "
+        "google's roberta2roberta/bert2bert/bert_for_seq_generation cards do not)",
     )
     export.set_defaults(run=_export)
 

@@ -47,6 +47,8 @@ class TextTokenizer:
 
     def decode(self, ids: np.ndarray) -> list[str]:
         texts = self._tokenizer.decode_batch([list(map(int, row)) for row in ids], skip_special_tokens=True)
+        if self.info.strip_decoded_text:  # before the clean-up, in the order transformers' slow tokenizers do it
+            texts = [text.strip() for text in texts]
         if self.info.clean_up_tokenization_spaces:
             texts = [_clean_up_tokenization(text) for text in texts]
         return texts

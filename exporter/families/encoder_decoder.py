@@ -1,0 +1,254 @@
+"""EncoderDecoderModel of BERT-like stacks: bert2bert, roberta2roberta, BertGeneration (bert_for_seq_generation).
+
+All three are post-LayerNorm BERT layers (attention -> dense -> LayerNorm(x + .), the decoder with a
+cross-attention block of the same form, then the feed-forward block); they differ only in
+  * the embeddings: BERT adds token type 0 and positions 0..n-1; RoBERTa adds token type 0 and
+    positions computed from the ids (pad tokens get the padding index, the others count up from
+    padding_idx + 1, in the decoder too: a generated pad token gets the padding position);
+    BertGeneration has no token types;
+  * the LM head: BERT's and RoBERTa's transform (dense, activation, LayerNorm) before the output
+    projection, BertGeneration's plain projection.
+That knowledge sits in `STACKS` below; the export modules are shared. Graph I/O: graphs/contract.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from exporter.attention import additive_mask, attend, cross_attend_shared, merge_heads, split_heads
+from exporter.progress import log
+from graphs.manifest import ModelDims, SpecialTokens
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What differs between the BERT-like architectures, for one side (encoder or decoder)."""
+
+    position_ids: Callable[[nn.Module, torch.Tensor, int], torch.Tensor]  # (embeddings, ids, past) -> ids
+    position_offset: Callable[[nn.Module], int]  # positions lost before the first token (RoBERTa: padding_idx + 1)
+    lm_head: str  # attribute of the *ForCausalLM model holding the whole head (transform + projection)
+
+
+def _counting_positions(embeddings: nn.Module, input_ids: torch.Tensor, past: int) -> torch.Tensor:
+    """BERT, BertGeneration: past, past + 1, ... for every row."""
+    return torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] + past
+
+
+def _roberta_positions(embeddings: nn.Module, input_ids: torch.Tensor, past: int) -> torch.Tensor:
+    """RoBERTa: (cumulative count of non-pad tokens + past) for real tokens, padding_idx for pad tokens.
+
+    transformers computes this from the ids it is given, so with a cache every new token gets
+    past + 1 + padding_idx, or padding_idx if it is the pad id (create_position_ids_from_input_ids).
+    """
+    not_pad = input_ids.ne(embeddings.padding_idx).long()
+    return (torch.cumsum(not_pad, dim=1) + past) * not_pad + embeddings.padding_idx
+
+
+STACKS: dict[str, Stack] = {
+    "bert": Stack(_counting_positions, lambda embeddings: 0, lm_head="cls"),
+    "roberta": Stack(_roberta_positions, lambda embeddings: embeddings.padding_idx + 1, lm_head="lm_head"),
+    "bert-generation": Stack(_counting_positions, lambda embeddings: 0, lm_head="lm_head"),
+}
+
+
+class UnsupportedStackError(ValueError):
+    """The encoder or decoder of the EncoderDecoderModel is not one of STACKS."""
+
+
+def _stack(config) -> Stack:
+    if config.model_type not in STACKS:
+        raise UnsupportedStackError(
+            f"EncoderDecoderModel with a {config.model_type!r} encoder or decoder is not supported; "
+            f"supported: {sorted(STACKS)}"
+        )
+    return STACKS[config.model_type]
+
+
+def handles(config: dict) -> bool:
+    return config.get("model_type") == "encoder-decoder"
+
+
+def load_model(source_dir: str) -> nn.Module:
+    from transformers import EncoderDecoderModel
+
+    model, info = EncoderDecoderModel.from_pretrained(source_dir, output_loading_info=True)
+    _stack(model.config.encoder), _stack(model.config.decoder)  # fail early, with the supported list
+    if getattr(model.config, "tie_encoder_decoder", False):
+        _restore_tied_decoder_weights(model, set(info["missing_keys"]))
+    return model.eval()
+
+
+def _restore_tied_decoder_weights(model: nn.Module, missing: set[str]) -> None:
+    """transformers 5.x ignores tie_encoder_decoder: a tied checkpoint whose file holds the shared
+    weights once (under the encoder's names, as 4.x's safetensors saving keeps them) loads with a
+    randomly initialised decoder. The checkpoint means the encoder's weights: copy them back."""
+    prefix = f"decoder.{model.decoder.base_model_prefix}."
+    encoder = dict(model.encoder.named_parameters())
+    restored = 0
+    with torch.no_grad():
+        for name, param in model.decoder.base_model.named_parameters():
+            if prefix + name in missing and name in encoder:
+                param.copy_(encoder[name])
+                restored += 1
+    if restored:
+        log(f"tie_encoder_decoder: {restored} decoder weights missing from the checkpoint taken from the encoder")
+
+
+def embed(embeddings: nn.Module, stack: Stack, input_ids: torch.Tensor, past: int) -> torch.Tensor:
+    """Word + token type 0 (where the architecture has them) + position embeddings, then LayerNorm."""
+    x = embeddings.word_embeddings(input_ids)
+    if hasattr(embeddings, "token_type_embeddings"):
+        x = x + embeddings.token_type_embeddings.weight[0]
+    x = x + embeddings.position_embeddings(stack.position_ids(embeddings, input_ids, past))
+    return embeddings.LayerNorm(x)
+
+
+def usable_positions(side: nn.Module) -> int:
+    """Longest sequence the position table allows (RoBERTa loses padding_idx + 1 entries)."""
+    embeddings = side.base_model.embeddings
+    return embeddings.position_embeddings.num_embeddings - _stack(side.config).position_offset(embeddings)
+
+
+def dims(model: nn.Module) -> ModelDims:
+    decoder = model.config.decoder
+    encoder_vocab = model.encoder.get_input_embeddings().num_embeddings
+    vocab = model.decoder.get_output_embeddings().out_features
+    if encoder_vocab != vocab:
+        raise UnsupportedStackError(f"encoder vocabulary ({encoder_vocab}) differs from the decoder's ({vocab})")
+    return ModelDims(
+        d_model=decoder.hidden_size,
+        encoder_layers=model.config.encoder.num_hidden_layers,
+        decoder_layers=decoder.num_hidden_layers,
+        decoder_heads=decoder.num_attention_heads,
+        head_dim=decoder.hidden_size // decoder.num_attention_heads,
+        vocab_size=vocab,
+        max_position_embeddings=min(usable_positions(model.encoder), usable_positions(model.decoder)),
+    )
+
+
+def special_tokens(model: nn.Module) -> SpecialTokens:
+    """The ids generate() uses: its generation config first (what transformers reads), then the configs."""
+    gen, config, decoder = model.generation_config, model.config, model.config.decoder
+    tokens = SpecialTokens(
+        pad_token_id=_first_set(gen.pad_token_id, config.pad_token_id, decoder.pad_token_id),
+        eos_token_id=_first_set(gen.eos_token_id, config.eos_token_id, decoder.eos_token_id),
+        decoder_start_token_id=_first_set(
+            gen.decoder_start_token_id, config.decoder_start_token_id, gen.bos_token_id, decoder.bos_token_id
+        ),
+    )
+    missing = [name for name, value in vars(tokens).items() if value is None]
+    if missing:
+        raise UnsupportedStackError(
+            f"the checkpoint does not say its {', '.join(missing)}: set them in its config.json "
+            "(bert2bert: decoder start = [CLS], eos = [SEP]; roberta2roberta: <s>, </s>)"
+        )
+    return tokens
+
+
+def _first_set(*values):
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is not None:
+            return value
+    return None
+
+
+# Model cards that tokenize the input with add_special_tokens=False: Rothe et al.'s google/*
+# checkpoints (bert2bert_L-24_*, roberta2roberta_L-24_*, bert_for_seq_generation_L-24_*), and the
+# tiny models that imitate them. Others (e.g. patrickvonplaten/bert2bert_cnn_daily_mail) use the default.
+_SOURCES_WITHOUT_SPECIAL_TOKENS = (
+    "google/bert2bert_L-24_",
+    "google/roberta2roberta_L-24_",
+    "google/bert_for_seq_generation_L-24_",
+    "tiny:roberta2roberta",
+    "tiny:bertgeneration",
+)
+
+
+def add_special_tokens(source: str) -> bool:
+    """Whether inputs are tokenized with the tokenizer's special tokens, as the source's model card does."""
+    return not source.startswith(_SOURCES_WITHOUT_SPECIAL_TOKENS)
+
+
+# ---------------------------------------------------------------- export modules
+
+
+def _post_ln_attention(block: nn.Module, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """BertSelfOutput: LayerNorm(x + dense(context)), context [n, H, t, dh]."""
+    return block.output.LayerNorm(block.output.dense(merge_heads(context)) + x)
+
+
+def _self_attention(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    attn = block.self
+    q, k, v = (split_heads(proj(x), attn.num_attention_heads) for proj in (attn.query, attn.key, attn.value))
+    return _post_ln_attention(block, x, attend(q, k, v, mask, attn.scaling))
+
+
+def _feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return layer.output.LayerNorm(layer.output.dense(layer.intermediate(x)) + x)
+
+
+class EncoderExport(nn.Module):
+    """input_ids, attention_mask -> last_hidden_state, cross-attention mask, cross K/V of every decoder layer."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.stack = _stack(model.config.encoder)
+        self.embeddings = model.encoder.base_model.embeddings
+        self.layers = model.encoder.base_model.encoder.layer
+        # EncoderDecoderModel projects the memory when the two hidden sizes differ
+        self.to_decoder = getattr(model, "enc_to_dec_proj", None) or nn.Identity()
+        self.cross_attentions = nn.ModuleList(layer.crossattention.self for layer in _decoder_layers(model))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        x = embed(self.embeddings, self.stack, input_ids, 0)
+        mask = additive_mask(attention_mask, x.dtype)
+        for layer in self.layers:
+            x = _feed_forward(layer, _self_attention(layer.attention, x, mask))
+        memory = self.to_decoder(x)
+        cross = []
+        for attn in self.cross_attentions:
+            heads = attn.num_attention_heads
+            cross += [split_heads(attn.key(memory), heads), split_heads(attn.value(memory), heads)]
+        return (x, attention_mask.clone(), *cross)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.decoder.base_model.encoder.layer
+
+
+class DecoderExport(nn.Module):
+    """One decoder step for every row; reorders the past by beam_idx itself (see graphs/contract.py)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.stack = _stack(model.config.decoder)
+        self.embeddings = model.decoder.base_model.embeddings
+        self.layers = _decoder_layers(model)
+        self.lm_head = getattr(model.decoder, self.stack.lm_head)  # transform (if any) + projection + bias
+
+    def forward(self, input_ids, encoder_attention_mask, beam_idx, *past_and_cross):
+        n = len(self.layers)
+        past, cross = past_and_cross[: 2 * n], past_and_cross[2 * n :]
+        x = embed(self.embeddings, self.stack, input_ids, past[0].shape[2])  # [rows, 1, D]
+        cross_mask = additive_mask(encoder_attention_mask, x.dtype)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            attn = layer.attention.self
+            q, k, v = (split_heads(proj(x), attn.num_attention_heads) for proj in (attn.query, attn.key, attn.value))
+            k = torch.cat([past[2 * i].index_select(0, beam_idx), k], dim=2)
+            v = torch.cat([past[2 * i + 1].index_select(0, beam_idx), v], dim=2)
+            presents += [k, v]
+            x = _post_ln_attention(layer.attention, x, attend(q, k, v, None, attn.scaling))
+
+            cross_attn = layer.crossattention.self
+            q = split_heads(cross_attn.query(x), cross_attn.num_attention_heads)
+            context = cross_attend_shared(q, cross[2 * i], cross[2 * i + 1], cross_mask, cross_attn.scaling)
+            x = _feed_forward(layer, _post_ln_attention(layer.crossattention, x, context))
+        logits = self.lm_head(x[:, 0, :])  # [rows, vocab]
+        return (logits, *presents)
