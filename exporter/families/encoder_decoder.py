@@ -55,13 +55,15 @@ STACKS: dict[str, Stack] = {
 }
 
 
-class UnsupportedStackError(ValueError):
-    """The encoder or decoder of the EncoderDecoderModel is not one of STACKS."""
+def _unsupported(message: str) -> ValueError:
+    from exporter.families import UnsupportedModelError  # imported late: that package imports this module
+
+    return UnsupportedModelError(message)
 
 
 def _stack(config) -> Stack:
     if config.model_type not in STACKS:
-        raise UnsupportedStackError(
+        raise _unsupported(
             f"EncoderDecoderModel with a {config.model_type!r} encoder or decoder is not supported; "
             f"supported: {sorted(STACKS)}"
         )
@@ -114,7 +116,7 @@ def dims(model: nn.Module) -> ModelDims:
     encoder_vocab = model.encoder.get_input_embeddings().num_embeddings
     vocab = model.decoder.get_output_embeddings().out_features
     if encoder_vocab != vocab:
-        raise UnsupportedStackError(f"encoder vocabulary ({encoder_vocab}) differs from the decoder's ({vocab})")
+        raise _unsupported(f"encoder vocabulary ({encoder_vocab}) differs from the decoder's ({vocab})")
     return ModelDims(
         d_model=decoder.hidden_size,
         encoder_layers=model.config.encoder.num_hidden_layers,
@@ -138,7 +140,7 @@ def special_tokens(model: nn.Module) -> SpecialTokens:
     )
     missing = [name for name, value in vars(tokens).items() if value is None]
     if missing:
-        raise UnsupportedStackError(
+        raise _unsupported(
             f"the checkpoint does not say its {', '.join(missing)}: set them in its config.json "
             "(bert2bert: decoder start = [CLS], eos = [SEP]; roberta2roberta: <s>, </s>)"
         )
