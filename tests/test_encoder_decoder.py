@@ -321,3 +321,19 @@ def test_encoder_narrower_than_decoder_projects_the_memory_like_transformers(tmp
         np.testing.assert_array_equal(
             ours.generate(ids, mask, **settings), torch_generate(reference, ids, mask, settings)
         )
+
+
+def test_special_tokens_follow_generate_rules_when_the_generation_config_lacks_some(encdec):
+    """generate() starts with BOS when there is no decoder start id and pads with EOS when there is no pad id."""
+    import copy
+
+    from exporter.families import UnsupportedModelError, encoder_decoder
+
+    model = copy.deepcopy(encdec("roberta2roberta").torch_model)
+    model.generation_config.decoder_start_token_id = None
+    model.generation_config.pad_token_id = None
+    tokens = encoder_decoder.special_tokens(model)
+    assert (tokens.decoder_start_token_id, tokens.pad_token_id) == (model.generation_config.bos_token_id, 2)
+    model.generation_config.eos_token_id = [2, 7]
+    with pytest.raises(UnsupportedModelError, match="several EOS"):
+        encoder_decoder.special_tokens(model)
