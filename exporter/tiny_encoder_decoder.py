@@ -42,11 +42,12 @@ class TinyEncoderDecoderShape:
     vocab_size: int = 400  # what the tokenizer is trained to
 
 
-# The defaults of `build`: how strong an EOS bias makes beams end at varied lengths depends on the LM head.
+# The defaults of `build` (the tiny-* aliases): EOS biases with which summaries of real text end at
+# varied, non-zero lengths (how strong a bias that takes depends on the LM head and tokenizer).
 DEFAULT_SHAPES = {
     "bert2bert": TinyEncoderDecoderShape(eos_logit_bias=6.0),
-    "roberta2roberta": TinyEncoderDecoderShape(eos_logit_bias=7.0),
-    "bertgeneration": TinyEncoderDecoderShape(),
+    "roberta2roberta": TinyEncoderDecoderShape(eos_logit_bias=2.0),
+    "bertgeneration": TinyEncoderDecoderShape(eos_logit_bias=2.0),
 }
 
 

@@ -55,13 +55,15 @@ STACKS: dict[str, Stack] = {
 }
 
 
-class UnsupportedStackError(ValueError):
-    """The encoder or decoder of the EncoderDecoderModel is not one of STACKS."""
+def _unsupported(message: str) -> ValueError:
+    from exporter.families import UnsupportedModelError  # imported late: that package imports this module
+
+    return UnsupportedModelError(message)
 
 
 def _stack(config) -> Stack:
     if config.model_type not in STACKS:
-        raise UnsupportedStackError(
+        raise _unsupported(
             f"EncoderDecoderModel with a {config.model_type!r} encoder or decoder is not supported; "
             f"supported: {sorted(STACKS)}"
         )
@@ -118,7 +120,7 @@ def dims(model: nn.Module) -> ModelDims:
     encoder_vocab = model.encoder.get_input_embeddings().num_embeddings
     vocab = model.decoder.get_output_embeddings().out_features
     if encoder_vocab != vocab:
-        raise UnsupportedStackError(f"encoder vocabulary ({encoder_vocab}) differs from the decoder's ({vocab})")
+        raise _unsupported(f"encoder vocabulary ({encoder_vocab}) differs from the decoder's ({vocab})")
     return ModelDims(
         d_model=decoder.hidden_size,
         encoder_layers=model.config.encoder.num_hidden_layers,
@@ -131,25 +133,23 @@ def dims(model: nn.Module) -> ModelDims:
 
 
 def special_tokens(model: nn.Module) -> SpecialTokens:
-    """The ids generate() uses: its generation config first (what transformers reads), then the configs."""
-    gen, config, decoder = model.generation_config, model.config, model.config.decoder
-    tokens = SpecialTokens(
-        pad_token_id=_first_set(gen.pad_token_id, config.pad_token_id, decoder.pad_token_id),
-        eos_token_id=_first_set(gen.eos_token_id, config.eos_token_id, decoder.eos_token_id),
-        decoder_start_token_id=_first_set(
-            gen.decoder_start_token_id, config.decoder_start_token_id, gen.bos_token_id, decoder.bos_token_id
-        ),
-    )
-    missing = [name for name, value in vars(tokens).items() if value is None]
-    if missing:
-        raise UnsupportedStackError(
-            f"the checkpoint does not say its {', '.join(missing)}: set them in its config.json "
-            "(bert2bert: decoder start = [CLS], eos = [SEP]; roberta2roberta: <s>, </s>)"
+    """The ids generate() uses, by its rules: all from the generation config (which transformers fills
+    from config.json and the decoder's config); no decoder start -> BOS; no pad -> EOS."""
+    gen = model.generation_config
+    if isinstance(gen.eos_token_id, (list, tuple)) and len(set(gen.eos_token_id)) > 1:
+        raise _unsupported(f"generation stops on several EOS ids {gen.eos_token_id}; ortseq's search knows one")
+    eos = _first_set(gen.eos_token_id)
+    start = _first_set(gen.decoder_start_token_id, gen.bos_token_id)
+    if eos is None or start is None:
+        raise _unsupported(
+            "the checkpoint does not say its EOS or decoder start token: set eos_token_id and "
+            "decoder_start_token_id in its config.json (bert2bert: [SEP], [CLS]; roberta2roberta: </s>, <s>)"
         )
-    return tokens
+    return SpecialTokens(pad_token_id=_first_set(gen.pad_token_id, eos), eos_token_id=eos, decoder_start_token_id=start)
 
 
 def _first_set(*values):
+    """The first value that is set (a list of ids counts as its first)."""
     for value in values:
         if isinstance(value, (list, tuple)):
             value = value[0] if value else None
