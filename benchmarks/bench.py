@@ -107,14 +107,15 @@ def worker(system: str, model_dir: str, mode: str, length: int) -> dict:
     out = run()
     seconds = time.perf_counter() - start
     generated = (out.shape[1] - 1) * out.shape[0]
-    peak_rss_mb = _peak_rss_mb()
+    peak_rss_mb = rss_mb("VmHWM")
     return dict(seconds=seconds, load_s=load_s, tokens=int(generated), peak_rss_mb=peak_rss_mb)
 
 
-def _peak_rss_mb() -> float:
-    """VmHWM: peak resident set of this process image (ru_maxrss would carry the parent's over exec)."""
+def rss_mb(field: str = "VmHWM") -> float:
+    """VmHWM: peak resident set of this process image (ru_maxrss would carry the parent's over exec);
+    VmRSS: the current one."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import MODES, NEW_TOKENS, RESULTS, ROOT, THREADS, _peak_rss_mb, disk_mb, input_ids, markdown  # noqa: E402
+from bench import MODES, NEW_TOKENS, RESULTS, ROOT, THREADS, disk_mb, input_ids, markdown, rss_mb  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench" / "roberta2roberta-L24-shaped"
 MODEL = "roberta2roberta-L24-shaped"
@@ -120,7 +120,7 @@ def worker(system: str, model_dir: str, mode: str, length: int) -> dict:
     out = run()
     seconds = time.perf_counter() - start
     return dict(
-        seconds=seconds, load_s=load_s, tokens=int((out.shape[1] - 1) * out.shape[0]), peak_rss_mb=_peak_rss_mb()
+        seconds=seconds, load_s=load_s, tokens=int((out.shape[1] - 1) * out.shape[0]), peak_rss_mb=rss_mb("VmHWM")
     )
 
 

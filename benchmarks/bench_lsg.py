@@ -28,6 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "bench" / "lsg-large-shaped"
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench import rss_mb  # noqa: E402  (stdlib-only module: also imports in the reference venv)
+
 REFERENCE_PYTHON = ROOT / ".venv-lsg-ref" / "bin" / "python"
 THREADS = 2
 SYSTEMS = ("ortseq-lsg", "reference-lsg", "transformers-full")
@@ -136,22 +139,15 @@ def worker(system: str, checkpoint: str, export_dir: str, length: int, rounds: i
             with torch.no_grad():
                 return encoder(input_ids=tensors[0], attention_mask=tensors[1], return_dict=True)[0].numpy()
 
-    loaded_mb = _rss_mb("VmRSS")
+    loaded_mb = rss_mb("VmRSS")
     run()  # warm-up
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
         out = run()
         times.append(time.perf_counter() - start)
-    peak = _rss_mb("VmHWM")
+    peak = rss_mb("VmHWM")
     return dict(seconds=statistics.median(times), peak_rss_mb=peak, working_mb=peak - loaded_mb, rows=out.shape[1])
-
-
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_all(lengths: list[int], rounds: int) -> list[dict]:

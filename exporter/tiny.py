@@ -41,23 +41,26 @@ def _synthetic_corpus(num_lines: int, seed: int) -> list[str]:
 
 def train_pegasus_sentencepiece(out_dir: Path, vocab_size: int = 400, seed: int = 0) -> Path:
     """Train a unigram sentencepiece model with Pegasus' special-token ids; returns spiece.model."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = _synthetic_corpus(4000, seed)
+    return train_unigram_sentencepiece(out_dir, lines, vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+
+
+def train_unigram_sentencepiece(out_dir: Path, lines: list[str], vocab_size: int, **special_ids: int) -> Path:
+    """out_dir/spiece.model trained on lines, with the given pad/eos/unk/bos ids (-1: none)."""
     import sentencepiece as spm
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    corpus = out_dir / "corpus.txt"
-    corpus.write_text("\n".join(_synthetic_corpus(4000, seed)) + "\n")
+    corpus = out_dir / "_corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n")
     spm.SentencePieceTrainer.train(
         input=str(corpus),
         model_prefix=str(out_dir / "spiece"),
         vocab_size=vocab_size,
         model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
         character_coverage=1.0,
         num_threads=1,
         minloglevel=2,
+        **special_ids,
     )
     corpus.unlink()
     (out_dir / "spiece.vocab").unlink(missing_ok=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.progress import log
-from exporter.tiny import _synthetic_corpus
+from exporter.tiny import _synthetic_corpus, train_unigram_sentencepiece
 
 KINDS = ("bert2bert", "roberta2roberta", "bertgeneration")
 
@@ -103,25 +103,7 @@ def train_byte_level_bpe(out_dir: Path, vocab_size: int, seed: int):
 
 def train_sentencepiece(out_dir: Path, vocab_size: int, seed: int):
     """Unigram sentencepiece in bert_for_seq_generation's layout (pad 0, eos 1, bos 2, unk 3)."""
-    import sentencepiece as spm
-
-    corpus = out_dir / "_corpus.txt"
-    corpus.write_text("\n".join(_tokenizer_corpus(seed)) + "\n")
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(out_dir / "spiece"),
-        vocab_size=vocab_size,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        character_coverage=1.0,
-        num_threads=1,
-        minloglevel=2,
-    )
-    corpus.unlink()
-    (out_dir / "spiece.vocab").unlink(missing_ok=True)
+    train_unigram_sentencepiece(out_dir, _tokenizer_corpus(seed), vocab_size, pad_id=0, eos_id=1, bos_id=2, unk_id=3)
     return _load_saved(out_dir, {"tokenizer_class": "BertGenerationTokenizer"})
 
 

@@ -21,7 +21,7 @@ from exporter.tiny_encoder_decoder import TinyEncoderDecoderShape, build
 from graphs import contract
 from graphs.manifest import Manifest
 from runtime import Seq2SeqModel
-from tests.test_generate_parity import SETTINGS, torch_generate
+from tests.test_generate_parity import SETTINGS, assert_disagreements_are_fp32_ties, torch_generate
 
 torch.set_num_threads(1)
 logging.getLogger("ortseq").setLevel(logging.WARNING)
@@ -274,20 +274,10 @@ def test_without_attention_mask_pad_ids_are_attended_like_transformers(encdec, n
 def test_disagreements_are_fp32_ties_that_float64_decides_our_way(encdec, name, setting):
     """Sweep many inputs; wherever our tokens differ from transformers' fp32 tokens, float64 must agree
     with ours (see tests/test_generate_parity.py for why two fp32 implementations may differ on a tie)."""
-    import copy
-
     model = encdec(name)
     max_len = model.ours.manifest.dims.max_position_embeddings
-    torch64, disagreements = None, []
-    for seed in range(100):
-        ids, mask = padded_batch(model, [max_len, max_len // 2 + 1, 1], seed=seed)
-        got = model.ours.generate(ids, mask, **SETTINGS[setting])
-        if np.array_equal(got, torch_generate(model.torch_model, ids, mask, SETTINGS[setting])):
-            continue
-        torch64 = torch64 or copy.deepcopy(model.torch_model).double()
-        disagreements.append(seed)
-        np.testing.assert_array_equal(got, torch_generate(torch64, ids, mask, SETTINGS[setting]), f"seed {seed}")
-    assert len(disagreements) <= 2, f"too many fp32 ties to be chance: seeds {disagreements}"
+    batches = (padded_batch(model, [max_len, max_len // 2 + 1, 1], seed=seed) for seed in range(100))
+    assert_disagreements_are_fp32_ties(model.ours, model.torch_model, batches, SETTINGS[setting], max_ties=2)
 
 
 def test_encoder_narrower_than_decoder_projects_the_memory_like_transformers(tmp_path):
