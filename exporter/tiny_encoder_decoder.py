@@ -45,7 +45,7 @@ class TinyEncoderDecoderShape:
 # The defaults of `build` (the tiny-* aliases): EOS biases with which summaries of real text end at
 # varied, non-zero lengths (how strong a bias that takes depends on the LM head and tokenizer).
 DEFAULT_SHAPES = {
-    "bert2bert": TinyEncoderDecoderShape(eos_logit_bias=6.0),
+    "bert2bert": TinyEncoderDecoderShape(eos_logit_bias=4.0),
     "roberta2roberta": TinyEncoderDecoderShape(eos_logit_bias=2.0),
     "bertgeneration": TinyEncoderDecoderShape(eos_logit_bias=2.0),
 }
@@ -76,16 +76,28 @@ def _tokenizer_corpus(seed: int) -> list[str]:
 
 
 def train_wordpiece(out_dir: Path, vocab_size: int, seed: int):
-    """Uncased WordPiece in bert-base-uncased's layout; loads as transformers' BertTokenizer."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """Uncased WordPiece in bert-base-uncased's layout; loads as transformers' BertTokenizer.
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS)
-    tokenizer.train_from_iterator(_tokenizer_corpus(seed), trainer)
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    (out_dir / "vocab.txt").write_text("".join(f"{token}\n" for token, _ in vocab))
+    The vocab is built here rather than by tokenizers' WordPieceTrainer: that trainer breaks ties in
+    Rust hash-map order, so its vocab changed from process to process (and with it every tiny model's
+    inputs). Specials, then every character (alone and as a ##continuation), then the most frequent
+    words (ties by spelling): every word still splits into known pieces.
+    """
+    from collections import Counter
+
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(
+        word
+        for line in _tokenizer_corpus(seed)
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line))
+    )
+    chars = sorted({char for word in words for char in word})
+    vocab = [*BERT_SPECIALS, *chars, *(f"##{char}" for char in chars)]
+    frequent = sorted((word for word in words if len(word) > 1), key=lambda word: (-words[word], word))
+    vocab += frequent[: max(0, vocab_size - len(vocab))]
+    (out_dir / "vocab.txt").write_text("".join(f"{token}\n" for token in vocab))
     return _load_saved(out_dir, {"tokenizer_class": "BertTokenizer", "do_lower_case": True})
 
 
