@@ -22,7 +22,8 @@ NEG_LARGE = np.float32(-1.0e9)  # transformers' "very large negative" for beams 
 class StepFn(Protocol):
     def __call__(self, tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
         """tokens [rows] int64 (the newest token of every row), beam_idx [rows] int64 (the row of the
-        previous step each row continues) -> logits [rows, vocab] float32."""
+        previous step each row continues) -> logits [rows, vocab] float32. The search owns the
+        returned array until the next call and overwrites it (no 24 MB copies per step)."""
 
 
 @dataclass(frozen=True)
@@ -73,21 +74,54 @@ def _ban_repeated_ngrams(sequences: np.ndarray, scores: np.ndarray, n: int) -> N
     scores[rows[keep], banned[keep]] = -np.inf
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+def log_softmax_(logits: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """Log-probabilities in place of the float32 logits (as torch.log_softmax computes them).
+
+    In place, with a scratch buffer reused across steps: fresh 8 x 8 x 96k temporaries per step
+    cost more in page faults than the arithmetic itself.
+    """
+    logits -= logits.max(axis=-1, keepdims=True)
+    np.exp(logits, out=scratch)
+    logits -= np.log(scratch.sum(axis=-1, keepdims=True))
+    return logits
 
 
 def top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Largest k per row, best first (ties: lower index first), like torch.topk."""
-    if k < values.shape[1]:
-        candidates = np.argpartition(-values, k - 1, axis=1)[:, :k]
-    else:
-        candidates = np.broadcast_to(np.arange(values.shape[1]), values.shape)
-    picked = np.take_along_axis(values, candidates, axis=1)
-    order = np.lexsort((candidates, -picked), axis=1)
-    indices = np.take_along_axis(candidates, order, axis=1)
-    return np.take_along_axis(values, indices, axis=1), indices
+    width = values.shape[1]
+    if width <= _SORT_WHOLE_ROW:
+        indices = np.argsort(-values, axis=1, kind="stable")[:, :k]
+        return _rows(values, indices), indices
+    candidates = _best_block_members(values, k)  # the last block's overhang has indices >= width
+    picked = np.where(candidates < width, _rows(values, np.minimum(candidates, width - 1)), -np.inf)
+    order = np.lexsort((candidates, -picked), axis=1)[:, :k]
+    return _rows(picked, order).astype(values.dtype), _rows(candidates, order)
+
+
+_SORT_WHOLE_ROW = 512
+
+
+def _best_block_members(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of every element in the blocks whose maximum ranks in a row's top k (ties included).
+
+    Each of a row's k largest elements lies in such a block (a block holding one has a maximum at
+    least as large), so an exact top-k over these candidates equals one over the whole row. With
+    blocks of sqrt(width / k) columns both steps handle ~sqrt(width * k) values: for 8 beams x 96k
+    tokens that took ~10 ms per step where np.argpartition over the rows took ~100 ms.
+    """
+    rows, width = values.shape
+    block = max(1, int(np.sqrt(width / k)))
+    whole = width // block
+    maxima = values[:, : whole * block].reshape(rows, whole, block).max(axis=2)
+    if whole * block < width:
+        maxima = np.concatenate([maxima, values[:, whole * block :].max(axis=1, keepdims=True)], axis=1)
+    blocks = maxima.shape[1]
+    kth_best = np.partition(maxima, blocks - k, axis=1)[:, blocks - k, None]
+    needed = int((maxima >= kth_best).sum(axis=1).max())  # blocks tied with the k-th one come too
+    # the `needed` largest maxima of every row: all of its blocks that reach its k-th best maximum
+    chosen = np.argpartition(-maxima, needed - 1, axis=1)[:, :needed] if needed < blocks else np.arange(blocks)[None]
+    members = chosen[:, :, None] * block + np.arange(block)
+    return np.broadcast_to(members.reshape(chosen.shape[0], -1), (rows, needed * block))
 
 
 def greedy_search(step: StepFn, batch: int, settings: SearchSettings) -> np.ndarray:
@@ -97,7 +131,7 @@ def greedy_search(step: StepFn, batch: int, settings: SearchSettings) -> np.ndar
     rows = np.arange(batch, dtype=np.int64)
     while True:
         logits = step(sequences[:, -1], rows)
-        scores = process_scores(settings, sequences, np.array(logits, dtype=np.float32))
+        scores = process_scores(settings, sequences, logits)
         next_tokens = np.argmax(scores, axis=-1).astype(np.int64)
         next_tokens = np.where(unfinished, next_tokens, settings.pad_token_id)
         sequences = np.concatenate([sequences, next_tokens[:, None]], axis=1)
@@ -145,28 +179,33 @@ def beam_search(step: StepFn, batch: int, settings: SearchSettings) -> np.ndarra
     batch_offset = (np.arange(batch, dtype=np.int64) * beams)[:, None]
     beam_idx = np.arange(batch * beams, dtype=np.int64)
     cur_len = PROMPT_LEN
+    scratch = None
     while True:
         logits = step(state.running[:, :, cur_len - 1].reshape(-1), beam_idx)
-        log_probs = log_softmax(np.asarray(logits, dtype=np.float32))
+        if scratch is None:
+            scratch = np.empty_like(logits)
+        log_probs = log_softmax_(logits, scratch)
         log_probs = process_scores(settings, state.running[:, :, :cur_len].reshape(batch * beams, cur_len), log_probs)
         vocab = log_probs.shape[-1]
-        log_probs = (log_probs.reshape(batch, beams, vocab) + state.running_scores[:, :, None]).reshape(batch, -1)
+        log_probs = log_probs.reshape(batch, beams, vocab)
+        log_probs += state.running_scores[:, :, None]
+        log_probs = log_probs.reshape(batch, -1)
 
         # top-k continuations over all beams of an input
         topk_scores, topk_flat = top_k(log_probs, keep)
         from_beam = topk_flat // vocab
-        topk_running = np.take_along_axis(state.running, from_beam[:, :, None], axis=1)
+        topk_running = _rows(state.running, from_beam)
         topk_running[:, :, cur_len] = topk_flat % vocab
-        topk_indices = np.take_along_axis(state.running_beam_indices, from_beam[:, :, None], axis=1)
+        topk_indices = _rows(state.running_beam_indices, from_beam)
         topk_indices[:, :, cur_len - PROMPT_LEN] = from_beam + batch_offset
         ends = (topk_running[:, :, cur_len] == settings.eos_token_id) | (cur_len + 1 >= max_length)
 
         # live beams for the next step: the best candidates that did not end
         live_scores = topk_scores + ends.astype(np.float32) * NEG_LARGE
         _, pick = top_k(live_scores, beams)
-        state.running = np.take_along_axis(topk_running, pick[:, :, None], axis=1)
-        state.running_scores = np.take_along_axis(live_scores, pick, axis=1)
-        state.running_beam_indices = np.take_along_axis(topk_indices, pick[:, :, None], axis=1)
+        state.running = _rows(topk_running, pick)
+        state.running_scores = _rows(live_scores, pick)
+        state.running_beam_indices = _rows(topk_indices, pick)
 
         _update_finished(state, settings, topk_running, topk_scores, topk_indices, ends & top_beams, cur_len)
 
@@ -189,12 +228,12 @@ def _update_finished(state, settings, topk_running, topk_scores, topk_indices, j
 
     merged_scores = np.concatenate([state.scores, scores], axis=1)
     _, pick = top_k(merged_scores, settings.num_beams)
-    state.scores = np.take_along_axis(merged_scores, pick, axis=1)
+    state.scores = _rows(merged_scores, pick)
     merged = np.concatenate([state.sequences, topk_running], axis=1)
-    state.sequences = np.take_along_axis(merged, pick[:, :, None], axis=1)
+    state.sequences = _rows(merged, pick)
     merged_indices = np.concatenate([state.beam_indices, topk_indices], axis=1)
-    state.beam_indices = np.take_along_axis(merged_indices, pick[:, :, None], axis=1)
-    state.finished = np.take_along_axis(np.concatenate([state.finished, just_finished], axis=1), pick, axis=1)
+    state.beam_indices = _rows(merged_indices, pick)
+    state.finished = _rows(np.concatenate([state.finished, just_finished], axis=1), pick)
 
 
 def _update_improvable(state: _BeamState, settings: SearchSettings, cur_len: int) -> None:
@@ -214,3 +253,12 @@ def _final_sequences(state: _BeamState, settings: SearchSettings) -> np.ndarray:
     indices = state.beam_indices[:, :returned].reshape(-1, settings.max_length - PROMPT_LEN)
     generated = int((indices != -1).sum(axis=1).max())
     return sequences[:, : PROMPT_LEN + generated]
+
+
+def _rows(array: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """array[b, index[b, j], ...] for every input b: picks beams (or candidates) per input.
+
+    Plain fancy indexing: the same as np.take_along_axis on axis 1, several times cheaper per call,
+    which matters in a loop that runs once per generated token.
+    """
+    return array[np.arange(array.shape[0])[:, None], index]

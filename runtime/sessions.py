@@ -67,18 +67,44 @@ def _check_outputs(session: ort.InferenceSession, expected: list[str], directory
 
 
 class CpuDecoderStep:
-    """A StepFn over the decoder session; the past starts empty and grows by one token per call."""
+    """A StepFn over the decoder session; the past starts empty and grows by one token per call.
+
+    It runs through an IO binding so that nothing big crosses into numpy between steps: the cross
+    K/V stay bound for the whole search, each step's present K/V (ORT-owned) are bound as the next
+    step's past without a copy, and the logits land in one buffer allocated once. The returned
+    logits array is that buffer: the search may use it as scratch, the next call overwrites it.
+    """
 
     def __init__(self, sessions: EncoderDecoderSessions, memory: dict[str, np.ndarray], rows: int):
         dims = sessions.manifest.dims
         self._session = sessions.decoder
-        self._feeds = dict(memory)
         self._past_names = sessions.past_names
-        empty = np.zeros((rows, dims.decoder_heads, 0, dims.head_dim), dtype=np.float32)
-        self._past = dict.fromkeys(self._past_names, empty)
+        self._binding = self._session.io_binding()
+        self._inputs = dict(memory)  # bound arrays must outlive the binding's use of them
+        self._inputs.update(
+            dict.fromkeys(self._past_names, np.zeros((rows, dims.decoder_heads, 0, dims.head_dim), np.float32))
+        )
+        for name, array in self._inputs.items():
+            self._binding.bind_cpu_input(name, array)
+        self._logits = np.empty((rows, dims.vocab_size), dtype=np.float32)
+        self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
+        self._present_names = contract.present_names(sessions.layers)
 
     def __call__(self, tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
-        feeds = {**self._feeds, **self._past, "input_ids": tokens.reshape(-1, 1), "beam_idx": beam_idx}
-        logits, *presents = self._session.run(None, feeds)
-        self._past = dict(zip(self._past_names, presents))
-        return logits
+        self._inputs["input_ids"] = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1, 1)
+        self._inputs["beam_idx"] = np.ascontiguousarray(beam_idx, dtype=np.int64)
+        self._binding.bind_cpu_input("input_ids", self._inputs["input_ids"])
+        self._binding.bind_cpu_input("beam_idx", self._inputs["beam_idx"])
+        self._bind_outputs()
+        self._session.run_with_iobinding(self._binding)
+        presents = self._binding.get_outputs()[1:]
+        for name, present in zip(self._past_names, presents):
+            self._binding.bind_ortvalue_input(name, present)
+        return self._logits
+
+    def _bind_outputs(self) -> None:
+        """Logits into our buffer; presents freshly allocated by ORT (they grow, and the last ones are now the past)."""
+        self._binding.clear_binding_outputs()
+        self._binding.bind_ortvalue_output("logits", self._logits_value)
+        for name in self._present_names:
+            self._binding.bind_output(name, "cpu")

@@ -137,7 +137,8 @@ def _teacher_forced_logits(model: Seq2SeqModel, ids, mask, decoder_ids) -> np.nd
     memory = model.sessions.encode(ids, mask)
     step = model.sessions.decoder_step(memory, rows=ids.shape[0])
     rows = np.arange(ids.shape[0])
-    return np.stack([step(decoder_ids[:, i], rows) for i in range(decoder_ids.shape[1])], axis=1)
+    # copy: a step returns its logits buffer, which the next step overwrites
+    return np.stack([step(decoder_ids[:, i], rows).copy() for i in range(decoder_ids.shape[1])], axis=1)
 
 
 def test_attention_memory_is_linear_in_length():
