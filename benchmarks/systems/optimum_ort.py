@@ -2,7 +2,7 @@
 
 optimum needs transformers < 4.58, so this module runs in .venv-optimum: `prepare` calls itself
 there (`python -m benchmarks.systems.optimum_ort prepare ...`), and so does the worker.
-fp32 is optimum's default export (merged decoder); int8 quantizes an unmerged export (encoder,
+fp32 is optimum's default export (separate decoder and decoder-with-past here); int8 quantizes an unmerged export (encoder,
 decoder, decoder-with-past), because quantize_dynamic leaves the merged decoder's If branches alone.
 """
 
@@ -66,9 +66,7 @@ def load(model_dir: str, variant: str, threads: int):
     names = {}
     if variant != "fp32":
         names = {f"{g.replace('_model', '')}_file_name": f"{g}_quantized.onnx" for g in GRAPHS}
-    model = ORTModelForSeq2SeqLM.from_pretrained(
-        model_dir, session_options=options, use_merged=variant == "fp32", **names
-    )
+    model = ORTModelForSeq2SeqLM.from_pretrained(model_dir, session_options=options, use_merged=False, **names)
 
     def generate(ids, num_beams: int, new_tokens: int):
         out = model.generate(
