@@ -212,6 +212,10 @@ def build_beam_search_model(checkpoint: str | Path) -> onnx.ModelProto:
     opsets = [helper.make_opsetid("", onnx_export.OPSET), helper.make_opsetid("com.microsoft", 1)]
     model_proto = helper.make_model(graph, opset_imports=opsets, producer_name="ortseq")
     model_proto.ir_version = onnx_export.IR_VERSION
+    # the runner restores transformers' layout of finished rows (see runtime/beam_search_op.py)
+    onnx.helper.set_model_props(
+        model_proto, {"eos_token_id": str(tokens.eos_token_id), "pad_token_id": str(tokens.pad_token_id)}
+    )
     return model_proto
 
 

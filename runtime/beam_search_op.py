@@ -21,6 +21,8 @@ class BeamSearchOpModel:
 
     def __init__(self, session):
         self.session = session
+        tokens = session.get_modelmeta().custom_metadata_map
+        self.eos_token_id, self.pad_token_id = int(tokens["eos_token_id"]), int(tokens["pad_token_id"])
 
     @classmethod
     def load(cls, directory: str | Path, provider: str = "cpu", threads: int | None = None) -> BeamSearchOpModel:
@@ -56,4 +58,20 @@ class BeamSearchOpModel:
             "attention_mask": np.asarray(attention_mask, dtype=np.int32),
         }
         (sequences,) = self.session.run(["sequences"], feeds)
-        return sequences.reshape(-1, sequences.shape[-1]).astype(np.int64)
+        return as_transformers_layout(sequences.reshape(-1, sequences.shape[-1]), self.eos_token_id, self.pad_token_id)
+
+
+def as_transformers_layout(sequences: np.ndarray, eos_token_id: int, pad_token_id: int) -> np.ndarray:
+    """The op stores a finished hypothesis without its EOS and pads it with the pad id; transformers
+    keeps the EOS, fills the rest with `pad_token_id or eos_token_id` and trims to the longest row.
+    A hypothesis ends after its last non-pad token (a model that generates pad tokens last is ambiguous)."""
+    sequences = sequences.astype(np.int64)
+    rows, max_length = sequences.shape
+    generated = sequences[:, 1:] != pad_token_id
+    lengths = np.where(generated.any(axis=1), max_length - np.argmax(generated[:, ::-1], axis=1), 1)
+    fill = pad_token_id or eos_token_id
+    for row, length in enumerate(lengths):
+        if length < max_length:
+            sequences[row, length] = eos_token_id
+            sequences[row, length + 1 :] = fill
+    return sequences[:, : min(max_length, int(lengths.max()) + 1)]

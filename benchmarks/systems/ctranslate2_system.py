@@ -21,6 +21,7 @@ def prepare(model, variant: str) -> Path:
         return out
     from ctranslate2.converters import TransformersConverter
 
+    _pad_pegasus_vocabulary()
     print(f"[bench] converting {model.name} with CTranslate2 ({variant})", flush=True)
     source = model.cache / "ct2-source"  # the checkpoint's files, with the config fields added
     source.mkdir(parents=True, exist_ok=True)
@@ -35,6 +36,19 @@ def prepare(model, variant: str) -> Path:
     TransformersConverter(str(source)).convert(str(staging), quantization=quantization, force=True)
     staging.rename(out)
     return out
+
+
+def _pad_pegasus_vocabulary() -> None:
+    """The random xsum-shaped model borrows tiny-pegasus's 503-token tokenizer for a 96,103-row
+    embedding: name the rows past the tokenizer's, so that CTranslate2 accepts the vocabulary."""
+    from ctranslate2.converters import transformers as ct2
+
+    class PaddedPegasusLoader(ct2.PegasusLoader):
+        def get_vocabulary(self, model, tokenizer):
+            tokens = super().get_vocabulary(model, tokenizer)
+            return tokens + [f"<extra_{i}>" for i in range(model.config.vocab_size - len(tokens))]
+
+    ct2.register_loader("PegasusConfig")(PaddedPegasusLoader)
 
 
 def load(model_dir: str, variant: str, threads: int):
