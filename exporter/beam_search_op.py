@@ -138,8 +138,9 @@ def _decoder_subgraph(family, model, dims: ModelDims, forced_eos_token_id: int |
     return graph
 
 
-def _share_initializers(subgraphs: list[onnx.GraphProto], outer: onnx.GraphProto) -> None:
-    """Move every subgraph initializer into the outer graph, one copy per distinct tensor."""
+def _share_initializers(subgraphs: list[onnx.GraphProto], outer: list[TensorProto]) -> None:
+    """Move every subgraph initializer into the outer graph's list, one copy per distinct tensor
+    (before the subgraphs become node attributes: protobuf cannot hold a >2 GB attribute)."""
     by_content: dict[tuple, str] = {}
     for index, graph in enumerate(subgraphs):
         renamed: dict[str, str] = {}
@@ -151,7 +152,7 @@ def _share_initializers(subgraphs: list[onnx.GraphProto], outer: onnx.GraphProto
                 shared = TensorProto()
                 shared.CopyFrom(tensor)
                 shared.name = by_content[key]
-                outer.initializer.append(shared)
+                outer.append(shared)
             renamed[tensor.name] = by_content[key]
         del graph.initializer[:]
         _rename_inputs(graph, renamed)
@@ -178,6 +179,8 @@ def build_beam_search_model(checkpoint: str | Path) -> onnx.ModelProto:
     encoder = _encoder_subgraph(family, model, dims)
     log("beam-search graph: tracing the decoder subgraph")
     decoder = _decoder_subgraph(family, model, dims, forced_eos)
+    weights: list[TensorProto] = []
+    _share_initializers([encoder, decoder], weights)
 
     scalar_int = [1]
     inputs = [
@@ -207,8 +210,7 @@ def build_beam_search_model(checkpoint: str | Path) -> onnx.ModelProto:
         decoder=decoder,
     )
     output = helper.make_tensor_value_info("sequences", TensorProto.INT32, ["batch", "returned", "length"])
-    graph = helper.make_graph([node], "ortseq_beam_search", inputs, [output])
-    _share_initializers([encoder, decoder], graph)
+    graph = helper.make_graph([node], "ortseq_beam_search", inputs, [output], initializer=weights)
     opsets = [helper.make_opsetid("", onnx_export.OPSET), helper.make_opsetid("com.microsoft", 1)]
     model_proto = helper.make_model(graph, opset_imports=opsets, producer_name="ortseq")
     model_proto.ir_version = onnx_export.IR_VERSION
