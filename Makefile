@@ -38,8 +38,15 @@ test: setup
 test-full: setup
 	$(PY) -m pytest -q
 
-bench: setup
-	$(PY) benchmarks/bench.py
+# every system of issue 5 on the same workload; BENCH_ARGS narrows it (see benchmarks/bench.py --help)
+bench: setup .venv-optimum/.installed
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# optimum needs transformers < 4.58: its own venv, used only by benchmarks/systems/optimum_ort.py
+.venv-optimum/.installed:
+	python3 -m venv .venv-optimum
+	.venv-optimum/bin/pip install -q "torch==2.13.0" "transformers<4.58" "optimum-onnx[onnxruntime]" sentencepiece protobuf
+	touch $@
 
 # LSG encoder at 1024/2048/4096 tokens: ours vs the reference code (its own pinned venv) vs full attention
 bench-lsg: setup

@@ -32,10 +32,14 @@ def export_graph(
     external_data=None decides by size: weights over 1 GiB go to `<name>.data` beside the graph.
     finalize, if given, edits the traced model before it is saved (e.g. adds a custom op's function).
     """
-    path = Path(path)
     model = trace_to_proto(module, args, input_names, output_names, dynamic_axes)
     if finalize is not None:
         finalize(model)
+    return save_proto(model, Path(path), external_data)
+
+
+def save_proto(model: onnx.ModelProto, path: Path, external_data: bool | None = None) -> list[str]:
+    """Save model to path; returns the names of the files written (graph, maybe `<name>.data`)."""
     weight_bytes = sum(_tensor_bytes(t) for t in model.graph.initializer)
     if external_data is None:
         external_data = weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES

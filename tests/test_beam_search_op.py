@@ -1,0 +1,42 @@
+"""The single-graph BeamSearch-op export returns what ortseq's own search loop returns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from exporter.beam_search_op import BEAM_SEARCH_FILE, export_beam_search_graph
+from runtime import Seq2SeqModel
+from runtime.beam_search_op import BeamSearchOpModel
+from tests.test_generate_parity import padded_batch
+
+# Settings whose semantics the op shares with transformers (and so with ortseq); forced EOS is done
+# by our decoder subgraph. no_repeat_ngram_size and early_stopping are fixed in the graph (0, False).
+SETTINGS = {
+    "greedy_exact_64": dict(num_beams=1, max_new_tokens=64, min_new_tokens=64),
+    "greedy_min_new_tokens": dict(num_beams=1, max_new_tokens=30, min_new_tokens=5),
+    "beam8_exact_64": dict(num_beams=8, max_new_tokens=64, min_new_tokens=64, length_penalty=0.6),
+    "beam4_lp1": dict(num_beams=4, max_new_tokens=40, length_penalty=1.0),
+    "beam8_lp2": dict(num_beams=8, max_new_tokens=20, length_penalty=2.0),
+    "beam4_return3": dict(num_beams=4, max_new_tokens=24, num_return_sequences=3, length_penalty=0.6),
+}
+
+
+@pytest.fixture(scope="module")
+def both(exported, tmp_path_factory):
+    model = exported("base")
+    directory = tmp_path_factory.mktemp("beam_search_op")
+    export_beam_search_graph(model.checkpoint, directory / BEAM_SEARCH_FILE)
+    return BeamSearchOpModel.load(directory, threads=1), Seq2SeqModel.load(model.export_dir, threads=1)
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_beam_search_op_matches_ortseq_loop_on_padded_batch(both, name):
+    op, loop = both
+    ids, mask = padded_batch(loop.manifest.dims.vocab_size, [40, 17, 29], seed=3)
+    settings = {"length_penalty": 1.0, "min_new_tokens": 0} | SETTINGS[name]
+    expected = loop.generate(ids, mask, **settings)
+    got = op.generate(ids, mask, **settings)
+    np.testing.assert_array_equal(got, expected)
+    ended = (expected[:, 1:] == loop.manifest.special_tokens.eos_token_id).any(axis=1)
+    assert name.endswith("64") or ended.any(), "the case should exercise finished hypotheses"
