@@ -64,7 +64,9 @@ def _serve(args: argparse.Namespace) -> int:
     from runtime.serving.batcher import BatchingConfig
     from runtime.serving.schema import RequestLimits
 
-    options = ServerOptions(args.host, args.port, args.provider, args.threads, args.graceful_timeout)
+    options = ServerOptions(
+        args.host, args.port, args.provider, args.threads, args.graceful_timeout, args.max_connections
+    )
     limits = RequestLimits(args.max_inputs, args.max_input_tokens, args.max_num_beams)
     batching = BatchingConfig(args.max_batch_size, args.max_wait_ms, args.max_queue)
     serve(args.export_dir, options, limits, batching)
@@ -128,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-inputs", type=int, default=16, help="inputs per request (at most --max-batch-size)")
     serve.add_argument("--max-input-tokens", type=int, help="tokens per input (default: the model's maximum)")
     serve.add_argument("--max-num-beams", type=int, default=8, help="largest num_beams a request may ask for")
+    serve.add_argument("--max-connections", type=int, default=256, help="concurrent connections; more get 503")
     serve.add_argument("--graceful-timeout", type=float, default=60.0, help="seconds to finish requests on SIGTERM")
     serve.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")

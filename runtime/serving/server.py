@@ -24,6 +24,7 @@ class ServerOptions:
     provider: str = "cpu"
     threads: int | None = None
     graceful_timeout_s: float = 60.0  # on SIGTERM, in-flight requests get this long to finish
+    max_connections: int = 256  # more concurrent connections get uvicorn's plain 503: bounds unqueued bodies too
 
 
 def serve(export_dir: Path, options: ServerOptions, limits: RequestLimits, batching: BatchingConfig) -> None:
@@ -35,6 +36,7 @@ def serve(export_dir: Path, options: ServerOptions, limits: RequestLimits, batch
         host=options.host,
         port=options.port,
         timeout_graceful_shutdown=options.graceful_timeout_s,
+        limit_concurrency=options.max_connections,
         log_level="info",
         access_log=False,
     )
