@@ -116,11 +116,15 @@ def client(model):
         yield client
 
 
-def wait_until_ready(readyz_status, timeout_s: float = 60) -> None:
+def wait_until(condition, what: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
-    while readyz_status() != 200:
-        assert time.monotonic() < deadline, "the server did not become ready"
-        time.sleep(0.05)
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
+def wait_until_ready(readyz_status) -> None:
+    wait_until(lambda: readyz_status() == 200, "the server is ready")
 
 
 def test_summarize_returns_the_python_api_summaries_and_token_counts(client, model):
@@ -227,8 +231,7 @@ def test_a_full_queue_gets_503_with_retry_after(model):
         wait_until_ready(lambda: client.get("/readyz").status_code)
         waiting = threading.Thread(target=client.post, args=("/v1/summarize",), kwargs={"json": {"inputs": ["a"]}})
         waiting.start()  # sits in the queue for max_wait_ms, hoping for company
-        while app.state.metrics.registry.get_sample_value("ortseq_queue_depth") != 1:
-            time.sleep(0.01)
+        wait_until(lambda: app.state.metrics.registry.get_sample_value("ortseq_queue_depth") == 1, "it is queued")
         response = client.post("/v1/summarize", json={"inputs": ["b"], "parameters": {"num_beams": 2}})
         waiting.join()
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
@@ -282,8 +285,7 @@ def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(exported):
         answer: dict = {}
         slow = threading.Thread(target=lambda: answer.update(zip(("status", "body"), post(port, SLOW_REQUEST))))
         slow.start()
-        while metric(port, "ortseq_running_batch_rows") == 0:
-            time.sleep(0.01)  # wait until the slow request runs
+        wait_until(lambda: metric(port, "ortseq_running_batch_rows") > 0, "the slow request runs")
         process.send_signal(signal.SIGTERM)
         slow.join(timeout=120)
         assert process.wait(timeout=60) == 0, process.stdout.read()
@@ -299,18 +301,15 @@ def test_a_client_that_disconnects_while_queued_costs_no_generate_call(exported)
     try:
         slow = threading.Thread(target=post, args=(port, SLOW_REQUEST))
         slow.start()
-        while metric(port, "ortseq_running_batch_rows") == 0:
-            time.sleep(0.01)  # the worker is busy with the slow request
+        wait_until(lambda: metric(port, "ortseq_running_batch_rows") > 0, "the slow request runs")
         body = json.dumps({"inputs": ["a text that nobody will read"]}).encode()
         with socket.create_connection(("127.0.0.1", port)) as leaving:
             leaving.sendall(
                 b"POST /v1/summarize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
             )
-            while metric(port, "ortseq_queue_depth") == 0:
-                time.sleep(0.01)  # queued behind the slow request
-        while metric(port, 'ortseq_errors_total{kind="client_disconnected"}') == 0:
-            time.sleep(0.01)
+            wait_until(lambda: metric(port, "ortseq_queue_depth") == 1, "it is queued behind the slow request")
+        wait_until(lambda: metric(port, 'ortseq_errors_total{kind="client_disconnected"}') == 1, "it is withdrawn")
         assert metric(port, "ortseq_queue_depth") == 0  # withdrawn at once, not when the worker gets to it
         assert metric(port, "ortseq_running_batch_rows") == len(SLOW_REQUEST["inputs"])  # still the slow one
         slow.join(timeout=120)
