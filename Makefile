@@ -4,7 +4,7 @@ ORTSEQ  := .venv/bin/ortseq
 MODEL   ?= tiny-pegasus
 EXPORTS ?= exports
 
-.PHONY: all demo setup export generate test test-full bench bench-lsg lint lsg-golden clean
+.PHONY: all demo setup export generate serve loadtest bundle bench-bundle test test-full bench bench-lsg lint lsg-golden clean
 
 all: demo
 
@@ -13,7 +13,7 @@ setup: .venv/.installed .venv-hf4/.installed
 # torch is pinned in the same pip call, or pip pulls the multi-GB CUDA build
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
-	.venv/bin/pip install -q "torch==2.13.0" -e ".[export,bench,dev]"
+	.venv/bin/pip install -q "torch==2.13.0" -e ".[export,serve,bench,dev]"
 	touch $@
 
 # transformers 4.x, only to check our tokenizer against its slow (sentencepiece) PegasusTokenizer
@@ -31,6 +31,27 @@ demo: setup  ## the main job: export the embedded default model and summarize wi
 
 export: setup
 	$(ORTSEQ) export $(MODEL) --out $(EXPORTS)/$(MODEL)
+
+# HTTP server (README "Serving"): make serve MODEL=tiny-pegasus PORT=8080
+PORT    ?= 8080
+serve: setup
+	test -f $(EXPORTS)/$(MODEL)/manifest.json || $(ORTSEQ) export $(MODEL) --out $(EXPORTS)/$(MODEL)
+	$(ORTSEQ) serve $(EXPORTS)/$(MODEL) --host 127.0.0.1 --port $(PORT)
+
+# loopback load test against tiny-pegasus: dynamic batching vs batch size 1 (benchmarks/results/load_test.*)
+loadtest: setup
+	$(PY) benchmarks/load_test.py
+
+# edge bundle (README "Edge bundle"): make bundle MODEL=tiny-pegasus -> bundles/tiny-pegasus
+bundle: setup
+	test -f $(EXPORTS)/$(MODEL)/manifest.json || $(ORTSEQ) export $(MODEL) --out $(EXPORTS)/$(MODEL)
+	$(ORTSEQ) bundle $(EXPORTS)/$(MODEL) --out bundles/$(MODEL)
+
+# bundle size and peak RSS of one summarize call, for any export dir: make bench-bundle EXPORT=exports/x
+EXPORT  ?= $(EXPORTS)/$(MODEL)
+bench-bundle: setup
+	test -f $(EXPORT)/manifest.json || $(ORTSEQ) export $(MODEL) --out $(EXPORT)
+	$(PY) benchmarks/bench_bundle.py $(EXPORT)
 
 test: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -1,4 +1,5 @@
-"""The `ortseq` command line: export (needs the [export] extra) and generate (runtime only)."""
+"""The `ortseq` command line: export (needs the [export] extra), generate and bundle (runtime only), serve
+(needs the [serve] extra)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,32 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from runtime.serving.server import ServerOptions, serve
+    except ImportError as exc:
+        raise InvalidInputError(
+            f"`ortseq serve` needs the serving dependencies ({exc.name} is missing): pip install -e '.[serve]'"
+        ) from exc
+    from runtime.serving.batcher import BatchingConfig
+    from runtime.serving.schema import RequestLimits
+
+    options = ServerOptions(
+        args.host, args.port, args.provider, args.threads, args.graceful_timeout, args.max_connections
+    )
+    limits = RequestLimits(args.max_inputs, args.max_input_tokens, args.max_num_beams)
+    batching = BatchingConfig(args.max_batch_size, args.max_wait_ms, args.max_queue)
+    serve(args.export_dir, options, limits, batching)
+    return 0
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from runtime.bundle import make_bundle
+
+    make_bundle(args.export_dir, args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ortseq", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
@@ -91,6 +118,29 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     generate.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     generate.set_defaults(run=_generate)
+
+    serve = commands.add_parser("serve", help="serve an export directory over HTTP (needs the [serve] extra)")
+    serve.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    serve.add_argument("export_dir")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--max-batch-size", type=int, default=16, help="most inputs merged into one generate call")
+    serve.add_argument("--max-wait-ms", type=float, default=10.0, help="longest a request waits for others to join")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting; more get 503 + Retry-After")
+    serve.add_argument("--max-inputs", type=int, default=16, help="inputs per request (at most --max-batch-size)")
+    serve.add_argument("--max-input-tokens", type=int, help="tokens per input (default: the model's maximum)")
+    serve.add_argument("--max-num-beams", type=int, default=8, help="largest num_beams a request may ask for")
+    serve.add_argument("--max-connections", type=int, default=256, help="concurrent connections; more get 503")
+    serve.add_argument("--graceful-timeout", type=float, default=60.0, help="seconds to finish requests on SIGTERM")
+    serve.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    serve.set_defaults(run=_serve)
+
+    bundle = commands.add_parser("bundle", help="a self-contained folder to summarize with on another machine")
+    bundle.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    bundle.add_argument("export_dir")
+    bundle.add_argument("--out", required=True, help="bundle directory to create (replaced only when complete)")
+    bundle.set_defaults(run=_bundle)
     return parser
 
 

@@ -71,11 +71,7 @@ class Seq2SeqModel:
 
     def summarize(self, texts: list[str], batch_size: int | None = None, **generate_kwargs) -> list[str]:
         """Summaries of texts, one per text (num_return_sequences per text when asked)."""
-        if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
-            raise InvalidInputError("texts must be a list of strings")
-        for index, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                raise InvalidInputError(f"text {index} is empty or only whitespace: there is nothing to summarize")
+        check_texts(texts)
         if batch_size is not None and batch_size < 1:
             raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
         self.settings(**generate_kwargs)  # reject bad settings before any work
@@ -168,6 +164,15 @@ class Seq2SeqModel:
         if not np.isin(attention_mask, (0, 1)).all() or not attention_mask.any(axis=1).all():
             raise InvalidInputError("attention_mask must be 0/1 with at least one 1 per row")
         return input_ids, attention_mask
+
+
+def check_texts(texts) -> None:
+    """A list of non-blank strings, or InvalidInputError naming the first bad one."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+        raise InvalidInputError("texts must be a list of strings")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInputError(f"text {index} is empty or only whitespace: there is nothing to summarize")
 
 
 def _check_int(name: str, value, minimum: int) -> None:

@@ -8,6 +8,7 @@ clean-up of spaces before punctuation.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,13 @@ logger = logging.getLogger("ortseq")
 
 
 class TextTokenizer:
+    """Thread-safe: the tokenizers object keeps its truncation setting as mutable state, and mutating it
+    while another thread encodes or decodes fails ("Already borrowed"), so every use takes one lock."""
+
     def __init__(self, directory: Path, info: TokenizerInfo, pad_token_id: int):
         self._tokenizer = Tokenizer.from_file(str(Path(directory) / info.file))
         self._tokenizer.no_padding()
+        self._lock = threading.Lock()
         self.info = info
         self.pad_token_id = pad_token_id
         self._warned_truncation = False
@@ -29,24 +34,34 @@ class TextTokenizer:
     def encode(self, texts: list[str], max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Batch-encode, right-padded with the pad id; over-long texts are cut to max_length tokens
         the way transformers' truncation=True cuts them (room kept for the special tokens)."""
-        self._tokenizer.enable_truncation(max_length or self.info.model_max_length)
-        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=self.info.add_special_tokens)
+        return self.pad(self.token_ids(texts, max_length or self.info.model_max_length))
+
+    def token_ids(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+        """The ids of each text; with max_length, over-long texts are truncated (one warning), without, never."""
+        with self._lock:
+            if max_length is None:
+                self._tokenizer.no_truncation()
+            else:
+                self._tokenizer.enable_truncation(max_length)
+            encodings = self._tokenizer.encode_batch(texts, add_special_tokens=self.info.add_special_tokens)
         if any(encoding.overflowing for encoding in encodings) and not self._warned_truncation:
-            logger.warning(
-                "an input was longer than %d tokens: truncated to the model's maximum",
-                max_length or self.info.model_max_length,
-            )
+            logger.warning("an input was longer than %d tokens: truncated to the model's maximum", max_length)
             self._warned_truncation = True
-        width = max(len(encoding.ids) for encoding in encodings)
-        input_ids = np.full((len(encodings), width), self.pad_token_id, dtype=np.int64)
-        attention_mask = np.zeros((len(encodings), width), dtype=np.int64)
-        for row, encoding in enumerate(encodings):
-            input_ids[row, : len(encoding.ids)] = encoding.ids
-            attention_mask[row, : len(encoding.ids)] = 1
+        return [encoding.ids for encoding in encodings]
+
+    def pad(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """input_ids and attention_mask of rows of ids, right-padded with the pad id to the longest."""
+        width = max(len(row) for row in rows)
+        input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(rows), width), dtype=np.int64)
+        for index, row in enumerate(rows):
+            input_ids[index, : len(row)] = row
+            attention_mask[index, : len(row)] = 1
         return input_ids, attention_mask
 
     def decode(self, ids: np.ndarray) -> list[str]:
-        texts = self._tokenizer.decode_batch([list(map(int, row)) for row in ids], skip_special_tokens=True)
+        with self._lock:
+            texts = self._tokenizer.decode_batch([list(map(int, row)) for row in ids], skip_special_tokens=True)
         if self.info.strip_decoded_text:  # before the clean-up, in the order transformers' slow tokenizers do it
             texts = [text.strip() for text in texts]
         if self.info.clean_up_tokenization_spaces:

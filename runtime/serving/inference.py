@@ -1,0 +1,32 @@
+"""Token rows in, summaries out: what the worker thread that owns the model runs for one merged batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.model import Seq2SeqModel
+
+
+@dataclass
+class Summary:
+    text: str
+    input_tokens: int
+    output_ids: list[int]  # generated ids after the start token, up to and including the first end token
+
+
+def summarize_rows(model: Seq2SeqModel, generate_kwargs: dict, rows: list[list[int]]) -> list[Summary]:
+    """One generate call over rows of token ids (padded to the longest), one Summary per row."""
+    input_ids, attention_mask = model.tokenizer.pad(rows)
+    output = model.generate(input_ids, attention_mask, **generate_kwargs)
+    texts = model.tokenizer.decode(output)
+    eos = model.manifest.special_tokens.eos_token_id
+    return [Summary(text, len(row), generated_ids(ids, eos)) for text, row, ids in zip(texts, rows, output)]
+
+
+def generated_ids(output_row: np.ndarray, eos_token_id: int) -> list[int]:
+    """The tokens a row generated: after the start token, up to the first end token (kept). Rows that
+    finished early are filled after it (with pad or end ids) only because the batch is a rectangle."""
+    ids = [int(token) for token in output_row[1:]]
+    return ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids

@@ -1,0 +1,101 @@
+"""What a client may send and gets back, and the per-request limits the server enforces.
+
+Types and unknown fields are checked by pydantic (strict: "3" is not an integer, unknown parameters are
+refused); the ranges of generation settings are checked in one place, `Seq2SeqModel.settings()`, which
+the CLI and the Python API use too. Only limits that exist because many clients share one server
+(inputs per request, input tokens, beams) live here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from runtime.errors import InvalidInputError
+from runtime.model import Seq2SeqModel, check_texts
+from runtime.search import SearchSettings
+
+
+class GenerationParameters(BaseModel):
+    """Generation settings; any left out take the model's generation defaults (as `ortseq generate`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    num_beams: int | None = Field(None, description="beams (1 = greedy)")
+    max_new_tokens: int | None = Field(None, description="most tokens to generate")
+    min_new_tokens: int | None = Field(None, description="fewest tokens before the end token is allowed")
+    length_penalty: float | None = Field(None, description="beam score exponent on length, as in transformers")
+    no_repeat_ngram_size: int | None = Field(None, description="forbid repeating n-grams of this size (0 = off)")
+    early_stopping: bool | Literal["never"] | None = Field(None, description="beam search stopping rule")
+
+
+class SummarizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    inputs: list[str] = Field(min_length=1, description="texts to summarize, one summary each")
+    parameters: GenerationParameters = Field(default_factory=GenerationParameters)
+
+
+class SummarizeResponse(BaseModel):
+    summaries: list[str] = Field(description="one summary per input, in order")
+    input_tokens: list[int] = Field(description="tokens of each input, special tokens included")
+    output_tokens: list[int] = Field(description="tokens generated for each input, the end token included")
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="what kind of error: invalid_json, invalid_request, queue_full, ...")
+    message: str = Field(description="what went wrong and what to change")
+    fields: list[str] = Field(default_factory=list, description="one line per offending field, if any")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Per-request limits. max_input_tokens None means the model's maximum input length."""
+
+    max_inputs: int = 16
+    max_input_tokens: int | None = None
+    max_num_beams: int = 8
+
+    def resolved(self, model: Seq2SeqModel) -> RequestLimits:
+        """These limits with max_input_tokens filled in and checked against what the model accepts."""
+        model_max = min(model.tokenizer.info.model_max_length, model.manifest.dims.max_position_embeddings)
+        tokens = model_max if self.max_input_tokens is None else self.max_input_tokens
+        if not 1 <= tokens <= model_max:
+            raise InvalidInputError(f"max_input_tokens must lie in [1, {model_max}] for this model, got {tokens}")
+        if self.max_inputs < 1 or self.max_num_beams < 1:
+            raise InvalidInputError("max_inputs and max_num_beams must be at least 1")
+        return RequestLimits(self.max_inputs, tokens, self.max_num_beams)
+
+
+def checked_settings(request: SummarizeRequest, model: Seq2SeqModel, limits: RequestLimits) -> SearchSettings:
+    """The request's resolved generation settings, or InvalidInputError saying what to change."""
+    if len(request.inputs) > limits.max_inputs:
+        raise InvalidInputError(
+            f"{len(request.inputs)} inputs in one request; this server takes at most {limits.max_inputs}: "
+            "split them over several requests"
+        )
+    check_texts(request.inputs)
+    settings = model.settings(**generation_kwargs(request))
+    if settings.num_beams > limits.max_num_beams:
+        raise InvalidInputError(f"num_beams is {settings.num_beams}; this server allows at most {limits.max_num_beams}")
+    return settings
+
+
+def check_input_lengths(lengths: list[int], limits: RequestLimits) -> None:
+    too_long = [(index, length) for index, length in enumerate(lengths) if length > limits.max_input_tokens]
+    if too_long:
+        listed = ", ".join(f"input {index} has {length}" for index, length in too_long)
+        raise InvalidInputError(
+            f"inputs longer than this server's limit of {limits.max_input_tokens} tokens ({listed}): shorten them"
+        )
+
+
+def generation_kwargs(request: SummarizeRequest) -> dict:
+    """The parameters the client set, as keyword arguments of Seq2SeqModel.generate."""
+    return request.parameters.model_dump(exclude_none=True)

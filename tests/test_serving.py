@@ -1,0 +1,341 @@
+"""`ortseq serve`: dynamic batching, the HTTP API and its errors, overload, disconnects, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from runtime import Seq2SeqModel
+from runtime.serving.app import create_app
+from runtime.serving.batcher import BatchingConfig, DynamicBatcher, QueueFullError
+from runtime.serving.inference import summarize_rows
+from runtime.serving.metrics import ServingMetrics
+from runtime.serving.schema import RequestLimits
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXTS = [
+    "The city council said the new river bridge will open next year after the election.",
+    "Police said the museum was closed on Sunday.",
+    "Water reached the station.",
+    "The minister reported that the bridge, the museum and the station will all reopen in spring, "
+    "after the river has gone back down and engineers have checked every building near it.",
+]
+# A request that keeps the worker busy for seconds on a tiny model: 8 inputs x 8 beams x 200 tokens.
+SLOW_REQUEST = {"inputs": TEXTS * 2, "parameters": {"num_beams": 8, "max_new_tokens": 200, "min_new_tokens": 200}}
+
+
+@pytest.fixture(scope="module")
+def model(exported) -> Seq2SeqModel:
+    return Seq2SeqModel.load(exported("base").export_dir)
+
+
+def sample(metrics: ServingMetrics, name: str, **labels) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def random_rows(model: Seq2SeqModel, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    eos = model.manifest.special_tokens.eos_token_id
+    return [[*map(int, rng.integers(3, model.manifest.dims.vocab_size, size=n - 1)), eos] for n in lengths]
+
+
+async def run_jobs(model, config: BatchingConfig, jobs: list[tuple[dict, list[list[int]]]], cancel: set[int] = ()):
+    """Submit every job before the batcher starts (so they are all queued together), cancel some, run."""
+    metrics = ServingMetrics()
+    batcher = DynamicBatcher(lambda kwargs, rows: summarize_rows(model, kwargs, rows), config, metrics)
+    futures = [batcher.submit(model.settings(**kwargs), kwargs, rows) for kwargs, rows in jobs]
+    for index in cancel:
+        futures[index].cancel()
+    batcher.start()
+    results = await asyncio.gather(*(f for i, f in enumerate(futures) if i not in cancel))
+    await batcher.close()
+    return results, metrics
+
+
+@pytest.mark.parametrize("kwargs", [{"num_beams": 1, "max_new_tokens": 24}, {"num_beams": 4, "max_new_tokens": 24}])
+def test_batched_requests_get_exactly_the_tokens_they_get_alone(model, kwargs):
+    positions = model.manifest.dims.max_position_embeddings
+    lengths = [[1, positions], [7], [positions // 2, 3, 30], [12]]  # requests of 2, 1, 3 and 1 rows
+    jobs = [(kwargs, random_rows(model, request, seed=i)) for i, request in enumerate(lengths)]
+    results, metrics = asyncio.run(run_jobs(model, BatchingConfig(max_batch_size=16, max_wait_ms=0), jobs))
+    assert sample(metrics, "ortseq_batch_size_count") == 1  # all seven rows ran in one generate call
+    assert sample(metrics, "ortseq_batch_size_sum") == 7
+    for (_, rows), summaries in zip(jobs, results):
+        assert len(summaries) == len(rows)
+        for row, summary in zip(rows, summaries):
+            alone = summarize_rows(model, kwargs, [row])[0]
+            assert summary.output_ids == alone.output_ids and summary.text == alone.text
+            assert summary.input_tokens == len(row)
+
+
+def test_only_requests_with_equal_settings_are_merged_and_batches_stay_bounded(model):
+    greedy, beams = {"num_beams": 1, "max_new_tokens": 8}, {"num_beams": 2, "max_new_tokens": 8}
+    jobs = [(greedy, random_rows(model, [5], seed=i)) for i in range(5)] + [(beams, random_rows(model, [6, 9]))]
+    results, metrics = asyncio.run(run_jobs(model, BatchingConfig(max_batch_size=2, max_wait_ms=0), jobs))
+    assert sample(metrics, "ortseq_batch_size_count") == 4  # greedy 2 + 2 + 1 rows, beams 2 rows
+    assert sample(metrics, "ortseq_batch_size_bucket", le="2.0") == 4
+    for (kwargs, rows), summaries in zip(jobs, results):
+        assert [s.output_ids for s in summaries] == [s.output_ids for s in summarize_rows(model, kwargs, rows)]
+
+
+def test_a_withdrawn_request_is_dropped_before_it_runs(model):
+    kwargs = {"num_beams": 1, "max_new_tokens": 8}
+    jobs = [(kwargs, random_rows(model, [5], seed=i)) for i in range(3)]
+    _, metrics = asyncio.run(run_jobs(model, BatchingConfig(max_wait_ms=0), jobs, cancel={1}))
+    assert sample(metrics, "ortseq_batch_size_sum") == 2
+
+
+def test_a_full_queue_refuses_work_instead_of_growing(model):
+    async def fill() -> None:
+        batcher = DynamicBatcher(lambda kwargs, rows: [], BatchingConfig(max_queue=2), ServingMetrics())
+        for _ in range(2):
+            batcher.submit(model.settings(), {}, [[5, 1]])
+        with pytest.raises(QueueFullError):
+            batcher.submit(model.settings(), {}, [[5, 1]])
+
+    asyncio.run(fill())
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    with TestClient(create_app(model, RequestLimits(max_inputs=4, max_input_tokens=40))) as client:
+        wait_until_ready(lambda: client.get("/readyz").status_code)
+        yield client
+
+
+def wait_until(condition, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
+def wait_until_ready(readyz_status) -> None:
+    wait_until(lambda: readyz_status() == 200, "the server is ready")
+
+
+def test_summarize_returns_the_python_api_summaries_and_token_counts(client, model):
+    parameters = {"num_beams": 3, "max_new_tokens": 12, "no_repeat_ngram_size": 2, "length_penalty": 0.6}
+    response = client.post("/v1/summarize", json={"inputs": TEXTS[:3], "parameters": parameters})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["summaries"] == model.summarize(TEXTS[:3], batch_size=1, **parameters)
+    assert body["input_tokens"] == [len(ids) for ids in model.tokenizer.token_ids(TEXTS[:3])]
+    assert all(1 <= n <= 12 for n in body["output_tokens"])
+
+
+@pytest.mark.parametrize(
+    "body, status, says",
+    [
+        ('{"inputs": ["a"', 400, "not valid JSON"),
+        ('["a text"]', 422, "valid dictionary"),
+        ('{"texts": ["a"]}', 422, "texts: unknown field; allowed: inputs, parameters"),
+        ('{"inputs": "a text"}', 422, "inputs: Input should be a valid list"),
+        ('{"inputs": [1]}', 422, "inputs.0: Input should be a valid string"),
+        ('{"inputs": []}', 422, "inputs: List should have at least 1 item"),
+        ('{"inputs": ["a", "b", "c", "d", "e"]}', 422, "5 inputs in one request; this server takes at most 4"),
+        ('{"inputs": ["   "]}', 422, "text 0 is empty or only whitespace"),
+        ('{"inputs": ["ok", "' + "word " * 60 + '"]}', 422, "limit of 40 tokens (input 1 has "),
+        ('{"inputs": ["a"], "parameters": {"beams": 2}}', 422, "parameters.beams: unknown field; allowed: num_beams"),
+        ('{"inputs": ["a"], "parameters": {"num_beams": "2"}}', 422, "parameters.num_beams: Input should be a valid integer"),
+        ('{"inputs": ["a"], "parameters": {"num_beams": 0}}', 422, "num_beams must be an integer of at least 1, got 0"),
+        ('{"inputs": ["a"], "parameters": {"num_beams": 9}}', 422, "num_beams is 9; this server allows at most 8"),
+        ('{"inputs": ["a"], "parameters": {"max_new_tokens": 100000}}', 422, "decoder positions allow"),
+        ('{"inputs": ["a"], "parameters": {"max_new_tokens": 2, "min_new_tokens": 5}}', 422, "min_new_tokens (5)"),
+        ('{"inputs": ["a"], "parameters": {"early_stopping": "soon"}}', 422, "parameters.early_stopping"),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_4xx_with_a_json_error_that_says_what_to_fix(client, body, status, says):
+    response = client.post("/v1/summarize", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert says in response.json()["error"]["message"], response.json()
+
+
+def test_bodies_over_the_size_limit_are_refused_unread(client):
+    response = client.post("/v1/summarize", json={"inputs": ["x" * (1 << 20)]})
+    assert response.status_code == 413 and response.json()["error"]["type"] == "too_large"
+
+
+def test_openapi_schema_lists_the_endpoints_and_forbids_unknown_parameters(client):
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/summarize", "/healthz", "/readyz", "/metrics"} <= set(schema["paths"])
+    components = schema["components"]["schemas"]
+    request_ref = schema["paths"]["/v1/summarize"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert request_ref["$ref"].endswith("/SummarizeRequest")
+    assert set(components["SummarizeRequest"]["properties"]) == {"inputs", "parameters"}
+    assert components["SummarizeRequest"]["additionalProperties"] is False
+    parameters = components["GenerationParameters"]
+    assert parameters["additionalProperties"] is False
+    assert {"num_beams", "max_new_tokens", "min_new_tokens", "length_penalty"} <= set(parameters["properties"])
+    assert set(components["SummarizeResponse"]["properties"]) == {"summaries", "input_tokens", "output_tokens"}
+
+
+def test_metrics_count_requests_errors_batches_and_tokens(client):
+    before = client.get("/metrics").text
+    client.post("/v1/summarize", json={"inputs": ["a text", "another"], "parameters": {"max_new_tokens": 5}})
+    client.post("/v1/summarize", json={"inputs": []})
+    after = client.get("/metrics").text
+
+    def value(text: str, series: str) -> float:
+        return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(series + " ")), 0.0)
+
+    assert value(after, 'ortseq_requests_total{code="200",path="/v1/summarize"}') == (
+        value(before, 'ortseq_requests_total{code="200",path="/v1/summarize"}') + 1
+    )
+    assert value(after, 'ortseq_errors_total{kind="invalid_request"}') == (
+        value(before, 'ortseq_errors_total{kind="invalid_request"}') + 1
+    )
+    assert value(after, "ortseq_batch_size_sum") == value(before, "ortseq_batch_size_sum") + 2
+    assert value(after, "ortseq_generated_tokens_total") > value(before, "ortseq_generated_tokens_total")
+    assert "ortseq_queue_depth 0.0" in after and "ortseq_request_latency_seconds_bucket" in after
+
+
+def test_concurrent_http_requests_are_merged_and_answered_to_the_right_caller(model):
+    app = create_app(model, batching=BatchingConfig(max_wait_ms=500))
+    parameters = {"num_beams": 2, "max_new_tokens": 10}
+    with TestClient(app) as client:
+        wait_until_ready(lambda: client.get("/readyz").status_code)
+        results: dict[int, dict] = {}
+
+        def ask(index: int) -> None:
+            response = client.post("/v1/summarize", json={"inputs": [TEXTS[index]], "parameters": parameters})
+            results[index] = response.json()
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(TEXTS))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        batches = app.state.metrics.registry.get_sample_value("ortseq_batch_size_count")
+    assert batches < len(TEXTS)  # at least two requests shared a generate call
+    for index, text in enumerate(TEXTS):
+        assert results[index]["summaries"] == model.summarize([text], **parameters)
+
+
+def test_a_full_queue_gets_503_with_retry_after(model):
+    app = create_app(model, batching=BatchingConfig(max_queue=1, max_wait_ms=3000))
+    with TestClient(app) as client:
+        wait_until_ready(lambda: client.get("/readyz").status_code)
+        waiting = threading.Thread(target=client.post, args=("/v1/summarize",), kwargs={"json": {"inputs": ["a"]}})
+        waiting.start()  # sits in the queue for max_wait_ms, hoping for company
+        wait_until(lambda: app.state.metrics.registry.get_sample_value("ortseq_queue_depth") == 1, "it is queued")
+        response = client.post("/v1/summarize", json={"inputs": ["b"], "parameters": {"num_beams": 2}})
+        waiting.join()
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["type"] == "queue_full"
+
+
+# --- a real `ortseq serve` process ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(export_dir: Path, *flags: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "serve", str(export_dir), "--port", str(port), *flags],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    wait_until_ready(lambda: get(port, "/readyz")[0])
+    return process, port
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    except ConnectionError:
+        return 0, ""
+
+
+def post(port: int, body: dict, timeout: float = 120) -> tuple[int, dict]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    connection.request("POST", "/v1/summarize", json.dumps(body), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def metric(port: int, series: str) -> float:
+    lines = get(port, "/metrics")[1].splitlines()
+    return next(float(line.split()[-1]) for line in lines if line.startswith(series + " "))
+
+
+def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(exported):
+    process, port = start_server(exported("base").export_dir)
+    try:
+        answer: dict = {}
+        slow = threading.Thread(target=lambda: answer.update(zip(("status", "body"), post(port, SLOW_REQUEST))))
+        slow.start()
+        wait_until(lambda: metric(port, "ortseq_running_batch_rows") > 0, "the slow request runs")
+        process.send_signal(signal.SIGTERM)
+        slow.join(timeout=120)
+        assert process.wait(timeout=60) == 0, process.stdout.read()
+    finally:
+        process.kill()
+    assert answer["status"] == 200 and len(answer["body"]["summaries"]) == len(SLOW_REQUEST["inputs"])
+    assert answer["body"]["output_tokens"] == [200] * len(SLOW_REQUEST["inputs"])
+    assert get(port, "/healthz")[0] == 0  # nothing listens any more
+
+
+def test_a_client_that_disconnects_while_queued_costs_no_generate_call(exported):
+    process, port = start_server(exported("base").export_dir, "--max-wait-ms", "0")
+    try:
+        slow = threading.Thread(target=post, args=(port, SLOW_REQUEST))
+        slow.start()
+        wait_until(lambda: metric(port, "ortseq_running_batch_rows") > 0, "the slow request runs")
+        body = json.dumps({"inputs": ["a text that nobody will read"]}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as leaving:
+            leaving.sendall(
+                b"POST /v1/summarize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            wait_until(lambda: metric(port, "ortseq_queue_depth") == 1, "it is queued behind the slow request")
+        wait_until(lambda: metric(port, 'ortseq_errors_total{kind="client_disconnected"}') == 1, "it is withdrawn")
+        assert metric(port, "ortseq_queue_depth") == 0  # withdrawn at once, not when the worker gets to it
+        assert metric(port, "ortseq_running_batch_rows") == len(SLOW_REQUEST["inputs"])  # still the slow one
+        slow.join(timeout=120)
+        assert metric(port, "ortseq_batch_size_count") == 1  # only the slow request ever ran
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+BLOCK_FASTAPI = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "fastapi":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+from runtime.cli import main
+sys.exit(main(["serve", sys.argv[1]]))
+"""
+
+
+def test_serve_without_the_extra_says_how_to_install_it(exported):
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_FASTAPI, str(exported("base").export_dir)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ}, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "needs the serving dependencies (fastapi is missing)" in result.stderr and "[serve]" in result.stderr
+    assert "Traceback" not in result.stderr
