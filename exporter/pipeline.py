@@ -7,13 +7,13 @@ when every graph has been verified, so a failed or interrupted export leaves not
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
 from exporter import onnx_export, verify
+from exporter.atomic import replace_dir
 from exporter.families import family_for
 from exporter.progress import log
 from exporter.sources import ALIASES, resolved_source
@@ -40,7 +40,7 @@ def export(
             manifest = _export_checkpoint(checkpoint, staging, external_data, source, add_special_tokens)
             manifest.source = source
         manifest.write(staging)
-        _replace_dir(staging, out_dir)
+        replace_dir(staging, out_dir)
     log(f"export complete: {out_dir}")
     return manifest
 
@@ -162,14 +162,3 @@ def _versions() -> dict[str, str]:
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
-
-
-def _replace_dir(staging: Path, out_dir: Path) -> None:
-    """Move staging to out_dir; an existing out_dir is replaced only once the new one is complete."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-        staging.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        staging.rename(out_dir)

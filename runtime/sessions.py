@@ -47,6 +47,9 @@ class EncoderDecoderSessions:
         self.decoder = create_session(Path(directory) / contract.DECODER_FILE, provider, threads)
         self._memory_names = ["encoder_attention_mask", *contract.cross_names(self.layers)]
         self.past_names = contract.past_names(self.layers)
+        # float32, or float16 in fp16 exports (their K/V inputs and outputs are half precision)
+        past_type = next(i.type for i in self.decoder.get_inputs() if i.name == self.past_names[0])
+        self.past_dtype = np.float16 if past_type == "tensor(float16)" else np.float32
         _check_outputs(self.encoder, contract.encoder_outputs(self.layers), directory)
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -74,7 +77,7 @@ class CpuDecoderStep:
         self._session = sessions.decoder
         self._feeds = dict(memory)
         self._past_names = sessions.past_names
-        empty = np.zeros((rows, dims.decoder_heads, 0, dims.head_dim), dtype=np.float32)
+        empty = np.zeros((rows, dims.decoder_heads, 0, dims.head_dim), dtype=sessions.past_dtype)
         self._past = dict.fromkeys(self._past_names, empty)
 
     def __call__(self, tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
