@@ -22,6 +22,7 @@ from pathlib import Path
 import onnx
 
 FP32_OPS = ("LayerNormalization", "Softmax")
+FLOAT16 = onnx.TensorProto.FLOAT16
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,19 @@ class Fp16Settings:
     keep_residual_fp32: bool = True  # False: the naive conversion (every op in fp16), for comparison
 
 
+def constant_tensors(model: onnx.ModelProto) -> set[str]:
+    """Initializers and everything computed from them alone (the tracer turns repeated weights into
+    Identity nodes of one initializer, and small constants into Constant nodes)."""
+    constants = {init.name for init in model.graph.initializer}
+    for node in model.graph.node:  # graph order is topological
+        if all(name in constants for name in node.input if name):
+            constants.update(node.output)
+    return constants
+
+
 def residual_adds(model: onnx.ModelProto) -> list[str]:
     """Names of the Add nodes whose two inputs are both computed (not constants): the residual stream."""
-    constants = {init.name for init in model.graph.initializer}
-    constants |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    constants = constant_tensors(model)
     return [
         node.name
         for node in model.graph.node
@@ -64,7 +74,7 @@ def to_fp16(model: onnx.ModelProto, settings: Fp16Settings) -> onnx.ModelProto:
         node_block_list=node_block_list,
         disable_shape_infer=True,
     )
-    return name_nodes(_without_duplicate_casts(converted))
+    return name_nodes(_without_round_trip_casts(_without_duplicate_casts(converted)))
 
 
 def _without_duplicate_casts(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -92,3 +102,27 @@ def convert_fp16(source: Path, target: Path, settings: Fp16Settings, external_da
     model = onnx.shape_inference.infer_shapes(onnx.load(str(source), load_external_data=False))
     load_external_data_for_model(model, str(source.parent))
     save_graph(to_fp16(model, settings), target, external_data)
+
+
+def _without_round_trip_casts(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The converter gives every graph tensor fp16 and wraps kept-fp32 nodes in casts, so an fp32 node
+    feeding another one goes fp32 -> fp16 -> fp32: the residual stream would still overflow between
+    two residual Adds. Such a pair becomes an Identity of the fp32 original; casts left unread go."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        source = producers.get(node.input[0]) if node.op_type == "Cast" else None
+        if _cast_to(node) == onnx.TensorProto.FLOAT and source is not None and _cast_to(source) == FLOAT16:
+            node.op_type = "Identity"  # same output name: readers and graph outputs stay as they are
+            node.input[0] = source.input[0]
+            del node.attribute[:]
+    read = {name for node in model.graph.node for name in node.input} | {out.name for out in model.graph.output}
+    kept = [node for node in model.graph.node if node.op_type != "Cast" or node.output[0] in read]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model
+
+
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    if node.op_type != "Cast":
+        return None
+    return next(attr.i for attr in node.attribute if attr.name == "to")
