@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--embeddings",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="quantize the token embedding (default: no)",
+        help="quantize the token embedding (default: yes)",
     )
     quantize.add_argument("--block-size", type=int, help="int4 block size (default 32)")
     quantize.add_argument(

@@ -92,12 +92,21 @@ def test_lm_head_and_embedding_choices_select_the_vocabulary_nodes(trained_expor
     vocab = Manifest.read(trained_export).dims.vocab_size
     lm_heads, embeddings = formats.vocab_weights(formats.name_nodes(model), vocab)
     assert len(lm_heads) == 1 and len(embeddings) == 1
-    float_head = tmp_path / "decoder.onnx"
-    formats.quantize_int8(
-        trained_export / contract.DECODER_FILE, float_head, formats.Int8Settings(lm_head=False), vocab, False
-    )
-    kept = {node.name: node.op_type for node in onnx.load(str(float_head)).graph.node}
-    assert kept[lm_heads[0]] == "MatMul"
+    for settings in (formats.Int8Settings(), formats.Int8Settings(lm_head=False, embeddings=False)):
+        target = tmp_path / f"decoder-{settings.lm_head}.onnx"
+        formats.quantize_int8(trained_export / contract.DECODER_FILE, target, settings, vocab, False)
+        graph = onnx.load(str(target)).graph
+        weight_types = {init.name: init.data_type for init in graph.initializer}
+        nodes = {node.name: node for node in graph.node}
+        float_head = lm_heads[0] in nodes and nodes[lm_heads[0]].op_type == "MatMul"  # quantized: replaced
+        assert float_head == (not settings.lm_head)
+        token_table = weight_types[nodes[embeddings[0]].input[0]]
+        assert (token_table in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)) == settings.embeddings
+        # the position table and the past reordering by beam_idx are never quantized
+        other_gathers = [node for node in graph.node if node.op_type == "Gather" and node.name != embeddings[0]]
+        assert all(
+            weight_types.get(node.input[0], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for node in other_gathers
+        )
 
 
 def test_quantized_export_runs_through_the_cli(quantized):

@@ -21,13 +21,17 @@ from pathlib import Path
 
 import onnx
 
+# Exports are written with IR 8 (graphs/contract.py); int4 tensors (opset 21, used by the quantizer for
+# embeddings) need IR 10. onnx 1.23 would write IR 14, more than onnxruntime 1.31 accepts.
+MAX_IR_VERSION = 10
+
 
 @dataclass(frozen=True)
 class Int8Settings:
     per_channel: bool = True
     weight_type: str = "QInt8"  # or "QUInt8"
     lm_head: bool = True  # quantize the LM head MatMul
-    embeddings: bool = False  # quantize the token-embedding Gather
+    embeddings: bool = True  # quantize the token-embedding Gather (int8 rows; the position table stays float)
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,16 @@ class Int4Settings:
     symmetric: bool = True
     accuracy_level: int = 0  # 0: float compute; 4: int8 activations inside MatMulNBits (faster on CPU)
     lm_head: bool = True
-    embeddings: bool = False  # block-quantize the token embedding (com.microsoft GatherBlockQuantized)
+    embeddings: bool = True  # block-quantize the token embedding (com.microsoft GatherBlockQuantized, opset 21)
+
+
+def excluded_nodes(model: onnx.ModelProto, vocab_size: int, lm_head: bool, embeddings: bool) -> list[str]:
+    """Nodes the quantizer must leave alone: the LM head and token embedding unless asked for, and
+    every other Gather (position table, beam reordering of the past)."""
+    lm_heads, token_embeddings = vocab_weights(model, vocab_size)
+    other_gathers = [node.name for node in model.graph.node if node.op_type == "Gather"]
+    other_gathers = [name for name in other_gathers if name not in token_embeddings]
+    return other_gathers + ([] if lm_head else lm_heads) + ([] if embeddings else token_embeddings)
 
 
 def vocab_weights(model: onnx.ModelProto, vocab_size: int) -> tuple[list[str], list[str]]:
@@ -56,8 +69,7 @@ def quantize_int8(source: Path, target: Path, settings: Int8Settings, vocab_size
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = name_nodes(onnx.load(str(source)))
-    lm_heads, embeddings = vocab_weights(model, vocab_size)
-    excluded = ([] if settings.lm_head else lm_heads) + ([] if settings.embeddings else embeddings)
+    excluded = excluded_nodes(model, vocab_size, settings.lm_head, settings.embeddings)
     with tempfile.TemporaryDirectory(prefix="ortseq-int8-") as scratch:
         named = Path(scratch) / source.name
         save_graph(model, named, external_data)  # quantize_dynamic reads a path: give it the one with node names
@@ -79,8 +91,7 @@ def quantize_int4(source: Path, target: Path, settings: Int4Settings, vocab_size
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = name_nodes(onnx.load(str(source)))
-    lm_heads, embeddings = vocab_weights(model, vocab_size)
-    excluded = ([] if settings.lm_head else lm_heads) + ([] if settings.embeddings else embeddings)
+    excluded = excluded_nodes(model, vocab_size, settings.lm_head, settings.embeddings)
     op_types = ("MatMul", "Gather") if settings.embeddings else ("MatMul",)
     quantizer = MatMulNBitsQuantizer(
         model,
@@ -118,9 +129,7 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def save_graph(model: onnx.ModelProto, path: Path, external_data: bool) -> None:
-    from graphs.contract import IR_VERSION
-
-    model.ir_version = min(model.ir_version, IR_VERSION)
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     if not external_data:
         onnx.save_model(model, str(path))
         return
@@ -130,10 +139,8 @@ def save_graph(model: onnx.ModelProto, path: Path, external_data: bool) -> None:
 
 
 def _restore_ir_version(path: Path) -> None:
-    """quantize_dynamic may raise the IR version past what this onnxruntime accepts; put ours back."""
-    from graphs.contract import IR_VERSION
-
+    """quantize_dynamic may raise the IR version past what this onnxruntime accepts; cap it."""
     model = onnx.load(str(path), load_external_data=False)
-    if model.ir_version > IR_VERSION:
-        model.ir_version = IR_VERSION
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
         onnx.save_model(model, str(path))  # external tensors keep pointing at the same .data file
