@@ -22,12 +22,12 @@ VARIANTS = {
     "int8, LM head float": ("int8", Int8Settings(lm_head=False)),
     "int8, LM head and embedding float": ("int8", Int8Settings(lm_head=False, embeddings=False)),
     "int8, uint8 weights": ("int8", Int8Settings(weight_type="QUInt8")),
-    "int4 (default: block 32, symmetric, LM head and embedding int4)": ("int4", Int4Settings()),
+    "int4 (default: block 32, symmetric, accuracy_level 4, LM head and embedding int4)": ("int4", Int4Settings()),
     "int4, embedding float": ("int4", Int4Settings(embeddings=False)),
     "int4, LM head float": ("int4", Int4Settings(lm_head=False)),
     "int4, asymmetric": ("int4", Int4Settings(symmetric=False)),
     "int4, block 16": ("int4", Int4Settings(block_size=16)),
-    "int4, accuracy_level 4": ("int4", Int4Settings(accuracy_level=4)),
+    "int4, accuracy_level 0 (float compute)": ("int4", Int4Settings(accuracy_level=0)),
     "fp16 (residual stream, LayerNorm, softmax fp32)": ("fp16", Fp16Settings()),
 }
 

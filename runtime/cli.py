@@ -45,12 +45,17 @@ def _quantize(args: argparse.Namespace) -> int:
             "pip install -e '.[quantize]'"
         ) from exc
     settings = default_settings(args.to)
-    overrides = {"lm_head": args.lm_head, "embeddings": args.embeddings, "block_size": args.block_size}
+    overrides = {
+        "lm_head": args.lm_head,
+        "embeddings": args.embeddings,
+        "block_size": args.block_size,
+        "accuracy_level": args.accuracy_level,
+    }
     overrides = {key: value for key, value in overrides.items() if value is not None}
     if overrides and not isinstance(settings, (formats.Int8Settings, formats.Int4Settings)):
         raise InvalidInputError(f"{sorted(overrides)} apply to int8/int4 only, not {args.to}")
-    if "block_size" in overrides and not isinstance(settings, formats.Int4Settings):
-        raise InvalidInputError("--block-size applies to int4 only")
+    if {"block_size", "accuracy_level"} & set(overrides) and not isinstance(settings, formats.Int4Settings):
+        raise InvalidInputError("--block-size and --accuracy-level apply to int4 only")
     settings = replace(settings, **overrides)
     texts = None
     if args.texts:
@@ -129,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantize the token embedding (default: yes)",
     )
     quantize.add_argument("--block-size", type=int, help="int4 block size (default 32)")
+    quantize.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=[0, 1, 2, 3, 4],
+        help="int4 MatMulNBits compute type: 4 int8 activations on CPU (default, faster), 0 float",
+    )
     quantize.add_argument(
         "--texts", help="file with one input text per line for the quality report (default: built-in)"
     )
