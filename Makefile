@@ -3,8 +3,10 @@ PY      := .venv/bin/python
 ORTSEQ  := .venv/bin/ortseq
 MODEL   ?= tiny-pegasus
 EXPORTS ?= exports
+TO      ?= int8
+DEMO    := tiny-pegasus-trained
 
-.PHONY: all demo setup export generate serve loadtest bundle bench-bundle test test-full bench bench-lsg lint lsg-golden clean
+.PHONY: all demo setup export quantize generate serve loadtest bundle bench-bundle test test-full bench bench-lsg lint lsg-golden clean
 
 all: demo
 
@@ -22,15 +24,21 @@ setup: .venv/.installed .venv-hf4/.installed
 	.venv-hf4/bin/pip install -q "transformers==4.57.6" sentencepiece protobuf
 	touch $@
 
-demo: setup  ## the main job: export the embedded default model and summarize with it
-	$(ORTSEQ) export $(MODEL) --out $(EXPORTS)/$(MODEL)
+# the main job: export the trained tiny model (trained once per clone, cached in .cache/), quantize it
+# to int8 with its quality report, and summarize two documents with the int8 export
+demo: setup
+	$(ORTSEQ) export $(DEMO) --out $(EXPORTS)/$(DEMO)
+	$(ORTSEQ) quantize $(EXPORTS)/$(DEMO) --to int8 --out $(EXPORTS)/$(DEMO)-int8
 	printf '%s\n' \
-	  "The city council said the new river bridge will open next year after the election, the minister reported." \
-	  "Police said the museum was closed on Sunday when water from the river reached the station." \
-	  | $(ORTSEQ) generate $(EXPORTS)/$(MODEL)
+	  "The city council approved a new bridge by the river after the election. About 40 people attended the meeting. Critics said the plan came too late." \
+	  "Police closed the village library in the old town on Sunday. A spokesperson said more details would follow. Residents were asked to send comments by email." \
+	  | $(ORTSEQ) generate $(EXPORTS)/$(DEMO)-int8
 
 export: setup
 	$(ORTSEQ) export $(MODEL) --out $(EXPORTS)/$(MODEL)
+
+quantize: setup  ## make quantize MODEL=tiny-pegasus-trained TO=int8|int4|fp16 (the fp32 export must exist)
+	$(ORTSEQ) quantize $(EXPORTS)/$(MODEL) --to $(TO) --out $(EXPORTS)/$(MODEL)-$(TO)
 
 # HTTP server (README "Serving"): make serve MODEL=tiny-pegasus PORT=8080
 PORT    ?= 8080

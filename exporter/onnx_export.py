@@ -10,9 +10,9 @@ from pathlib import Path
 import onnx
 import torch
 
+from graphs.contract import IR_VERSION
+
 OPSET = 17
-# onnx >= 1.23 writes IR version 14 by default, which onnxruntime 1.31 refuses; opset 17 needs IR 8.
-IR_VERSION = 8
 # protobuf cannot hold a file over 2 GiB; stay well under it.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1 << 30
 

@@ -15,6 +15,7 @@ ALIASES = {
     "lsg-pegasus-large-4096": "ccdv/lsg-pegasus-large-4096",
     "tiny-pegasus": "tiny:pegasus",
     "tiny-lsg-pegasus": "tiny:lsg-pegasus",
+    "tiny-pegasus-trained": "tiny:pegasus-trained",  # trained on a synthetic task (exporter/trained_tiny.py)
 }
 # EncoderDecoderModel checkpoints (exporter/families/encoder_decoder.py, exporter/tiny_encoder_decoder.py)
 ALIASES.update(

@@ -68,13 +68,18 @@ def train_unigram_sentencepiece(out_dir: Path, lines: list[str], vocab_size: int
 
 
 def build(kind: str, out_dir: Path) -> Path:
-    """Build the tiny model named kind ("pegasus", "lsg-pegasus", or an encoder-decoder kind) into out_dir."""
+    """Build the tiny model named kind ("pegasus", "lsg-pegasus", "pegasus-trained" or an encoder-decoder kind)."""
     from exporter import tiny_encoder_decoder
     from exporter.tiny_lsg import build_tiny_lsg_pegasus
+    from exporter.trained_tiny import build_trained_tiny_pegasus
 
     if kind in tiny_encoder_decoder.KINDS:
         return tiny_encoder_decoder.build(kind, out_dir)
-    builders = {"pegasus": build_tiny_pegasus, "lsg-pegasus": build_tiny_lsg_pegasus}
+    builders = {
+        "pegasus": build_tiny_pegasus,
+        "lsg-pegasus": build_tiny_lsg_pegasus,
+        "pegasus-trained": build_trained_tiny_pegasus,
+    }
     if kind not in builders:
         raise ValueError(f"no tiny model called {kind!r}; known: {sorted(builders)}")
     return builders[kind](out_dir)

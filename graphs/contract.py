@@ -24,6 +24,9 @@ Decoder step (``decoder.onnx``), one new token per row, past may be empty (past 
 
 from __future__ import annotations
 
+# onnx >= 1.23 writes IR version 14 by default, which onnxruntime 1.31 refuses; opset 17 needs IR 8.
+IR_VERSION = 8
+
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 

@@ -61,6 +61,20 @@ class TokenizerInfo:
 
 
 @dataclass
+class Quantization:
+    """How a quantized export was made from its fp32 export, and how close it stays to it.
+
+    quality holds the report of exporter/quantization/quality.py (token agreement with the fp32
+    export on a fixed set of inputs, logit error of the first decode steps); plain JSON values.
+    """
+
+    format: str  # "int8", "int4" or "fp16"
+    settings: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
+    source: str = ""  # the fp32 export directory it was made from
+
+
+@dataclass
 class Manifest:
     family: str
     dims: ModelDims
@@ -73,6 +87,7 @@ class Manifest:
     source: str = ""
     precision: str = "fp32"
     schema_version: int = SCHEMA_VERSION
+    quantization: Quantization | None = None  # absent in fp32 exports (and in manifests older than it)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -105,6 +120,7 @@ class Manifest:
                 source=raw.get("source", ""),
                 precision=raw.get("precision", "fp32"),
                 schema_version=raw["schema_version"],
+                quantization=Quantization(**raw["quantization"]) if raw.get("quantization") else None,
             )
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ManifestError(f"{path} is corrupted or incomplete ({exc}); export the model again") from exc

@@ -1,11 +1,13 @@
-"""The `ortseq` command line: export (needs the [export] extra), generate and bundle (runtime only), serve
-(needs the [serve] extra)."""
+"""The `ortseq` command line: export (needs the [export] extra), quantize (needs onnx), generate and bundle
+(runtime only), serve (needs the [serve] extra)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 from runtime.errors import InvalidInputError, ManifestError
 
@@ -30,6 +32,40 @@ def _export(args: argparse.Namespace) -> int:
         raise InvalidInputError(str(exc)) from exc
     except GraphMismatchError as exc:
         raise InvalidInputError(f"export failed verification, nothing was written: {exc}") from exc
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    try:
+        from exporter.quantization import formats
+        from exporter.quantization.pipeline import QuantizationError, default_settings, quantize
+        from exporter.quantization.quality import format_report
+    except ImportError as exc:
+        raise InvalidInputError(
+            f"`ortseq quantize` needs onnx and onnxruntime's quantization tools ({exc.name} is missing): "
+            "pip install -e '.[quantize]'"
+        ) from exc
+    settings = default_settings(args.to)
+    overrides = {
+        "lm_head": args.lm_head,
+        "embeddings": args.embeddings,
+        "block_size": args.block_size,
+        "accuracy_level": args.accuracy_level,
+    }
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if overrides and not isinstance(settings, (formats.Int8Settings, formats.Int4Settings)):
+        raise InvalidInputError(f"{sorted(overrides)} apply to int8/int4 only, not {args.to}")
+    if {"block_size", "accuracy_level"} & set(overrides) and not isinstance(settings, formats.Int4Settings):
+        raise InvalidInputError("--block-size and --accuracy-level apply to int4 only")
+    settings = replace(settings, **overrides)
+    texts = None
+    if args.texts:
+        texts = [line for line in Path(args.texts).read_text().splitlines() if line.strip()]
+    try:
+        manifest = quantize(args.export_dir, args.out, args.to, settings, args.min_agreement, texts)
+    except QuantizationError as exc:
+        raise InvalidInputError(str(exc)) from exc
+    print(format_report(manifest.quantization.quality))
     return 0
 
 
@@ -103,6 +139,38 @@ def build_parser() -> argparse.ArgumentParser:
         "google's roberta2roberta/bert2bert/bert_for_seq_generation cards do not)",
     )
     export.set_defaults(run=_export)
+
+    quantize = commands.add_parser("quantize", help="make an int8/int4/fp16 copy of an export, with a quality report")
+    quantize.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    quantize.add_argument("export_dir", help="an fp32 export directory")
+    quantize.add_argument("--to", required=True, choices=["int8", "int4", "fp16"])
+    quantize.add_argument("--out", required=True, help="directory to create (written only if the quality gate passes)")
+    quantize.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.9,
+        help="refuse (exit 2, nothing written) when greedy or beam token agreement with fp32 is lower (default 0.9)",
+    )
+    quantize.add_argument(
+        "--lm-head", action=argparse.BooleanOptionalAction, default=None, help="quantize the LM head (default: yes)"
+    )
+    quantize.add_argument(
+        "--embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="quantize the token embedding (default: yes)",
+    )
+    quantize.add_argument("--block-size", type=int, help="int4 block size (default 32)")
+    quantize.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=[0, 1, 2, 3, 4],
+        help="int4 MatMulNBits compute type: 4 int8 activations on CPU (default, faster), 0 float",
+    )
+    quantize.add_argument(
+        "--texts", help="file with one input text per line for the quality report (default: built-in)"
+    )
+    quantize.set_defaults(run=_quantize)
 
     generate = commands.add_parser("generate", help="summarize texts with an export directory")
     generate.add_argument("-v", "--verbose", action="store_true", help="more log output")

@@ -47,6 +47,9 @@ class EncoderDecoderSessions:
         self.decoder = create_session(Path(directory) / contract.DECODER_FILE, provider, threads)
         self._memory_names = ["encoder_attention_mask", *contract.cross_names(self.layers)]
         self.past_names = contract.past_names(self.layers)
+        # float32, or float16 in fp16 exports (their K/V inputs and outputs are half precision)
+        past_type = next(i.type for i in self.decoder.get_inputs() if i.name == self.past_names[0])
+        self.past_dtype = np.float16 if past_type == "tensor(float16)" else np.float32
         _check_outputs(self.encoder, contract.encoder_outputs(self.layers), directory)
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -56,6 +59,13 @@ class EncoderDecoderSessions:
 
     def decoder_step(self, memory: dict[str, np.ndarray], rows: int) -> CpuDecoderStep:
         return CpuDecoderStep(self, memory, rows)
+
+    def teacher_forced_logits(self, input_ids, attention_mask, decoder_ids: np.ndarray) -> np.ndarray:
+        """[batch, steps, vocab] float32 logits when the decoder is fed decoder_ids [batch, steps] (no beams)."""
+        step = self.decoder_step(self.encode(input_ids, attention_mask), rows=decoder_ids.shape[0])
+        rows = np.arange(decoder_ids.shape[0], dtype=np.int64)
+        # copy: a step returns its logits buffer, which the next step overwrites
+        return np.stack([step(decoder_ids[:, t], rows).astype(np.float32) for t in range(decoder_ids.shape[1])], axis=1)
 
 
 def _check_outputs(session: ort.InferenceSession, expected: list[str], directory: Path) -> None:
@@ -82,7 +92,7 @@ class CpuDecoderStep:
         self._binding = self._session.io_binding()
         self._inputs = dict(memory)  # bound arrays must outlive the binding's use of them
         self._inputs.update(
-            dict.fromkeys(self._past_names, np.zeros((rows, dims.decoder_heads, 0, dims.head_dim), np.float32))
+            dict.fromkeys(self._past_names, np.zeros((rows, dims.decoder_heads, 0, dims.head_dim), sessions.past_dtype))
         )
         for name, array in self._inputs.items():
             self._binding.bind_cpu_input(name, array)

@@ -123,7 +123,7 @@ def test_export_matches_reference_goldens(lsg_exported, variant, tmp_path):
         np.testing.assert_allclose(
             hidden, golden[f"encoder_last_hidden_state__{key}"], rtol=0, atol=HIDDEN_ATOL, err_msg=key
         )
-        logits = _teacher_forced_logits(model, ids, mask, golden[f"decoder_input_ids__{key}"])
+        logits = model.sessions.teacher_forced_logits(ids, mask, golden[f"decoder_input_ids__{key}"])
         np.testing.assert_allclose(logits, golden[f"logits__{key}"], rtol=0, atol=LOGITS_ATOL, err_msg=key)
         settings = golden.meta["generate_kwargs"]
         for mode in ("greedy", "beam"):
@@ -131,14 +131,6 @@ def test_export_matches_reference_goldens(lsg_exported, variant, tmp_path):
             np.testing.assert_array_equal(
                 model.generate(ids, mask, **kwargs), golden[f"{mode}__{key}"], f"{mode} {key}"
             )
-
-
-def _teacher_forced_logits(model: Seq2SeqModel, ids, mask, decoder_ids) -> np.ndarray:
-    memory = model.sessions.encode(ids, mask)
-    step = model.sessions.decoder_step(memory, rows=ids.shape[0])
-    rows = np.arange(ids.shape[0])
-    # copy: a step returns its logits buffer, which the next step overwrites
-    return np.stack([step(decoder_ids[:, i], rows).copy() for i in range(decoder_ids.shape[1])], axis=1)
 
 
 def test_attention_memory_is_linear_in_length():

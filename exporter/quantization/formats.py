@@ -1,0 +1,148 @@
+"""The graph transforms, one function per format: an fp32 graph file in, a quantized graph file out.
+
+* int8: onnxruntime's dynamic quantization, per-channel int8 weights, activations quantized per
+  call. Only MatMuls whose weight is a constant are quantized ("MatMulConstBOnly"): the attention
+  MatMuls (Q·Kᵀ and P·V, both operands activations) stay in float, unlike optimum's int8.
+* int4: weight-only block quantization into com.microsoft MatMulNBits (CPU and CUDA kernels);
+  activations stay float. Again only MatMuls with a constant weight exist to be quantized.
+* fp16: see exporter/quantization/fp16.py (kept apart: it is about keeping fp32 where Pegasus overflows).
+
+The LM head (the MatMul that produces the logits) and the token embedding (the Gather from the
+[vocab, D] table) are choices: `lm_head` / `embeddings` in the settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+# Exports are written with IR 8 (graphs/contract.py); int4 tensors (opset 21, used by the quantizer for
+# embeddings) need IR 10. onnx 1.23 would write IR 14, more than onnxruntime 1.31 accepts.
+MAX_IR_VERSION = 10
+
+
+@dataclass(frozen=True)
+class Int8Settings:
+    per_channel: bool = True
+    weight_type: str = "QInt8"  # or "QUInt8"
+    lm_head: bool = True  # quantize the LM head MatMul
+    embeddings: bool = True  # quantize the token-embedding Gather (int8 rows; the position table stays float)
+
+
+@dataclass(frozen=True)
+class Int4Settings:
+    block_size: int = 32
+    symmetric: bool = True
+    # 4: MatMulNBits quantizes activations to int8 on CPU: pegasus-xsum-shaped greedy 9.3 s against 15.0 s
+    # with 0 (float compute), same quality on the trained fixture (README "Quantization")
+    accuracy_level: int = 4
+    lm_head: bool = True
+    embeddings: bool = True  # block-quantize the token embedding (com.microsoft GatherBlockQuantized, opset 21)
+
+
+def excluded_nodes(model: onnx.ModelProto, vocab_size: int, lm_head: bool, embeddings: bool) -> list[str]:
+    """Nodes the quantizer must leave alone: the LM head and token embedding unless asked for, and
+    every other Gather (position table, beam reordering of the past)."""
+    lm_heads, token_embeddings = vocab_weights(model, vocab_size)
+    other_gathers = [node.name for node in model.graph.node if node.op_type == "Gather"]
+    other_gathers = [name for name in other_gathers if name not in token_embeddings]
+    return other_gathers + ([] if lm_head else lm_heads) + ([] if embeddings else token_embeddings)
+
+
+def vocab_weights(model: onnx.ModelProto, vocab_size: int) -> tuple[list[str], list[str]]:
+    """(LM-head MatMul node names, token-embedding Gather node names): the nodes whose constant
+    weight has the vocabulary as one of its axes."""
+    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    lm_heads, embeddings = [], []
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and shapes.get(node.input[1], ())[-1:] == (vocab_size,):
+            lm_heads.append(node.name)
+        if node.op_type == "Gather" and shapes.get(node.input[0], ())[:1] == (vocab_size,):
+            embeddings.append(node.name)
+    return lm_heads, embeddings
+
+
+def quantize_int8(source: Path, target: Path, settings: Int8Settings, vocab_size: int, external_data: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = name_nodes(onnx.load(str(source)))
+    excluded = excluded_nodes(model, vocab_size, settings.lm_head, settings.embeddings)
+    with tempfile.TemporaryDirectory(prefix="ortseq-int8-") as scratch:
+        named = Path(scratch) / source.name
+        save_graph(model, named, external_data)  # quantize_dynamic reads a path: give it the one with node names
+        with quiet_root_logger():
+            quantize_dynamic(
+                str(named),
+                str(target),
+                per_channel=settings.per_channel,
+                weight_type=getattr(QuantType, settings.weight_type),
+                op_types_to_quantize=["MatMul", "Gather"],
+                nodes_to_exclude=excluded,
+                use_external_data_format=external_data,
+                extra_options={"MatMulConstBOnly": True},
+            )
+    _restore_ir_version(target)
+
+
+def quantize_int4(source: Path, target: Path, settings: Int4Settings, vocab_size: int, external_data: bool) -> None:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = name_nodes(onnx.load(str(source)))
+    excluded = excluded_nodes(model, vocab_size, settings.lm_head, settings.embeddings)
+    op_types = ("MatMul", "Gather") if settings.embeddings else ("MatMul",)
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        block_size=settings.block_size,
+        is_symmetric=settings.symmetric,
+        accuracy_level=settings.accuracy_level,
+        nodes_to_exclude=excluded,
+        op_types_to_quantize=op_types,
+    )
+    with quiet_root_logger():
+        quantizer.process()
+    save_graph(quantizer.model.model, target, external_data)
+
+
+@contextmanager
+def quiet_root_logger():
+    """onnxruntime's quantizers log every skipped tensor at INFO on the root logger: keep warnings only."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every node a unique name: the quantizers select and exclude nodes by name."""
+    seen: set[str] = set()
+    for index, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{index}"
+        seen.add(node.name)
+    return model
+
+
+def save_graph(model: onnx.ModelProto, path: Path, external_data: bool) -> None:
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    if not external_data:
+        onnx.save_model(model, str(path))
+        return
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
+    )
+
+
+def _restore_ir_version(path: Path) -> None:
+    """quantize_dynamic may raise the IR version past what this onnxruntime accepts; cap it."""
+    model = onnx.load(str(path), load_external_data=False)
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+        onnx.save_model(model, str(path))  # external tensors keep pointing at the same .data file

@@ -1,0 +1,128 @@
+"""fp16 for GPUs, with fp32 kept where Pegasus overflows.
+
+fp16 tops out at 65504. Pegasus' residual stream (the running sum every sublayer adds to) grows
+large in real checkpoints, so a naive conversion turns it into inf and then NaN after the next
+LayerNorm. Here the residual stream stays fp32: every Add of two activations (the residual adds,
+and the attention-mask add whose large negative mask values fp16 cannot hold either), every
+LayerNormalization (reads the stream, reduces over it) and every Softmax run in fp32; the
+MatMuls (the weights and nearly all the bytes and FLOPs) run in fp16, with Casts at the edges.
+A single sublayer output over 65504 would still overflow (its MatMul runs in fp16): the overflow
+test (tests/test_quantize.py) checks the realistic case, a stream that grows over many layers.
+
+Graph inputs and outputs keep float32 for logits and hidden states (the search reads float32);
+the K/V tensors (past, present, cross) become float16 (half the bytes the decoder reads per step),
+and the runtime builds its empty past in the dtype the decoder session declares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+FP32_OPS = ("LayerNormalization", "Softmax")
+FLOAT16 = onnx.TensorProto.FLOAT16
+
+
+@dataclass(frozen=True)
+class Fp16Settings:
+    keep_residual_fp32: bool = True  # False: the naive conversion (every op in fp16), for comparison
+
+
+def constant_tensors(model: onnx.ModelProto) -> set[str]:
+    """Initializers and everything computed from them alone (the tracer turns repeated weights into
+    Identity nodes of one initializer, and small constants into Constant nodes)."""
+    constants = {init.name for init in model.graph.initializer}
+    for node in model.graph.node:  # graph order is topological
+        if all(name in constants for name in node.input if name):
+            constants.update(node.output)
+    return constants
+
+
+def residual_adds(model: onnx.ModelProto) -> list[str]:
+    """Names of the Add nodes whose two inputs are both computed (not constants): the residual stream."""
+    constants = constant_tensors(model)
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type == "Add" and not any(name in constants for name in node.input)
+    ]
+
+
+def float_outputs_kept(model: onnx.ModelProto) -> list[str]:
+    """Graph inputs/outputs that stay float32: everything but the K/V tensors."""
+    kv_prefixes = ("past_", "present_", "cross_")
+    names = [value.name for value in [*model.graph.input, *model.graph.output]]
+    return [name for name in names if not name.startswith(kv_prefixes)]
+
+
+def to_fp16(model: onnx.ModelProto, settings: Fp16Settings) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from exporter.quantization.formats import name_nodes
+
+    model = name_nodes(model)
+    if settings.keep_residual_fp32:
+        op_block_list, node_block_list = list(FP32_OPS), residual_adds(model)
+    else:
+        op_block_list, node_block_list = [], []
+    converted = convert_float_to_float16(
+        model,
+        keep_io_types=float_outputs_kept(model),
+        op_block_list=op_block_list,
+        node_block_list=node_block_list,
+        disable_shape_infer=True,
+    )
+    return name_nodes(_without_round_trip_casts(_without_duplicate_casts(converted)))
+
+
+def _without_duplicate_casts(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The converter inserts one identical Cast (same name, same output) per kept-fp32 reader of a
+    tensor; keep the first, which precedes every reader in graph order."""
+    defined: set[str] = set()
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "Cast" and node.output[0] in defined:
+            continue
+        defined.update(node.output)
+        kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model
+
+
+def convert_fp16(source: Path, target: Path, settings: Fp16Settings, external_data: bool) -> None:
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from exporter.quantization.formats import save_graph
+
+    # The converter casts around a kept-fp32 node only where it knows the tensor types: infer them first,
+    # on the graph without its weights (a model over 2 GB cannot be serialized for shape inference).
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(source), load_external_data=False))
+    load_external_data_for_model(model, str(source.parent))
+    save_graph(to_fp16(model, settings), target, external_data)
+
+
+def _without_round_trip_casts(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The converter gives every graph tensor fp16 and wraps kept-fp32 nodes in casts, so an fp32 node
+    feeding another one goes fp32 -> fp16 -> fp32: the residual stream would still overflow between
+    two residual Adds. Such a pair becomes an Identity of the fp32 original; casts left unread go."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        source = producers.get(node.input[0]) if node.op_type == "Cast" else None
+        if _cast_to(node) == onnx.TensorProto.FLOAT and source is not None and _cast_to(source) == FLOAT16:
+            node.op_type = "Identity"  # same output name: readers and graph outputs stay as they are
+            node.input[0] = source.input[0]
+            del node.attribute[:]
+    read = {name for node in model.graph.node for name in node.input} | {out.name for out in model.graph.output}
+    kept = [node for node in model.graph.node if node.op_type != "Cast" or node.output[0] in read]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model
+
+
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    if node.op_type != "Cast":
+        return None
+    return next(attr.i for attr in node.attribute if attr.name == "to")

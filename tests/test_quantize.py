@@ -1,0 +1,188 @@
+"""`ortseq quantize`: quantized exports of a *trained* tiny Pegasus stay close to fp32, and say how close.
+
+Quality is measured on tiny-pegasus-trained (exporter/trained_tiny.py: trained once per clone on a
+synthetic lead-sentence task, cached under .cache/), because agreement on random weights means nothing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from exporter.pipeline import export
+from exporter.quantization import formats
+from exporter.quantization.fp16 import Fp16Settings, convert_fp16
+from exporter.quantization.pipeline import quantize
+from exporter.tiny import TinyPegasusShape, build_tiny_pegasus
+from exporter.trained_tiny import synthetic_documents
+from graphs import contract
+from graphs.manifest import MANIFEST_FILE, Manifest
+from runtime.model import Seq2SeqModel
+from tests.test_cli import ortseq
+
+QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits"}
+
+
+@pytest.fixture(scope="session")
+def trained_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "fp32"
+    export("tiny-pegasus-trained", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def quantized(trained_export, tmp_path_factory):
+    """quantized(fmt) -> (export dir, manifest) of the trained export in that format, made once."""
+    cache: dict[str, tuple] = {}
+
+    def get(fmt: str):
+        if fmt not in cache:
+            out = tmp_path_factory.mktemp(fmt) / fmt
+            cache[fmt] = (out, quantize(trained_export, out, fmt, min_agreement=0.95))
+        return cache[fmt]
+
+    return get
+
+
+def test_trained_fixture_summarizes_held_out_documents(trained_export):
+    docs = synthetic_documents(60, seed=123_456)  # neither the training nor the held-out report's seed
+    model = Seq2SeqModel.load(trained_export)
+    summaries = model.summarize([doc for doc, _ in docs], num_beams=1)
+    exact = np.mean([summary.strip() == lead for summary, (_, lead) in zip(summaries, docs)])
+    assert exact >= 0.9, exact
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp16"])
+def test_quantized_export_passes_the_quality_gate_and_records_its_report(quantized, fmt):
+    out, manifest = quantized(fmt)
+    report = Manifest.read(out).quantization.quality
+    assert report == json.loads(json.dumps(manifest.quantization.quality))
+    for mode in ("greedy", "beam4"):
+        assert report[mode]["token_agreement"] >= 0.95, (mode, report)
+    assert 0 < report["logits"]["mean_abs_error"] <= report["logits"]["max_abs_error"]
+    assert report["logits"]["max_abs_error"] < report["logits"]["fp32_logit_std"]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_only_constant_weight_matmuls_are_quantized(trained_export, quantized, fmt):
+    out, _ = quantized(fmt)
+    for graph in (contract.ENCODER_FILE, contract.DECODER_FILE):
+        before, after = onnx.load(str(trained_export / graph)), onnx.load(str(out / graph))
+        constants = {init.name for init in after.graph.initializer}
+        quantized_nodes = [node for node in after.graph.node if node.op_type in QUANTIZED_OPS]
+        assert quantized_nodes, graph
+        for node in quantized_nodes:
+            assert node.input[1] in constants, (graph, node.name)  # the weight is a constant
+        # the attention MatMuls (Q·Kᵀ, P·V: both operands activations) are all still float MatMuls
+        assert _activation_matmuls(after) == _activation_matmuls(before) > 0, graph
+
+
+def _activation_matmuls(model: onnx.ModelProto) -> int:
+    constants = {init.name for init in model.graph.initializer}
+    return sum(node.op_type == "MatMul" and not set(node.input) & constants for node in model.graph.node)
+
+
+def test_lm_head_and_embedding_choices_select_the_vocabulary_nodes(trained_export, tmp_path):
+    model = onnx.load(str(trained_export / contract.DECODER_FILE))
+    vocab = Manifest.read(trained_export).dims.vocab_size
+    lm_heads, embeddings = formats.vocab_weights(formats.name_nodes(model), vocab)
+    assert len(lm_heads) == 1 and len(embeddings) == 1
+    for settings in (formats.Int8Settings(), formats.Int8Settings(lm_head=False, embeddings=False)):
+        target = tmp_path / f"decoder-{settings.lm_head}.onnx"
+        formats.quantize_int8(trained_export / contract.DECODER_FILE, target, settings, vocab, False)
+        graph = onnx.load(str(target)).graph
+        weight_types = {init.name: init.data_type for init in graph.initializer}
+        nodes = {node.name: node for node in graph.node}
+        float_head = lm_heads[0] in nodes and nodes[lm_heads[0]].op_type == "MatMul"  # quantized: replaced
+        assert float_head == (not settings.lm_head)
+        token_table = weight_types[nodes[embeddings[0]].input[0]]
+        assert (token_table in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)) == settings.embeddings
+        # the position table and the past reordering by beam_idx are never quantized
+        other_gathers = [node for node in graph.node if node.op_type == "Gather" and node.name != embeddings[0]]
+        assert all(
+            weight_types.get(node.input[0], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for node in other_gathers
+        )
+
+
+def test_quantized_export_runs_through_the_cli(quantized):
+    out, _ = quantized("int8")
+    doc, lead = synthetic_documents(1, seed=77)[0]
+    result = ortseq("generate", str(out), doc, "--num-beams", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == lead
+
+
+def test_impossible_threshold_is_refused_and_nothing_is_written(trained_export, tmp_path):
+    out = tmp_path / "int8"
+    result = ortseq("quantize", str(trained_export), "--to", "int8", "--out", str(out), "--min-agreement", "1.01")
+    assert result.returncode == 2, result.stderr
+    assert "under the threshold 1.01" in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantizing_a_quantized_export_is_refused(quantized, tmp_path):
+    out, _ = quantized("int4")
+    result = ortseq("quantize", str(out), "--to", "int8", "--out", str(tmp_path / "again"))
+    assert result.returncode == 2 and "already int4" in result.stderr
+
+
+def test_manifests_without_a_quantization_section_still_load(trained_export, tmp_path):
+    raw = json.loads((trained_export / MANIFEST_FILE).read_text())
+    raw.pop("quantization", None)
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(raw))
+    manifest = Manifest.read(tmp_path)
+    assert manifest.quantization is None and manifest.precision == "fp32"
+
+
+def test_fp16_keeps_an_overflowing_residual_stream_finite_where_a_naive_conversion_does_not(tmp_path):
+    """A tiny Pegasus whose encoder residual stream reaches ~1e5 (fp16's maximum is 65504): each layer's
+    FFN adds 3e4 to a few channels, as the outlier channels of trained transformers do."""
+    torch.manual_seed(0)
+    shape = TinyPegasusShape(encoder_layers=4, decoder_layers=1)
+    checkpoint = build_tiny_pegasus(tmp_path / "checkpoint", shape)
+    from transformers import PegasusForConditionalGeneration
+
+    model = PegasusForConditionalGeneration.from_pretrained(str(checkpoint))
+    with torch.no_grad():
+        for layer in model.model.encoder.layers:
+            layer.fc2.bias[:4] = 3.0e4
+    model.save_pretrained(checkpoint)
+    export(str(checkpoint), tmp_path / "fp32")
+
+    encoder = onnx.load(str(tmp_path / "fp32" / contract.ENCODER_FILE))
+    ids = np.array([[5, 9, 23, 47, 11, 1]], dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    reference = _run(encoder, feeds)
+    assert np.abs(_residual_stream(encoder, feeds)).max() > 65504  # the fp32 stream really exceeds fp16
+
+    naive = _run(_fp16_encoder(tmp_path, Fp16Settings(keep_residual_fp32=False)), feeds)
+    ours = _run(_fp16_encoder(tmp_path, Fp16Settings()), feeds)
+    assert not np.isfinite(naive).all()
+    assert np.isfinite(ours).all()
+    np.testing.assert_allclose(ours, reference, atol=2e-2 * np.abs(reference).max())
+
+
+def _fp16_encoder(tmp_path, settings: Fp16Settings) -> onnx.ModelProto:
+    target = tmp_path / f"encoder-{settings.keep_residual_fp32}.onnx"
+    convert_fp16(tmp_path / "fp32" / contract.ENCODER_FILE, target, settings, external_data=False)
+    return onnx.load(str(target))
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(["last_hidden_state"], feeds)[0].astype(np.float32)
+
+
+def _residual_stream(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    """The input of the encoder's final LayerNorm (the residual stream after the last layer)."""
+    final_norm = [node for node in model.graph.node if node.op_type == "LayerNormalization"][-1]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.helper.make_tensor_value_info(final_norm.input[0], onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run([final_norm.input[0]], feeds)[0]
