@@ -12,6 +12,9 @@ from pathlib import Path
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
+# How an export can generate (runtime/engines.py): the loop always; the BeamSearch op when exported with it.
+LOOP_ENGINE = "loop"
+BEAM_SEARCH_OP_ENGINE = "beam-search-op"
 
 
 class ManifestError(ValueError):
@@ -72,6 +75,7 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     source: str = ""
     precision: str = "fp32"
+    engines: list[str] = field(default_factory=lambda: [LOOP_ENGINE])
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -104,6 +108,7 @@ class Manifest:
                 versions=raw.get("versions", {}),
                 source=raw.get("source", ""),
                 precision=raw.get("precision", "fp32"),
+                engines=raw.get("engines", [LOOP_ENGINE]),
                 schema_version=raw["schema_version"],
             )
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
