@@ -180,16 +180,18 @@ def check_supported(family_name: str) -> None:
 
 def build_beam_search_model(checkpoint: str | Path, early_stopping: bool = True) -> onnx.ModelProto:
     family_name, family = family_for(Path(checkpoint))
-    return beam_search_model_for(family_name, family, family.load_model(str(checkpoint)), early_stopping)
+    return beam_search_model_for(family_name, family, family.load_model(str(checkpoint)), early_stopping=early_stopping)
 
 
-def beam_search_model_for(family_name: str, family, model: nn.Module, early_stopping: bool = True) -> onnx.ModelProto:
+def beam_search_model_for(
+    family_name: str, family, model: nn.Module, no_repeat_ngram_size: int = 0, early_stopping: bool = True
+) -> onnx.ModelProto:
     """The single-graph model: inputs input_ids, max_length, min_length, num_beams,
     num_return_sequences, length_penalty, attention_mask -> sequences [batch, returned, length] int32.
 
-    no_repeat_ngram_size (0) and early_stopping are node attributes: fixed here, recorded in the
-    graph's metadata so that the runtime can refuse calls asking for other values. early_stopping
-    is on by default: the op's stopping rule without it is transformers 4.x's heuristic (best of all
+    no_repeat_ngram_size and early_stopping are node attributes: fixed here, recorded in the graph's
+    metadata so that the runtime can refuse calls asking for other values. early_stopping is on by
+    default: the op's stopping rule without it is transformers 4.x's heuristic (best of all
     candidates, finished ones included), which picked other beams than 5.x's in our comparisons.
     """
     check_supported(family_name)
@@ -224,7 +226,7 @@ def beam_search_model_for(family_name: str, family, model: nn.Module, early_stop
         eos_token_id=tokens.eos_token_id,
         pad_token_id=tokens.pad_token_id,
         decoder_start_token_id=tokens.decoder_start_token_id,
-        no_repeat_ngram_size=0,
+        no_repeat_ngram_size=no_repeat_ngram_size,
         early_stopping=int(early_stopping),
         model_type=1,
         encoder=encoder,
@@ -240,7 +242,7 @@ def beam_search_model_for(family_name: str, family, model: nn.Module, early_stop
         "eos_token_id": tokens.eos_token_id,
         "pad_token_id": tokens.pad_token_id,
         "forced_eos_token_id": "" if forced_eos is None else forced_eos,
-        "no_repeat_ngram_size": 0,
+        "no_repeat_ngram_size": no_repeat_ngram_size,
         "early_stopping": int(early_stopping),
     }
     onnx.helper.set_model_props(model_proto, {key: str(value) for key, value in metadata.items()})

@@ -100,7 +100,9 @@ def _export_checkpoint(
     engines = [LOOP_ENGINE]
     if beam_search_op:
         log("exporting the BeamSearch-op graph")
-        graph = beam_search_model_for(family_name, family, model)
+        # the model's n-gram ban is built into the op (an attribute); other values are refused at run time
+        no_repeat = _generation_defaults(model).no_repeat_ngram_size
+        graph = beam_search_model_for(family_name, family, model, no_repeat_ngram_size=no_repeat)
         files += onnx_export.save_proto(graph, staging / contract.BEAM_SEARCH_FILE, external_data)
         engines.append(BEAM_SEARCH_OP_ENGINE)
 

@@ -117,8 +117,8 @@ BEAM_SEARCH_OP_NEW_TOKENS = 16
 
 def verify_beam_search_op(directory: Path) -> None:
     """The BeamSearch-op engine must return the loop engine's tokens, on a padded batch read back from
-    the export directory: greedy, and the model's beam count with what the engine supports (early
-    stopping on, no n-gram ban; the model's length penalty and lengths)."""
+    the export directory: greedy, and the model's beam count with early stopping (what the engine
+    supports), at the model's other defaults (length penalty, n-gram ban, lengths)."""
     from runtime import Seq2SeqModel  # the runtime the export will be used with
 
     loop = Seq2SeqModel.load(directory, verify=False)
@@ -131,7 +131,7 @@ def verify_beam_search_op(directory: Path) -> None:
     }
     new_tokens = min(BEAM_SEARCH_OP_NEW_TOKENS, defaults.max_length - 1)
     for name, settings in searches.items():
-        settings |= {"max_new_tokens": new_tokens, "no_repeat_ngram_size": 0}
+        settings |= {"max_new_tokens": new_tokens}
         expected, got = loop.generate(ids, mask, **settings), op.generate(ids, mask, **settings)
         if got.shape != expected.shape or not np.array_equal(got, expected):
             raise GraphMismatchError(f"{contract.BEAM_SEARCH_FILE}, {name}: tokens differ from ortseq's search loop")

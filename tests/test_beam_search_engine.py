@@ -68,13 +68,21 @@ def test_beam_search_op_engine_returns_the_loops_tokens(op_export, name):
     assert finished_early, "some rows should end before the last column (so that the fill after EOS is checked)"
 
 
-def test_model_defaults_with_early_stopping_run_through_the_op(exported, tmp_path):
+def test_model_defaults_with_early_stopping_and_ngram_ban_run_through_the_op(exported, tmp_path):
     directory = tmp_path / "export"
-    export(_checkpoint_with_generation(exported, tmp_path, early_stopping=True), directory, beam_search_op=True)
+    checkpoint = _checkpoint_with_generation(exported, tmp_path, early_stopping=True, no_repeat_ngram_size=2)
+    export(checkpoint, directory, beam_search_op=True)
     loop, op = _engines(directory)
     ids, mask = padded_batch(loop.manifest.dims.vocab_size, [40, 17, 29], seed=5)
-    for settings in (dict(), dict(num_beams=8, num_return_sequences=3)):
-        np.testing.assert_array_equal(op.generate(ids, mask, **settings), loop.generate(ids, mask, **settings))
+    ban_changed_tokens = False
+    for settings in (dict(), dict(num_beams=8, num_return_sequences=3), dict(num_beams=1)):
+        expected = loop.generate(ids, mask, **settings)
+        np.testing.assert_array_equal(op.generate(ids, mask, **settings), expected)
+        unbanned = loop.generate(ids, mask, **settings | {"no_repeat_ngram_size": 0})
+        ban_changed_tokens |= unbanned.shape != expected.shape or bool((unbanned != expected).any())
+    assert ban_changed_tokens, "the n-gram ban should matter in these searches"
+    with pytest.raises(InvalidInputError, match="no_repeat_ngram_size=2"):
+        op.generate(ids, mask, no_repeat_ngram_size=0)
 
 
 def test_settings_the_graph_cannot_honour_are_refused(op_export):
