@@ -32,11 +32,10 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from exporter import onnx_export
-from exporter.families import family_for
+from exporter.families import UnsupportedModelError, family_for
 from exporter.progress import log
 from graphs.manifest import ModelDims
 
-BEAM_SEARCH_FILE = "beam_search.onnx"
 # The op's inputs, in its positional order (unused optional ones are empty names).
 OP_INPUTS = ("input_ids", "max_length", "min_length", "num_beams", "num_return_sequences", "length_penalty")
 OP_ATTENTION_MASK_POSITION = 9  # after repetition_penalty, vocab_mask, prefix_vocab_mask
@@ -167,11 +166,35 @@ def _rename_inputs(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
                 _rename_inputs(attribute.g, renamed)
 
 
-def build_beam_search_model(checkpoint: str | Path) -> onnx.ModelProto:
-    """The single-graph model: inputs input_ids, max_length, min_length, num_beams,
-    num_return_sequences, length_penalty, attention_mask -> sequences [batch, returned, length] int32."""
+SUPPORTED_FAMILIES = ("pegasus",)  # LSG and encoder-decoders: their encoders' I/O differ (not done yet)
+
+
+def check_supported(family_name: str) -> None:
+    """Refuse families the graph is not built for (before any export work)."""
+    if family_name not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(
+            f"the BeamSearch-op graph supports the {list(SUPPORTED_FAMILIES)} families, not {family_name!r}; "
+            "export without --beam-search-op"
+        )
+
+
+def build_beam_search_model(checkpoint: str | Path, early_stopping: bool = True) -> onnx.ModelProto:
     family_name, family = family_for(Path(checkpoint))
-    model = family.load_model(str(checkpoint))
+    return beam_search_model_for(family_name, family, family.load_model(str(checkpoint)), early_stopping=early_stopping)
+
+
+def beam_search_model_for(
+    family_name: str, family, model: nn.Module, no_repeat_ngram_size: int = 0, early_stopping: bool = True
+) -> onnx.ModelProto:
+    """The single-graph model: inputs input_ids, max_length, min_length, num_beams,
+    num_return_sequences, length_penalty, attention_mask -> sequences [batch, returned, length] int32.
+
+    no_repeat_ngram_size and early_stopping are node attributes: fixed here, recorded in the graph's
+    metadata so that the runtime can refuse calls asking for other values. early_stopping is on by
+    default: the op's stopping rule without it is transformers 4.x's heuristic (best of all
+    candidates, finished ones included), which picked other beams than 5.x's in our comparisons.
+    """
+    check_supported(family_name)
     dims = family.dims(model)
     tokens = family.special_tokens(model)
     forced_eos = model.generation_config.forced_eos_token_id
@@ -203,8 +226,8 @@ def build_beam_search_model(checkpoint: str | Path) -> onnx.ModelProto:
         eos_token_id=tokens.eos_token_id,
         pad_token_id=tokens.pad_token_id,
         decoder_start_token_id=tokens.decoder_start_token_id,
-        no_repeat_ngram_size=0,
-        early_stopping=0,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        early_stopping=int(early_stopping),
         model_type=1,
         encoder=encoder,
         decoder=decoder,
@@ -214,14 +237,19 @@ def build_beam_search_model(checkpoint: str | Path) -> onnx.ModelProto:
     opsets = [helper.make_opsetid("", onnx_export.OPSET), helper.make_opsetid("com.microsoft", 1)]
     model_proto = helper.make_model(graph, opset_imports=opsets, producer_name="ortseq")
     model_proto.ir_version = onnx_export.IR_VERSION
-    # the runner restores transformers' layout of finished rows (see runtime/beam_search_op.py)
-    onnx.helper.set_model_props(
-        model_proto, {"eos_token_id": str(tokens.eos_token_id), "pad_token_id": str(tokens.pad_token_id)}
-    )
+    # what the runner needs: the layout of finished rows, and the settings fixed in the graph
+    metadata = {
+        "eos_token_id": tokens.eos_token_id,
+        "pad_token_id": tokens.pad_token_id,
+        "forced_eos_token_id": "" if forced_eos is None else forced_eos,
+        "no_repeat_ngram_size": no_repeat_ngram_size,
+        "early_stopping": int(early_stopping),
+    }
+    onnx.helper.set_model_props(model_proto, {key: str(value) for key, value in metadata.items()})
     return model_proto
 
 
-def export_beam_search_graph(checkpoint: str | Path, path: Path) -> list[str]:
+def export_beam_search_graph(checkpoint: str | Path, path: Path, early_stopping: bool = True) -> list[str]:
     """Write the single-graph BeamSearch model to path (weights over 1 GiB in `<name>.data`)."""
-    proto = build_beam_search_model(checkpoint)
+    proto = build_beam_search_model(checkpoint, early_stopping)
     return onnx_export.save_proto(proto, Path(path))

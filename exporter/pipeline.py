@@ -13,23 +13,29 @@ from pathlib import Path
 import torch
 
 from exporter import onnx_export, verify
+from exporter.beam_search_op import beam_search_model_for, check_supported
 from exporter.families import family_for
 from exporter.progress import log
 from exporter.sources import ALIASES, resolved_source
 from exporter.tokenizer_files import save_tokenizer
 from graphs import contract
 from graphs.directories import replace_dir
-from graphs.manifest import GenerationDefaults, Manifest, sha256_of
+from graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, GenerationDefaults, Manifest, sha256_of
 
 # Shapes used for tracing; verify.py checks the graphs at other ones.
 TRACE_BATCH, TRACE_SRC, TRACE_BEAMS, TRACE_PAST = 2, 9, 2, 3
 
 
 def export(
-    source: str, out_dir: Path, external_data: bool | None = None, add_special_tokens: bool | None = None
+    source: str,
+    out_dir: Path,
+    external_data: bool | None = None,
+    add_special_tokens: bool | None = None,
+    beam_search_op: bool = False,
 ) -> Manifest:
     """add_special_tokens: whether the runtime tokenizes inputs with the tokenizer's special tokens;
-    None follows the model family's knowledge of the source's model card (default True)."""
+    None follows the model family's knowledge of the source's model card (default True).
+    beam_search_op: also write beam_search.onnx (the "beam-search-op" engine), checked against the loop."""
     out_dir = Path(out_dir).absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -37,16 +43,25 @@ def export(
         staging = Path(tmp) / "export"
         staging.mkdir()
         with resolved_source(source, Path(tmp)) as checkpoint:
-            manifest = _export_checkpoint(checkpoint, staging, external_data, source, add_special_tokens)
+            manifest = _export_checkpoint(
+                checkpoint, staging, external_data, source, add_special_tokens, beam_search_op
+            )
             manifest.source = source
         manifest.write(staging)
+        if beam_search_op:
+            verify.verify_beam_search_op(staging)
         replace_dir(staging, out_dir)
     log(f"export complete: {out_dir}")
     return manifest
 
 
 def _export_checkpoint(
-    checkpoint: Path, staging: Path, external_data: bool | None, source: str, add_special_tokens: bool | None
+    checkpoint: Path,
+    staging: Path,
+    external_data: bool | None,
+    source: str,
+    add_special_tokens: bool | None,
+    beam_search_op: bool,
 ) -> Manifest:
     family_name, family = family_for(checkpoint)
     if add_special_tokens is None:  # a family may know model cards that tokenize without them
@@ -54,6 +69,8 @@ def _export_checkpoint(
     log(f"loading {family_name} checkpoint from {checkpoint}")
     model = family.load_model(str(checkpoint))
     dims = family.dims(model)
+    if beam_search_op:
+        check_supported(family_name)  # before minutes of export work
     files: list[str] = []
 
     log("exporting encoder")
@@ -80,6 +97,15 @@ def _export_checkpoint(
         dims.max_position_embeddings,
     )
 
+    engines = [LOOP_ENGINE]
+    if beam_search_op:
+        log("exporting the BeamSearch-op graph")
+        # the model's n-gram ban is built into the op (an attribute); other values are refused at run time
+        no_repeat = _generation_defaults(model).no_repeat_ngram_size
+        graph = beam_search_model_for(family_name, family, model, no_repeat_ngram_size=no_repeat)
+        files += onnx_export.save_proto(graph, staging / contract.BEAM_SEARCH_FILE, external_data)
+        engines.append(BEAM_SEARCH_OP_ENGINE)
+
     tokenizer_info = save_tokenizer(checkpoint, staging, dims.max_position_embeddings, add_special_tokens)
     files.append(tokenizer_info.file)
     return Manifest(
@@ -91,6 +117,7 @@ def _export_checkpoint(
         opset=onnx_export.OPSET,
         files={name: sha256_of(staging / name) for name in files},
         versions=_versions(),
+        engines=engines,
     )
 
 

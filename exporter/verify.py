@@ -15,6 +15,7 @@ import torch
 
 from exporter.progress import log
 from graphs import contract
+from graphs.manifest import BEAM_SEARCH_OP_ENGINE
 
 # fp32 graphs compute the same math in another order: differences are rounding, ~1e-6 relative.
 RTOL = 1e-4
@@ -108,3 +109,30 @@ def verify_decoder(
         worst = max(worst, _compare(f"decoder at {case}", got, list(want), names))
     log(f"verified {path.name} at {len(DECODER_CASES)} new shapes (max abs diff {worst:.2g})")
     return worst
+
+
+# Short searches keep the check cheap on real-size models; forced EOS and finished beams still occur.
+BEAM_SEARCH_OP_NEW_TOKENS = 16
+
+
+def verify_beam_search_op(directory: Path) -> None:
+    """The BeamSearch-op engine must return the loop engine's tokens, on a padded batch read back from
+    the export directory: greedy, and the model's beam count with early stopping (what the engine
+    supports), at the model's other defaults (length penalty, n-gram ban, lengths)."""
+    from runtime import Seq2SeqModel  # the runtime the export will be used with
+
+    loop = Seq2SeqModel.load(directory, verify=False)
+    op = Seq2SeqModel.load(directory, verify=False, engine=BEAM_SEARCH_OP_ENGINE)
+    dims, defaults = loop.manifest.dims, loop.manifest.generation
+    ids, mask = _random_batch(np.random.default_rng(4), 3, min(24, dims.max_position_embeddings), dims.vocab_size)
+    searches = {
+        "greedy": {"num_beams": 1},
+        f"{max(2, defaults.num_beams)} beams": {"num_beams": max(2, defaults.num_beams), "early_stopping": True},
+    }
+    new_tokens = min(BEAM_SEARCH_OP_NEW_TOKENS, defaults.max_length - 1)
+    for name, settings in searches.items():
+        settings |= {"max_new_tokens": new_tokens}
+        expected, got = loop.generate(ids, mask, **settings), op.generate(ids, mask, **settings)
+        if got.shape != expected.shape or not np.array_equal(got, expected):
+            raise GraphMismatchError(f"{contract.BEAM_SEARCH_FILE}, {name}: tokens differ from ortseq's search loop")
+    log(f"verified {contract.BEAM_SEARCH_FILE}: the loop's tokens in {len(searches)} searches")

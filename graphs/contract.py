@@ -29,6 +29,9 @@ IR_VERSION = 8
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+# Optional: ONNX Runtime's BeamSearch op over Pegasus subgraphs, the whole search in one graph
+# (exporter/beam_search_op.py documents its I/O; runtime/beam_search_op.py runs it).
+BEAM_SEARCH_FILE = "beam_search.onnx"
 
 ENCODER_INPUTS = ("input_ids", "attention_mask")
 DECODER_STATIC_INPUTS = ("input_ids", "encoder_attention_mask", "beam_idx")

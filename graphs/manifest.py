@@ -12,6 +12,9 @@ from pathlib import Path
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
+# How an export can generate (runtime/engines.py): the loop always; the BeamSearch op when exported with it.
+LOOP_ENGINE = "loop"
+BEAM_SEARCH_OP_ENGINE = "beam-search-op"
 
 
 class ManifestError(ValueError):
@@ -86,6 +89,7 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     source: str = ""
     precision: str = "fp32"
+    engines: list[str] = field(default_factory=lambda: [LOOP_ENGINE])
     schema_version: int = SCHEMA_VERSION
     quantization: Quantization | None = None  # absent in fp32 exports (and in manifests older than it)
 
@@ -119,6 +123,7 @@ class Manifest:
                 versions=raw.get("versions", {}),
                 source=raw.get("source", ""),
                 precision=raw.get("precision", "fp32"),
+                engines=raw.get("engines", [LOOP_ENGINE]),
                 schema_version=raw["schema_version"],
                 quantization=Quantization(**raw["quantization"]) if raw.get("quantization") else None,
             )

@@ -9,6 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE
 from runtime.errors import InvalidInputError, ManifestError
 
 EXIT_USAGE = 2
@@ -27,7 +28,13 @@ def _export(args: argparse.Namespace) -> int:
     from exporter.verify import GraphMismatchError
 
     try:
-        export(args.source, args.out, external_data=args.external_data, add_special_tokens=args.add_special_tokens)
+        export(
+            args.source,
+            args.out,
+            external_data=args.external_data,
+            add_special_tokens=args.add_special_tokens,
+            beam_search_op=args.beam_search_op,
+        )
     except (SourceError, UnsupportedModelError) as exc:
         raise InvalidInputError(str(exc)) from exc
     except GraphMismatchError as exc:
@@ -75,13 +82,14 @@ def _generate(args: argparse.Namespace) -> int:
     texts = args.texts if args.texts else [line.rstrip("\n") for line in sys.stdin]
     if not texts:
         raise InvalidInputError("no input: give texts as arguments or one per line on stdin")
-    model = Seq2SeqModel.load(args.export_dir, provider=args.provider, threads=args.threads)
+    model = Seq2SeqModel.load(args.export_dir, provider=args.provider, threads=args.threads, engine=args.engine)
     settings = {
         "num_beams": args.num_beams,
         "max_new_tokens": args.max_new_tokens,
         "min_new_tokens": args.min_new_tokens,
         "length_penalty": args.length_penalty,
         "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "early_stopping": args.early_stopping,
         "num_return_sequences": args.num_return_sequences,
     }
     summaries = model.summarize(texts, batch_size=args.batch_size, **settings)
@@ -138,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokenize inputs with the tokenizer's special tokens (default: as the model card does; "
         "google's roberta2roberta/bert2bert/bert_for_seq_generation cards do not)",
     )
+    export.add_argument(
+        "--beam-search-op",
+        action="store_true",
+        help="also write beam_search.onnx, for `generate --engine beam-search-op` (Pegasus only)",
+    )
     export.set_defaults(run=_export)
 
     quantize = commands.add_parser("quantize", help="make an int8/int4/fp16 copy of an export, with a quality report")
@@ -181,10 +194,23 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--min-new-tokens", type=int)
     generate.add_argument("--length-penalty", type=float)
     generate.add_argument("--no-repeat-ngram-size", type=int)
+    generate.add_argument(
+        "--early-stopping",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="end a beam search once num_beams hypotheses are finished (default: the model's)",
+    )
     generate.add_argument("--num-return-sequences", type=int, default=1)
     generate.add_argument("--batch-size", type=int, help="texts per generate call (default: all at once)")
     generate.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     generate.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    generate.add_argument(
+        "--engine",
+        default=LOOP_ENGINE,
+        choices=[LOOP_ENGINE, BEAM_SEARCH_OP_ENGINE],
+        help="loop: ortseq's search (default); beam-search-op: ONNX Runtime's BeamSearch op "
+        "(export with --beam-search-op)",
+    )
     generate.set_defaults(run=_generate)
 
     serve = commands.add_parser("serve", help="serve an export directory over HTTP (needs the [serve] extra)")

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from graphs.manifest import Manifest
+from graphs.manifest import LOOP_ENGINE, Manifest
+from runtime.engines import open_engine
 from runtime.errors import InvalidInputError
-from runtime.search import PROMPT_LEN, SearchSettings, beam_search, greedy_search
+from runtime.search import PROMPT_LEN, SearchSettings
 from runtime.sessions import EncoderDecoderSessions
 from runtime.tokenizer import TextTokenizer
 
@@ -17,22 +18,36 @@ from runtime.tokenizer import TextTokenizer
 class Seq2SeqModel:
     """An exported summarizer: `generate` works on token ids, `summarize` on texts."""
 
-    def __init__(self, directory: Path, manifest: Manifest, sessions: EncoderDecoderSessions, tokenizer: TextTokenizer):
+    def __init__(self, directory: Path, manifest: Manifest, engine, tokenizer: TextTokenizer):
         self.directory = directory
         self.manifest = manifest
-        self.sessions = sessions
+        self.engine = engine  # runs the search: see runtime/engines.py
         self.tokenizer = tokenizer
 
     @classmethod
-    def load(cls, directory: str | Path, provider: str = "cpu", threads: int | None = None, verify: bool = True):
-        """Open an export directory. verify=True checks every file against its manifest sha256."""
+    def load(
+        cls,
+        directory: str | Path,
+        provider: str = "cpu",
+        threads: int | None = None,
+        verify: bool = True,
+        engine: str = LOOP_ENGINE,
+    ):
+        """Open an export directory. verify=True checks every file against its manifest sha256.
+        engine: "loop" (ortseq's search, every setting) or "beam-search-op" (needs an export made
+        with --beam-search-op; same tokens, refuses the settings its graph cannot honour)."""
         directory = Path(directory)
         manifest = Manifest.read(directory)
         if verify:
             manifest.verify_files(directory)
-        sessions = EncoderDecoderSessions(directory, manifest, provider, threads)
+        search_engine = open_engine(engine, directory, manifest, provider, threads)
         tokenizer = TextTokenizer(directory, manifest.tokenizer, manifest.special_tokens.pad_token_id)
-        return cls(directory, manifest, sessions, tokenizer)
+        return cls(directory, manifest, search_engine, tokenizer)
+
+    @property
+    def sessions(self) -> EncoderDecoderSessions:
+        """The loop engine's encoder and decoder sessions (tests drive them step by step)."""
+        return self.engine.sessions
 
     def generate(
         self,
@@ -62,12 +77,7 @@ class Seq2SeqModel:
             max_length=max_length,
             min_length=min_length,
         )
-        batch = input_ids.shape[0]
-        memory = self.sessions.encode(input_ids, attention_mask)
-        step = self.sessions.decoder_step(memory, rows=batch * settings.num_beams)
-        if settings.num_beams == 1:
-            return greedy_search(step, batch, settings)
-        return beam_search(step, batch, settings)
+        return self.engine.run(input_ids, attention_mask, settings)
 
     def summarize(self, texts: list[str], batch_size: int | None = None, **generate_kwargs) -> list[str]:
         """Summaries of texts, one per text (num_return_sequences per text when asked)."""
@@ -120,6 +130,7 @@ class Seq2SeqModel:
             forced_eos_token_id=defaults.forced_eos_token_id,
         )
         self._check_settings(settings)
+        self.engine.check(settings)
         return settings
 
     def _check_settings(self, s: SearchSettings) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exporter.beam_search_op import BEAM_SEARCH_FILE, export_beam_search_graph
+from exporter.beam_search_op import export_beam_search_graph
+from graphs.contract import BEAM_SEARCH_FILE
 from runtime import Seq2SeqModel
 from runtime.beam_search_op import BeamSearchOpModel
 from tests.test_generate_parity import padded_batch
 
 # Settings whose semantics the op shares with transformers (and so with ortseq); forced EOS is done
-# by our decoder subgraph. no_repeat_ngram_size and early_stopping are fixed in the graph (0, False).
+# by our decoder subgraph. no_repeat_ngram_size and early_stopping are fixed in the graph (0, True).
 SETTINGS = {
     "greedy_exact_64": dict(num_beams=1, max_new_tokens=64, min_new_tokens=64),
     "greedy_min_new_tokens": dict(num_beams=1, max_new_tokens=30, min_new_tokens=5),
@@ -35,7 +36,7 @@ def test_beam_search_op_matches_ortseq_loop_on_padded_batch(both, name):
     op, loop = both
     ids, mask = padded_batch(loop.manifest.dims.vocab_size, [40, 17, 29], seed=3)
     settings = {"length_penalty": 1.0, "min_new_tokens": 0} | SETTINGS[name]
-    expected = loop.generate(ids, mask, **settings)
+    expected = loop.generate(ids, mask, early_stopping=True, **settings)
     got = op.generate(ids, mask, **settings)
     np.testing.assert_array_equal(got, expected)
     ended = (expected[:, 1:] == loop.manifest.special_tokens.eos_token_id).any(axis=1)

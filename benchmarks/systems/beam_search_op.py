@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 def prepare(model, variant: str) -> Path:
-    from exporter.beam_search_op import BEAM_SEARCH_FILE, export_beam_search_graph
+    from exporter.beam_search_op import export_beam_search_graph
+    from graphs.contract import BEAM_SEARCH_FILE
 
     out = model.cache / "beam-search-op"
     if not (out / BEAM_SEARCH_FILE).is_file():

@@ -19,7 +19,7 @@ from exporter.quantization import formats, fp16
 from exporter.quantization.quality import ReportSettings, default_texts, lowest_agreement, quality_report
 from graphs import contract
 from graphs.directories import replace_dir
-from graphs.manifest import Manifest, Quantization, sha256_of
+from graphs.manifest import LOOP_ENGINE, Manifest, Quantization, sha256_of
 
 FORMATS = ("int8", "int4", "fp16")
 DEFAULT_MIN_AGREEMENT = 0.9
@@ -98,6 +98,7 @@ def _write_quantized(source_dir: Path, source: Manifest, staging: Path, to: str,
         source,
         files={name: sha256_of(staging / name) for name in files},
         precision=to,
+        engines=[LOOP_ENGINE],  # the BeamSearch-op graph is fp32 and not carried over
         quantization=Quantization(format=to, settings=asdict(settings), source=str(source_dir)),
     )
     manifest.write(staging)

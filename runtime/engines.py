@@ -1,0 +1,54 @@
+"""Engines: what runs a generate() call once Seq2SeqModel has resolved and checked its settings.
+
+- "loop" (default): ortseq's own search (runtime/search.py) over encoder.onnx and decoder.onnx;
+  every setting, cross K/V shared by the beams.
+- "beam-search-op": beam_search.onnx (`ortseq export --beam-search-op`), ONNX Runtime's BeamSearch
+  op running the whole search in C++; the same tokens, fewer settings (runtime/beam_search_op.py).
+
+An engine has check(settings) (raise InvalidInputError for what it cannot honour) and
+run(input_ids, attention_mask, settings) -> token ids laid out as transformers returns them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, Manifest
+from runtime.beam_search_op import BeamSearchOpModel
+from runtime.errors import InvalidInputError
+from runtime.search import SearchSettings, beam_search, greedy_search
+from runtime.sessions import EncoderDecoderSessions
+
+ENGINES = (LOOP_ENGINE, BEAM_SEARCH_OP_ENGINE)
+
+
+class LoopEngine:
+    """ortseq's numpy search loop driving the decoder session one step at a time."""
+
+    def __init__(self, sessions: EncoderDecoderSessions):
+        self.sessions = sessions
+
+    def check(self, settings: SearchSettings) -> None:
+        """Every setting Seq2SeqModel accepts is supported."""
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, settings: SearchSettings) -> np.ndarray:
+        batch = input_ids.shape[0]
+        memory = self.sessions.encode(input_ids, attention_mask)
+        step = self.sessions.decoder_step(memory, rows=batch * settings.num_beams)
+        if settings.num_beams == 1:
+            return greedy_search(step, batch, settings)
+        return beam_search(step, batch, settings)
+
+
+def open_engine(name: str, directory: Path, manifest: Manifest, provider: str, threads: int | None):
+    if name == LOOP_ENGINE:
+        return LoopEngine(EncoderDecoderSessions(directory, manifest, provider, threads))
+    if name == BEAM_SEARCH_OP_ENGINE:
+        if BEAM_SEARCH_OP_ENGINE not in manifest.engines:
+            raise InvalidInputError(
+                f"{directory} has no BeamSearch-op graph: export with `ortseq export SOURCE --out DIR --beam-search-op`"
+            )
+        return BeamSearchOpModel.load(directory, provider, threads)
+    raise InvalidInputError(f"unknown engine {name!r}; choose one of {list(ENGINES)}")
