@@ -170,7 +170,8 @@ def _generation_defaults(model) -> GenerationDefaults:
         min_length=gen.min_length or 0,
         length_penalty=float(gen.length_penalty if gen.length_penalty is not None else 1.0),
         no_repeat_ngram_size=gen.no_repeat_ngram_size or 0,
-        early_stopping=bool(gen.early_stopping),
+        # transformers' three values: True, False, or "never" (a different stopping heuristic)
+        early_stopping=gen.early_stopping if gen.early_stopping == "never" else bool(gen.early_stopping),
         forced_eos_token_id=gen.forced_eos_token_id,
     )
 

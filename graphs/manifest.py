@@ -48,7 +48,7 @@ class GenerationDefaults:
     min_length: int = 0
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
-    early_stopping: bool = False
+    early_stopping: bool | str = False  # True, False or "never", as in transformers
     forced_eos_token_id: int | None = None
 
 

@@ -159,3 +159,16 @@ def test_verification_catches_a_graph_specialised_to_the_traced_shape(exported, 
     with pytest.raises(GraphMismatchError, match="encoder"):
         export(str(exported("base").checkpoint), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value, recorded", [(True, True), (False, False), (None, False), ("never", "never")])
+def test_generation_defaults_keep_early_stopping_never(value, recorded):
+    """transformers' third early-stopping mode, "never", must not become True."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from exporter.pipeline import _generation_defaults
+
+    config = GenerationConfig(early_stopping=value) if value is not None else GenerationConfig()
+    assert _generation_defaults(SimpleNamespace(generation_config=config)).early_stopping == recorded
