@@ -106,48 +106,61 @@ class TinyPegasusShape:
 def build_tiny_pegasus(out_dir: Path, shape: TinyPegasusShape = TinyPegasusShape(), seed: int = 0) -> Path:
     """Save a small random Pegasus (and its tokenizer) to out_dir, as save_pretrained would."""
     import torch
-    from transformers import GenerationConfig, PegasusConfig, PegasusForConditionalGeneration
+    from transformers import GenerationConfig, PegasusForConditionalGeneration
 
     out_dir = Path(out_dir)
     log(f"building tiny-pegasus in {out_dir} (sentencepiece trained on the spot)")
     spiece = train_pegasus_sentencepiece(out_dir / "_spm", seed=seed)
     tokenizer = _pegasus_tokenizer_from_spiece(spiece, shape.max_position_embeddings)
-    config = PegasusConfig(
+    config = small_pegasus_config(
+        shape,
         vocab_size=len(tokenizer) + shape.extra_vocab,
-        d_model=shape.d_model,
-        encoder_layers=shape.encoder_layers,
-        decoder_layers=shape.decoder_layers,
-        encoder_attention_heads=shape.heads,
-        decoder_attention_heads=shape.heads,
-        encoder_ffn_dim=shape.ffn_dim,
-        decoder_ffn_dim=shape.ffn_dim,
-        max_position_embeddings=shape.max_position_embeddings,
-        activation_function="relu",
-        scale_embedding=True,
         init_std=shape.init_std,
         tie_word_embeddings=shape.tie_embeddings,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-        forced_eos_token_id=1,
     )
     torch.manual_seed(seed)
     model = PegasusForConditionalGeneration(config).eval()
     _make_outputs_input_dependent(model, shape.eos_logit_bias)
-    model.generation_config = GenerationConfig(
-        num_beams=4,
-        max_length=32,
-        length_penalty=0.6,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-        forced_eos_token_id=1,
+    model.generation_config = GenerationConfig(num_beams=4, max_length=32, length_penalty=0.6, **PEGASUS_TOKEN_IDS)
+    save_pegasus_checkpoint(model, tokenizer, spiece, out_dir)
+    return out_dir
+
+
+# Pegasus' special-token layout: pad 0 (also the decoder start), EOS 1, forced as the last token.
+PEGASUS_TOKEN_IDS = dict(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, forced_eos_token_id=1)
+
+
+def small_pegasus_config(sizes, vocab_size: int, **extra):
+    """A PegasusConfig with Pegasus' layout (relu, scaled embeddings, its token ids) at small sizes.
+
+    sizes: anything with d_model, heads, encoder_layers, decoder_layers, ffn_dim, max_position_embeddings.
+    """
+    from transformers import PegasusConfig
+
+    return PegasusConfig(
+        vocab_size=vocab_size,
+        d_model=sizes.d_model,
+        encoder_layers=sizes.encoder_layers,
+        decoder_layers=sizes.decoder_layers,
+        encoder_attention_heads=sizes.heads,
+        decoder_attention_heads=sizes.heads,
+        encoder_ffn_dim=sizes.ffn_dim,
+        decoder_ffn_dim=sizes.ffn_dim,
+        max_position_embeddings=sizes.max_position_embeddings,
+        activation_function="relu",
+        scale_embedding=True,
+        **PEGASUS_TOKEN_IDS,
+        **extra,
     )
+
+
+def save_pegasus_checkpoint(model, tokenizer, spiece: Path, out_dir: Path) -> None:
+    """save_pretrained of model and tokenizer, plus spiece.model as real Pegasus checkpoints ship it;
+    the sentencepiece training folder is removed."""
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    shutil.copy(spiece, out_dir / "spiece.model")  # as real Pegasus checkpoints ship it
+    shutil.copy(spiece, Path(out_dir) / "spiece.model")
     shutil.rmtree(spiece.parent)
-    return out_dir
 
 
 def _make_outputs_input_dependent(model, eos_logit_bias: float) -> None:

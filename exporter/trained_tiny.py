@@ -127,9 +127,15 @@ def trained_checkpoint(settings: TrainingSettings = TrainingSettings()) -> Path:
 
 def _train(out_dir: Path, settings: TrainingSettings) -> None:
     import torch
-    from transformers import GenerationConfig, PegasusConfig, PegasusForConditionalGeneration
+    from transformers import GenerationConfig, PegasusForConditionalGeneration
 
-    from exporter.tiny import _pegasus_tokenizer_from_spiece, train_unigram_sentencepiece
+    from exporter.tiny import (
+        PEGASUS_TOKEN_IDS,
+        _pegasus_tokenizer_from_spiece,
+        save_pegasus_checkpoint,
+        small_pegasus_config,
+        train_unigram_sentencepiece,
+    )
 
     torch.set_num_threads(1)
     torch.manual_seed(settings.seed)
@@ -141,40 +147,21 @@ def _train(out_dir: Path, settings: TrainingSettings) -> None:
         out_dir / "_spm", spm_lines, settings.spm_vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1
     )
     tokenizer = _pegasus_tokenizer_from_spiece(spiece, settings.max_position_embeddings)
-    config = PegasusConfig(
+    config = small_pegasus_config(
+        settings,
         vocab_size=len(tokenizer),
-        d_model=settings.d_model,
-        encoder_layers=settings.encoder_layers,
-        decoder_layers=settings.decoder_layers,
-        encoder_attention_heads=settings.heads,
-        decoder_attention_heads=settings.heads,
-        encoder_ffn_dim=settings.ffn_dim,
-        decoder_ffn_dim=settings.ffn_dim,
-        max_position_embeddings=settings.max_position_embeddings,
-        activation_function="relu",
-        scale_embedding=True,
         dropout=0.0,
         attention_dropout=0.0,
         tie_word_embeddings=True,  # as Pegasus: the LM head is the embedding matrix
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-        forced_eos_token_id=1,
     )
     model = PegasusForConditionalGeneration(config)
     log(f"training tiny-pegasus-trained: {settings.steps} steps of {settings.batch_size} documents (CPU, 1 thread)")
     _fit(model, tokenizer, train_docs, settings)
     model.eval()
-    model.generation_config = GenerationConfig(
-        num_beams=4, max_length=40, length_penalty=1.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-        forced_eos_token_id=1,
-    )  # fmt: skip
+    model.generation_config = GenerationConfig(num_beams=4, max_length=40, length_penalty=1.0, **PEGASUS_TOKEN_IDS)
     report = held_out_report(model, tokenizer, settings)
     log(f"held-out greedy exact match: {report['greedy_exact_match']:.3f} on {report['documents']} documents")
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    shutil.copy(spiece, out_dir / "spiece.model")
-    shutil.rmtree(spiece.parent)
+    save_pegasus_checkpoint(model, tokenizer, spiece, out_dir)
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -56,11 +56,7 @@ class BeamSearchOpModel:
             )
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, settings: SearchSettings) -> np.ndarray:
-        """Search with resolved settings, as ortseq's loop does (see runtime/search.py)."""
-        self.check(settings)
-        return self._search(input_ids, attention_mask, settings)
-
-    def _search(self, input_ids: np.ndarray, attention_mask: np.ndarray, settings: SearchSettings) -> np.ndarray:
+        """Search with resolved settings that check() accepted (Seq2SeqModel.settings() calls it)."""
         # both bans on EOS, in total decoder lengths (the op counts the start token, as transformers does)
         min_length = max(settings.min_length, PROMPT_LEN + settings.min_new_tokens)
         if self.forced_eos:  # forced EOS (in the graph) decides the last step: the op's ban must not overlap it
@@ -106,7 +102,7 @@ class BeamSearchOpModel:
             early_stopping=self.early_stopping,
             num_return_sequences=num_return_sequences,
         )
-        return self._search(input_ids, attention_mask, settings)
+        return self.run(input_ids, attention_mask, settings)
 
 
 def as_transformers_layout(sequences: np.ndarray, eos_token_id: int, pad_token_id: int, fill: int) -> np.ndarray:

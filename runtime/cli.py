@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,14 +16,18 @@ from runtime.errors import InvalidInputError, ManifestError
 EXIT_USAGE = 2
 
 
-def _export(args: argparse.Namespace) -> int:
+@contextmanager
+def _needs(command: str, what: str, install: str):
+    """Imports of an optional extra: a missing package becomes a usage error that says how to install it."""
     try:
-        from exporter.pipeline import export
+        yield
     except ImportError as exc:
-        raise InvalidInputError(
-            f"`ortseq export` needs the exporter dependencies ({exc.name} is missing): "
-            "pip install torch==2.13.0 -e '.[export]'"
-        ) from exc
+        raise InvalidInputError(f"`ortseq {command}` needs {what} ({exc.name} is missing): {install}") from exc
+
+
+def _export(args: argparse.Namespace) -> int:
+    with _needs("export", "the exporter dependencies", "pip install torch==2.13.0 -e '.[export]'"):
+        from exporter.pipeline import export
     from exporter.families import UnsupportedModelError
     from exporter.sources import SourceError
     from exporter.verify import GraphMismatchError
@@ -43,15 +48,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    try:
+    with _needs("quantize", "onnx and onnxruntime's quantization tools", "pip install -e '.[quantize]'"):
         from exporter.quantization import formats
         from exporter.quantization.pipeline import QuantizationError, default_settings, quantize
         from exporter.quantization.quality import format_report
-    except ImportError as exc:
-        raise InvalidInputError(
-            f"`ortseq quantize` needs onnx and onnxruntime's quantization tools ({exc.name} is missing): "
-            "pip install -e '.[quantize]'"
-        ) from exc
     settings = default_settings(args.to)
     overrides = {
         "lm_head": args.lm_head,
@@ -99,12 +99,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:
+    with _needs("serve", "the serving dependencies", "pip install -e '.[serve]'"):
         from runtime.serving.server import ServerOptions, serve
-    except ImportError as exc:
-        raise InvalidInputError(
-            f"`ortseq serve` needs the serving dependencies ({exc.name} is missing): pip install -e '.[serve]'"
-        ) from exc
     from runtime.serving.batcher import BatchingConfig
     from runtime.serving.schema import RequestLimits
 
