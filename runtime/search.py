@@ -201,11 +201,16 @@ def beam_search(step: StepFn, batch: int, settings: SearchSettings) -> np.ndarra
         ends = (topk_running[:, :, cur_len] == settings.eos_token_id) | (cur_len + 1 >= max_length)
 
         # live beams for the next step: the best candidates that did not end
-        live_scores = topk_scores + ends.astype(np.float32) * NEG_LARGE
-        _, pick = top_k(live_scores, beams)
-        state.running = _rows(topk_running, pick)
-        state.running_scores = _rows(live_scores, pick)
-        state.running_beam_indices = _rows(topk_indices, pick)
+        if ends.any():
+            live_scores = topk_scores + ends.astype(np.float32) * NEG_LARGE
+            _, pick = top_k(live_scores, beams)
+            state.running = _rows(topk_running, pick)
+            state.running_scores = _rows(live_scores, pick)
+            state.running_beam_indices = _rows(topk_indices, pick)
+        else:  # the same picks, cheaper: candidates come best first, so the best `beams` are the first ones
+            state.running = topk_running[:, :beams]
+            state.running_scores = topk_scores[:, :beams]
+            state.running_beam_indices = topk_indices[:, :beams]
 
         _update_finished(state, settings, topk_running, topk_scores, topk_indices, ends & top_beams, cur_len)
 
@@ -225,6 +230,10 @@ def _update_finished(state, settings, topk_running, topk_scores, topk_indices, j
     scores = scores + batch_full.astype(np.float32) * NEG_LARGE
     scores = scores + (~state.improvable).astype(np.float32) * NEG_LARGE
     scores = scores + (~just_finished).astype(np.float32) * NEG_LARGE
+    if scores.max() <= state.scores.min():
+        # nothing can enter: the kept hypotheses (best first) would win every comparison and every
+        # tie (they come first), so the merge below would return them unchanged. The common case.
+        return
 
     merged_scores = np.concatenate([state.scores, scores], axis=1)
     _, pick = top_k(merged_scores, settings.num_beams)
