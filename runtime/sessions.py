@@ -39,6 +39,22 @@ def create_session(path: Path, provider: str, threads: int | None = None) -> ort
         raise ManifestError(f"{path} cannot be loaded by onnxruntime ({exc}); export the model again") from exc
 
 
+# Below this many multiply-adds per row, a decoder step runs on one intra-op thread whatever `threads`
+# says: its ops are too small to split, yet a second thread still costs a hand-off at every session
+# run and, spinning between runs, slows the Python search beside it. Measured on tiny-pegasus
+# (0.15 M per row) on the 2-core machine: one thread was faster at every batch and beam count (8 beams,
+# batch 1: 0.43 vs 0.66-0.77 ms per step; README "Speed"). pegasus-xsum has 333 M per row.
+SINGLE_THREAD_DECODER_MACS = 1_000_000
+
+
+def decoder_threads(manifest: Manifest, threads: int | None) -> int | None:
+    """Intra-op threads for the decoder step session: `threads`, or 1 for a decoder too small to split."""
+    dims = manifest.dims
+    # per layer: self-attention q, k, v, out and cross-attention q, out (4 + 2 d^2), an FFN of ~8 d^2
+    macs_per_row = dims.decoder_layers * 14 * dims.d_model**2 + dims.d_model * dims.vocab_size
+    return 1 if macs_per_row < SINGLE_THREAD_DECODER_MACS else threads
+
+
 _shared_cpu_arena_registered = False
 
 
@@ -48,15 +64,19 @@ def _register_shared_cpu_arena() -> None:
     An arena keeps the memory it once held. With one per session, the decoder's arena still holds the
     last step's past and present K/V after a generate() call (1.1 GB for the xsum-shaped model at
     batch 8 x 8 beams), and the next call's encoder cannot reuse any of it: its activations and
-    cross K/V come on top. Shared, they reuse each other's freed memory; the measured peak of two
-    calls fell from 3.35 to 2.86 GB (benchmarks/profile_memory.py, README "Speed").
+    cross K/V come on top. Shared, they reuse each other's freed memory. onnxruntime also hands out a
+    free chunk whole when it is at most 128 MB too big, and the step tensors grow by one position per
+    step, so chunks went out far too big: splitting anything more than 1 MB too big stops that. The
+    measured peak of two calls: 3.35 GB with an arena per session, 2.86 GB shared, 2.68 GB shared and
+    split (benchmarks/profile_memory.py, README "Speed").
     """
     global _shared_cpu_arena_registered
     if _shared_cpu_arena_registered:
         return
     cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-    defaults = ort.OrtArenaCfg(0, -1, -1, -1)  # no cap, onnxruntime's default growth and chunking
-    ort.create_and_register_allocator(cpu, defaults)
+    # no cap, onnxruntime's default growth and first chunk; split free chunks more than 1 MB too big
+    arena = ort.OrtArenaCfg(0, -1, -1, 1 << 20)
+    ort.create_and_register_allocator(cpu, arena)
     _shared_cpu_arena_registered = True
 
 
@@ -67,7 +87,9 @@ class EncoderDecoderSessions:
         self.manifest = manifest
         self.layers = manifest.dims.decoder_layers
         self.encoder = create_session(Path(directory) / contract.ENCODER_FILE, provider, threads)
-        self.decoder = create_session(Path(directory) / contract.DECODER_FILE, provider, threads)
+        self.decoder = create_session(
+            Path(directory) / contract.DECODER_FILE, provider, decoder_threads(manifest, threads)
+        )
         self._memory_names = ["encoder_attention_mask", *contract.cross_names(self.layers)]
         self.past_names = contract.past_names(self.layers)
         # float32, or float16 in fp16 exports (their K/V inputs and outputs are half precision)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from exporter.pipeline import export
 from exporter.verify import GraphMismatchError
 from runtime import InvalidInputError, ManifestError, Seq2SeqModel
+from runtime.sessions import decoder_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -172,3 +174,16 @@ def test_generation_defaults_keep_early_stopping_never(value, recorded):
 
     config = GenerationConfig(early_stopping=value) if value is not None else GenerationConfig()
     assert _generation_defaults(SimpleNamespace(generation_config=config)).early_stopping == recorded
+
+
+def test_decoder_of_a_tiny_model_runs_on_one_thread_and_a_large_one_on_all_asked(exported):
+    """The decoder-step thread rule (runtime/sessions.py): tiny steps lose more to the hand-off than they gain."""
+    model = Seq2SeqModel.load(exported("base").export_dir, threads=2)
+    sessions = model.sessions
+    assert sessions.decoder.get_session_options().intra_op_num_threads == 1
+    assert sessions.encoder.get_session_options().intra_op_num_threads == 2
+    xsum = dataclasses.replace(
+        model.manifest, dims=dataclasses.replace(model.manifest.dims, d_model=1024, decoder_layers=16, vocab_size=96103)
+    )
+    assert decoder_threads(xsum, 2) == 2
+    assert decoder_threads(xsum, None) is None
