@@ -1,13 +1,14 @@
-"""Where one ortseq generate() call's peak RSS comes from, stage by stage (Linux only).
+"""Where ortseq's peak RSS comes from, stage by stage (Linux only).
 
-    python benchmarks/profile_memory.py EXPORT_DIR [--batch 8] [--beams 8] [--new-tokens 64] [--length 512]
-                                        [--no-arena] [--every 8]
+    python benchmarks/profile_memory.py EXPORT_DIR [--batch 8] [--beams 8] [--new-tokens 64]
+                                        [--length 512] [--every 8] [--calls 2]
 
-Loads the export (2 threads, as `make bench`), then runs generate() once and reports, for the load,
-the encoder run and every `--every`-th decoder step: the resident set after the stage, the peak
-during it (the kernel's VmHWM, reset before each stage through /proc/self/clear_refs), and the bytes
-that must be resident then: the process after loading plus the tensors alive (cross K/V, past and present K/V, logits). The gap between the
-peak and those live bytes is what onnxruntime's allocator holds beyond them. Used to explain the
+Loads the export (2 threads, as `make bench`), then runs generate() `--calls` times (make bench's
+worker makes a warm-up call, then a timed one) and reports, for the load, every encoder run and
+every `--every`-th decoder step: the resident set after the stage, the peak during it (the kernel's
+VmHWM, reset before each stage through /proc/self/clear_refs), and what must be resident then: the
+process after loading plus the tensors alive (cross K/V, past and present K/V, logits). The gap
+between the peak and that is what the allocators hold beyond it. Used to explain and then cut the
 peak-RSS ratio in the README.
 """
 
@@ -70,31 +71,28 @@ def main() -> None:
     cross_mb = args.batch * length * kv_per_token / MB
     logits_mb = 2 * rows * dims.vocab_size * 4 / MB  # the logits buffer and the search's scratch
 
+    progress = {"call": 0, "step": 0}
     encode = model.sessions.encode
 
     def staged_encode(input_ids, attention_mask):
         memory = encode(input_ids, attention_mask)
-        _report(f"call {call} encode", loaded + cross_mb)
+        _report(f"call {progress['call']} encode", loaded + cross_mb)
         return memory
 
-    call = step_count = 0
-    step_class = sessions.CpuDecoderStep
-
-    class StagedStep(step_class):
+    class StagedStep(sessions.CpuDecoderStep):
         def __call__(self, tokens, beam_idx):
-            nonlocal step_count
             logits = super().__call__(tokens, beam_idx)
-            step_count += 1
-            if step_count % args.every == 0 or step_count == args.new_tokens:
-                past_mb = rows * (step_count - 1) * kv_per_token / MB
-                present_mb = rows * step_count * kv_per_token / MB
-                _report(f"call {call} step {step_count}", loaded + cross_mb + past_mb + present_mb + logits_mb)
+            progress["step"] = step = progress["step"] + 1
+            if step % args.every == 0 or step == args.new_tokens:
+                past_mb, present_mb = (rows * n * kv_per_token / MB for n in (step - 1, step))
+                alive = cross_mb + past_mb + present_mb + logits_mb
+                _report(f"call {progress['call']} step {step}", loaded + alive)
             return logits
 
     model.sessions.encode = staged_encode
     sessions.CpuDecoderStep = StagedStep
     for call in range(1, args.calls + 1):
-        step_count = 0
+        progress.update(call=call, step=0)
         model.generate(ids, num_beams=args.beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
 
 
