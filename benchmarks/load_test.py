@@ -189,9 +189,9 @@ def main() -> None:
     if not 1 <= args.clients <= 256 or not 0 < args.seconds <= 600:
         raise SystemExit("keep it bounded: 1-256 clients, at most 600 s per configuration")
     if args.export_dir is None:
-        from bench import prepare  # benchmarks/bench.py: builds and exports tiny-pegasus once (needs torch)
+        from bench import prepare_model  # benchmarks/bench.py: builds and exports tiny-pegasus once (needs torch)
 
-        args.export_dir = prepare("tiny-pegasus")[1]
+        args.export_dir = prepare_model("tiny-pegasus").export_dir
     rows = []
     for name, batch in ((f"dynamic batching (max {args.max_batch_size})", args.max_batch_size), ("batch size 1", 1)):
         print(f"[load test] {name}: {args.clients} clients for {args.seconds} s", flush=True)
