@@ -153,11 +153,11 @@ def batch_metrics(port: int) -> dict[str, float]:
 
 
 def write(rows: list[dict], args: argparse.Namespace) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     gain = rows[0]["requests_per_s"] / rows[1]["requests_per_s"] if rows[1]["requests_per_s"] else float("nan")
     settings = {k: getattr(args, k) for k in ("clients", "seconds", "num_beams", "max_new_tokens", "max_wait_ms")}
     report = {"settings": {**settings, "export_dir": str(args.export_dir)}, "results": rows, "batching_gain": gain}
-    (RESULTS / "load_test.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "load_test.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"{args.clients} clients, {args.seconds} s per configuration, one input per request, "
         f"num_beams {args.num_beams}, max_new_tokens {args.max_new_tokens}, max wait {args.max_wait_ms} ms, "
@@ -172,7 +172,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
             f"{r['tokens_per_s']:.0f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch']:.1f} |"
         )
     lines += ["", f"Throughput gain of dynamic batching over batch size 1: **{gain:.2f}x**"]
-    (RESULTS / "load_test.md").write_text("\n".join(lines) + "\n")
+    (args.out / "load_test.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -180,6 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export-dir", type=Path, help="default: the tiny-pegasus export of `make bench`")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for load_test.{json,md}")
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=10)

@@ -339,3 +339,15 @@ def test_serve_without_the_extra_says_how_to_install_it(exported):
     assert result.returncode == 2
     assert "needs the serving dependencies (fastapi is missing)" in result.stderr and "[serve]" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_load_test_script_runs_both_configurations(exported, tmp_path):
+    """The load-test script end to end on a given export, one second per configuration."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "load_test.py"
+    cmd = [sys.executable, str(script), "--export-dir", str(exported("base").export_dir)]
+    cmd += ["--clients", "2", "--seconds", "1", "--max-new-tokens", "4", "--out", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "load_test.json").read_text())
+    assert [row["errors"] for row in report["results"]] == [{}, {}]  # error kind -> count
+    assert all(row["requests"] > 0 for row in report["results"])
