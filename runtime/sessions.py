@@ -7,13 +7,14 @@ graph shares them across beams (graphs/contract.py).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from graphs import contract
-from graphs.manifest import Manifest, ManifestError
+from graphs.manifest import Manifest, ManifestError, ModelDims
 from runtime.errors import InvalidInputError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -47,17 +48,14 @@ def create_session(path: Path, provider: str, threads: int | None = None) -> ort
 SINGLE_THREAD_DECODER_MACS = 1_000_000
 
 
-def decoder_threads(manifest: Manifest, threads: int | None) -> int | None:
+def decoder_threads(dims: ModelDims, threads: int | None) -> int | None:
     """Intra-op threads for the decoder step session: `threads`, or 1 for a decoder too small to split."""
-    dims = manifest.dims
     # per layer: self-attention q, k, v, out and cross-attention q, out (4 + 2 d^2), an FFN of ~8 d^2
     macs_per_row = dims.decoder_layers * 14 * dims.d_model**2 + dims.d_model * dims.vocab_size
     return 1 if macs_per_row < SINGLE_THREAD_DECODER_MACS else threads
 
 
-_shared_cpu_arena_registered = False
-
-
+@functools.cache  # once per process: one arena for all, not a new one per session created
 def _register_shared_cpu_arena() -> None:
     """Give every session of this process one CPU memory arena (onnxruntime's default is one each).
 
@@ -70,14 +68,10 @@ def _register_shared_cpu_arena() -> None:
     measured peak of two calls: 3.35 GB with an arena per session, 2.86 GB shared, 2.68 GB shared and
     split (benchmarks/profile_memory.py, README "Speed").
     """
-    global _shared_cpu_arena_registered
-    if _shared_cpu_arena_registered:
-        return
     cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
     # no cap, onnxruntime's default growth and first chunk; split free chunks more than 1 MB too big
     arena = ort.OrtArenaCfg(0, -1, -1, 1 << 20)
     ort.create_and_register_allocator(cpu, arena)
-    _shared_cpu_arena_registered = True
 
 
 class EncoderDecoderSessions:
@@ -88,7 +82,7 @@ class EncoderDecoderSessions:
         self.layers = manifest.dims.decoder_layers
         self.encoder = create_session(Path(directory) / contract.ENCODER_FILE, provider, threads)
         self.decoder = create_session(
-            Path(directory) / contract.DECODER_FILE, provider, decoder_threads(manifest, threads)
+            Path(directory) / contract.DECODER_FILE, provider, decoder_threads(manifest.dims, threads)
         )
         self._memory_names = ["encoder_attention_mask", *contract.cross_names(self.layers)]
         self.past_names = contract.past_names(self.layers)

@@ -182,8 +182,6 @@ def test_decoder_of_a_tiny_model_runs_on_one_thread_and_a_large_one_on_all_asked
     sessions = model.sessions
     assert sessions.decoder.get_session_options().intra_op_num_threads == 1
     assert sessions.encoder.get_session_options().intra_op_num_threads == 2
-    xsum = dataclasses.replace(
-        model.manifest, dims=dataclasses.replace(model.manifest.dims, d_model=1024, decoder_layers=16, vocab_size=96103)
-    )
+    xsum = dataclasses.replace(model.manifest.dims, d_model=1024, decoder_layers=16, vocab_size=96103)
     assert decoder_threads(xsum, 2) == 2
     assert decoder_threads(xsum, None) is None
