@@ -58,7 +58,7 @@ def prepare_model(name: str):
     if not (model.checkpoint / "config.json").is_file():
         {"tiny-pegasus": _build_tiny, "pegasus-xsum-shaped": _build_xsum_shaped}[name](model.checkpoint)
     if not (model.export_dir / "manifest.json").is_file():
-        from exporter.pipeline import export
+        from ortseq.exporter.pipeline import export
 
         print(f"[bench] exporting {name}", flush=True)
         export(str(model.checkpoint), model.export_dir)
@@ -66,7 +66,7 @@ def prepare_model(name: str):
 
 
 def _build_tiny(checkpoint: Path) -> None:
-    from exporter.tiny import build_tiny_pegasus
+    from ortseq.exporter.tiny import build_tiny_pegasus
 
     build_tiny_pegasus(checkpoint)
 
@@ -75,7 +75,7 @@ def _build_xsum_shaped(checkpoint: Path) -> None:
     import torch
     from transformers import PegasusConfig, PegasusForConditionalGeneration
 
-    from exporter.tiny import build_tiny_pegasus
+    from ortseq.exporter.tiny import build_tiny_pegasus
 
     print("[bench] building a random-weight pegasus-xsum-shaped model (~570M parameters)", flush=True)
     build_tiny_pegasus(checkpoint)  # for its tokenizer files; the model is replaced below

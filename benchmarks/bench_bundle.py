@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench import disk_mb  # noqa: E402  (benchmarks/bench.py)
 
-from graphs.manifest import Manifest  # noqa: E402
-from runtime.bundle import make_bundle  # noqa: E402
+from ortseq.graphs.manifest import Manifest  # noqa: E402
+from ortseq.runtime.bundle import make_bundle  # noqa: E402
 
 # Runs the launcher as `python summarize ...` would, then prints the process's peak RSS on stderr.
 MEASURED_RUN = """

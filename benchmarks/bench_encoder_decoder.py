@@ -40,7 +40,7 @@ def build_checkpoint(checkpoint: Path) -> None:
     import torch
     from transformers import EncoderDecoderConfig, EncoderDecoderModel, RobertaConfig
 
-    from exporter.tiny_encoder_decoder import tie_decoder_to_encoder, train_byte_level_bpe
+    from ortseq.exporter.tiny_encoder_decoder import tie_decoder_to_encoder, train_byte_level_bpe
 
     print("[bench] building a random-weight roberta2roberta_L-24-shaped model", flush=True)
     checkpoint.mkdir(parents=True, exist_ok=True)
@@ -58,7 +58,7 @@ def build_checkpoint(checkpoint: Path) -> None:
 
 
 def prepare(optimum_python: Path | None) -> dict[str, Path]:
-    from exporter.pipeline import export
+    from ortseq.exporter.pipeline import export
 
     checkpoint = CACHE / "checkpoint"
     if not (checkpoint / "config.json").is_file():
@@ -107,7 +107,7 @@ def worker(system: str, model_dir: str, mode: str, length: int) -> dict:
                     torch.from_numpy(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long), **settings
                 ).numpy()
     else:
-        from runtime import Seq2SeqModel
+        from ortseq.runtime import Seq2SeqModel
 
         model = Seq2SeqModel.load(model_dir, threads=THREADS, verify=False)
 

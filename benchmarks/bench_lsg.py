@@ -66,8 +66,8 @@ def export_ortseq_encoder(checkpoint: Path, out: Path) -> None:
     import torch
     from torch import nn
 
-    from exporter import onnx_export
-    from exporter.families import lsg_pegasus
+    from ortseq.exporter import onnx_export
+    from ortseq.exporter.families import lsg_pegasus
 
     torch.set_num_threads(THREADS)
     model = lsg_pegasus.load_model(str(checkpoint))

@@ -77,7 +77,7 @@ def client(port: int, deadline: float, parameters: dict, seed: int, log: ClientL
 def run_config(export_dir: Path, name: str, max_batch_size: int, args: argparse.Namespace) -> dict:
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "serve", str(export_dir), "--port", str(port), "--threads", str(THREADS),
+        [sys.executable, "-m", "ortseq.runtime.cli", "serve", str(export_dir), "--port", str(port), "--threads", str(THREADS),
          "--max-batch-size", str(max_batch_size), "--max-inputs", "1", "--max-wait-ms", str(args.max_wait_ms),
          "--max-queue", str(4 * args.clients)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from runtime import sessions  # noqa: E402
-from runtime.model import Seq2SeqModel  # noqa: E402
+from ortseq.runtime import sessions  # noqa: E402
+from ortseq.runtime.model import Seq2SeqModel  # noqa: E402
 
 THREADS = 2
 MB = 1e6

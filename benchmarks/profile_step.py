@@ -20,8 +20,8 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from runtime import sessions  # noqa: E402
-from runtime.model import Seq2SeqModel  # noqa: E402
+from ortseq.runtime import sessions  # noqa: E402
+from ortseq.runtime.model import Seq2SeqModel  # noqa: E402
 
 THREADS = 2
 

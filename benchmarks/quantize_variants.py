@@ -12,9 +12,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from exporter.quantization.formats import Int4Settings, Int8Settings
-from exporter.quantization.fp16 import Fp16Settings
-from exporter.quantization.pipeline import quantize
+from ortseq.exporter.quantization.formats import Int4Settings, Int8Settings
+from ortseq.exporter.quantization.fp16 import Fp16Settings
+from ortseq.exporter.quantization.pipeline import quantize
 
 VARIANTS = {
     "int8 (default: LM head and embedding int8)": ("int8", Int8Settings()),

@@ -15,8 +15,8 @@ import math
 import torch
 from torch import nn
 
-from graphs import lsg
-from graphs.lsg import LSGSettings
+from ortseq.graphs import lsg
+from ortseq.graphs.lsg import LSGSettings
 
 MIN = torch.finfo(torch.float32).min
 

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import torch
 
-from exporter import onnx_export, verify
-from exporter.beam_search_op import beam_search_model_for, check_supported
-from exporter.families import family_for
-from exporter.progress import log
-from exporter.sources import ALIASES, resolved_source
-from exporter.tokenizer_files import save_tokenizer
-from graphs import contract
-from graphs.directories import replace_dir
-from graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, GenerationDefaults, Manifest, sha256_of
+from ortseq.exporter import onnx_export, verify
+from ortseq.exporter.beam_search_op import beam_search_model_for, check_supported
+from ortseq.exporter.families import family_for
+from ortseq.exporter.progress import log
+from ortseq.exporter.sources import ALIASES, resolved_source
+from ortseq.exporter.tokenizer_files import save_tokenizer
+from ortseq.graphs import contract
+from ortseq.graphs.directories import replace_dir
+from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, GenerationDefaults, Manifest, sha256_of
 
 # Shapes used for tracing; verify.py checks the graphs at other ones.
 TRACE_BATCH, TRACE_SRC, TRACE_BEAMS, TRACE_PAST = 2, 9, 2, 3
@@ -181,7 +181,7 @@ def _versions() -> dict[str, str]:
     import onnxruntime
     import transformers
 
-    from graphs import __version__
+    from ortseq.graphs import __version__
 
     return {
         "ortseq": __version__,

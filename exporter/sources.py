@@ -6,7 +6,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from exporter.progress import log
+from ortseq.exporter.progress import log
 
 # Short names for `make export MODEL=...`. A value starting with "tiny:" is built locally, offline.
 ALIASES = {
@@ -41,7 +41,7 @@ def resolved_source(source: str, scratch: Path):
     """Yield a local directory holding the checkpoint named by source (built in scratch if tiny)."""
     target = ALIASES.get(source, source)
     if target.startswith("tiny:"):
-        from exporter import tiny
+        from ortseq.exporter import tiny
 
         yield tiny.build(target.removeprefix("tiny:"), scratch / "checkpoint")
         return

@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.progress import log
+from ortseq.exporter.progress import log
 
 # Pegasus' layout: pad 0, eos 1, unk 2 in the sentencepiece model; transformers' PegasusTokenizer then
 # puts <pad>, </s>, <mask_1>, <mask_2> and <unk_2>..<unk_102> in front (offset 103).
@@ -69,9 +69,9 @@ def train_unigram_sentencepiece(out_dir: Path, lines: list[str], vocab_size: int
 
 def build(kind: str, out_dir: Path) -> Path:
     """Build the tiny model named kind ("pegasus", "lsg-pegasus", "pegasus-trained" or an encoder-decoder kind)."""
-    from exporter import tiny_encoder_decoder
-    from exporter.tiny_lsg import build_tiny_lsg_pegasus
-    from exporter.trained_tiny import build_trained_tiny_pegasus
+    from ortseq.exporter import tiny_encoder_decoder
+    from ortseq.exporter.tiny_lsg import build_tiny_lsg_pegasus
+    from ortseq.exporter.trained_tiny import build_trained_tiny_pegasus
 
     if kind in tiny_encoder_decoder.KINDS:
         return tiny_encoder_decoder.build(kind, out_dir)

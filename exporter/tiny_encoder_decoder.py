@@ -13,8 +13,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.progress import log
-from exporter.tiny import _synthetic_corpus, train_unigram_sentencepiece
+from ortseq.exporter.progress import log
+from ortseq.exporter.tiny import _synthetic_corpus, train_unigram_sentencepiece
 
 KINDS = ("bert2bert", "roberta2roberta", "bertgeneration")
 

@@ -12,9 +12,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from exporter.families.lsg_pegasus import GLOBALS_KEY, POSITIONS_KEY
-from exporter.progress import log
-from exporter.tiny import TinyPegasusShape, build_tiny_pegasus
+from ortseq.exporter.families.lsg_pegasus import GLOBALS_KEY, POSITIONS_KEY
+from ortseq.exporter.progress import log
+from ortseq.exporter.tiny import TinyPegasusShape, build_tiny_pegasus
 
 TINY_LSG_SHAPE = replace(TinyPegasusShape(), max_position_embeddings=1024)
 # ccdv/lsg-pegasus-large-4096's LSG keys, with blocks small enough for a tiny model.

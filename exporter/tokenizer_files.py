@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from graphs.manifest import TokenizerInfo
+from ortseq.graphs.manifest import TokenizerInfo
 
 TOKENIZER_FILE = "tokenizer.json"
 

@@ -7,7 +7,7 @@ the lead sentence. Everything is seeded and torch runs on one thread, so a clone
 model; the result is cached under `.cache/trained-tiny/<key>`, the key hashing the settings and
 TRAINING_VERSION (bump it when the task or the loop changes).
 
-    python -m exporter.trained_tiny      # train (or reuse the cache) and print the held-out report
+    python -m ortseq.exporter.trained_tiny      # train (or reuse the cache) and print the held-out report
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from exporter.progress import log
+from ortseq.exporter.progress import log
 
 TRAINING_VERSION = 1
 CACHE_ROOT = Path(__file__).resolve().parent.parent / ".cache" / "trained-tiny"
@@ -129,7 +129,7 @@ def _train(out_dir: Path, settings: TrainingSettings) -> None:
     import torch
     from transformers import GenerationConfig, PegasusForConditionalGeneration
 
-    from exporter.tiny import (
+    from ortseq.exporter.tiny import (
         PEGASUS_TOKEN_IDS,
         _pegasus_tokenizer_from_spiece,
         save_pegasus_checkpoint,

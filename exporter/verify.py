@@ -13,9 +13,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from exporter.progress import log
-from graphs import contract
-from graphs.manifest import BEAM_SEARCH_OP_ENGINE
+from ortseq.exporter.progress import log
+from ortseq.graphs import contract
+from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE
 
 # fp32 graphs compute the same math in another order: differences are rounding, ~1e-6 relative.
 RTOL = 1e-4
@@ -119,7 +119,7 @@ def verify_beam_search_op(directory: Path) -> None:
     """The BeamSearch-op engine must return the loop engine's tokens, on a padded batch read back from
     the export directory: greedy, and the model's beam count with early stopping (what the engine
     supports), at the model's other defaults (length penalty, n-gram ban, lengths)."""
-    from runtime import Seq2SeqModel  # the runtime the export will be used with
+    from ortseq.runtime import Seq2SeqModel  # the runtime the export will be used with
 
     loop = Seq2SeqModel.load(directory, verify=False)
     op = Seq2SeqModel.load(directory, verify=False, engine=BEAM_SEARCH_OP_ENGINE)

@@ -1,6 +1,6 @@
 """ortseq runtime: seq2seq generation over ONNX Runtime sessions. Needs neither torch nor transformers."""
 
-from runtime.errors import InvalidInputError, ManifestError
-from runtime.model import Seq2SeqModel
+from ortseq.runtime.errors import InvalidInputError, ManifestError
+from ortseq.runtime.model import Seq2SeqModel
 
 __all__ = ["InvalidInputError", "ManifestError", "Seq2SeqModel"]

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from graphs.contract import BEAM_SEARCH_FILE
-from runtime.errors import InvalidInputError
-from runtime.search import PROMPT_LEN, SearchSettings
-from runtime.sessions import create_session
+from ortseq.graphs.contract import BEAM_SEARCH_FILE
+from ortseq.runtime.errors import InvalidInputError
+from ortseq.runtime.search import PROMPT_LEN, SearchSettings
+from ortseq.runtime.sessions import create_session
 
 
 class BeamSearchOpModel:

@@ -2,7 +2,7 @@
 
     BUNDLE/
       model/            the export's files (checked against manifest.json's sha256) and manifest.json
-      runtime/ graphs/  ortseq's runtime code (no exporter, no HTTP server)
+      ortseq/           ortseq's runtime code: runtime/ and graphs/ (no exporter, no HTTP server)
       requirements.txt  onnxruntime, numpy, tokenizers: pinned to the versions this runtime runs with
       summarize         launcher: `python3 BUNDLE/summarize "a text"`, or one text per line on stdin
       README.md
@@ -18,10 +18,9 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-import graphs
-import runtime
-from graphs.directories import replace_dir
-from graphs.manifest import MANIFEST_FILE, Manifest
+import ortseq
+from ortseq.graphs.directories import replace_dir
+from ortseq.graphs.manifest import MANIFEST_FILE, Manifest
 
 logger = logging.getLogger("ortseq")
 
@@ -39,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 try:
-    from runtime.cli import main
+    from ortseq.runtime.cli import main
 except ImportError as exc:
     sys.exit(f"summarize: {exc.name} is missing; install the bundle's requirements: "
              f"pip install -r {HERE / 'requirements.txt'}")
@@ -57,7 +56,7 @@ Needs Python >= 3.10 and pip; no torch, no transformers.
 
 From Python, with this folder on sys.path:
 
-    from runtime import Seq2SeqModel
+    from ortseq.runtime import Seq2SeqModel
     model = Seq2SeqModel.load("model")
     print(model.summarize(["A text to summarize."]))
 
@@ -77,9 +76,7 @@ def make_bundle(export_dir: str | Path, out_dir: str | Path) -> Path:
         (staging / "model").mkdir(parents=True)
         for name in [*manifest.files, MANIFEST_FILE]:
             shutil.copy2(export_dir / name, staging / "model" / name)
-        for package in (runtime, graphs):
-            source = Path(package.__file__).parent
-            shutil.copytree(source, staging / source.name, ignore=LEFT_OUT)
+        _copy_runtime_code(staging / "ortseq")
         (staging / "requirements.txt").write_text(requirements())
         (staging / "summarize").write_text(LAUNCHER)
         (staging / "summarize").chmod(0o755)
@@ -91,6 +88,17 @@ def make_bundle(export_dir: str | Path, out_dir: str | Path) -> Path:
         replace_dir(staging, out_dir)
     logger.info("bundle complete: %s (%.1f MB)", out_dir, directory_bytes(out_dir) / 1e6)
     return out_dir
+
+
+def _copy_runtime_code(target: Path) -> None:
+    """The `ortseq` package with only what summarizing needs: its __init__, runtime/ and graphs/."""
+    from ortseq import graphs, runtime
+
+    target.mkdir()
+    shutil.copy2(ortseq.__file__, target / "__init__.py")
+    for package in (runtime, graphs):
+        source = Path(package.__file__).parent
+        shutil.copytree(source, target / source.name, ignore=LEFT_OUT)
 
 
 def requirements() -> str:

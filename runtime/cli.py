@@ -10,8 +10,8 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE
-from runtime.errors import InvalidInputError, ManifestError
+from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE
+from ortseq.runtime.errors import InvalidInputError, ManifestError
 
 EXIT_USAGE = 2
 
@@ -27,10 +27,10 @@ def _needs(command: str, what: str, install: str):
 
 def _export(args: argparse.Namespace) -> int:
     with _needs("export", "the exporter dependencies", "pip install torch==2.13.0 -e '.[export]'"):
-        from exporter.pipeline import export
-    from exporter.families import UnsupportedModelError
-    from exporter.sources import SourceError
-    from exporter.verify import GraphMismatchError
+        from ortseq.exporter.pipeline import export
+    from ortseq.exporter.families import UnsupportedModelError
+    from ortseq.exporter.sources import SourceError
+    from ortseq.exporter.verify import GraphMismatchError
 
     try:
         export(
@@ -49,9 +49,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _quantize(args: argparse.Namespace) -> int:
     with _needs("quantize", "onnx and onnxruntime's quantization tools", "pip install -e '.[quantize]'"):
-        from exporter.quantization import formats
-        from exporter.quantization.pipeline import QuantizationError, default_settings, quantize
-        from exporter.quantization.quality import format_report
+        from ortseq.exporter.quantization import formats
+        from ortseq.exporter.quantization.pipeline import QuantizationError, default_settings, quantize
+        from ortseq.exporter.quantization.quality import format_report
     settings = default_settings(args.to)
     overrides = {
         "lm_head": args.lm_head,
@@ -77,7 +77,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from runtime.model import Seq2SeqModel
+    from ortseq.runtime.model import Seq2SeqModel
 
     texts = args.texts if args.texts else [line.rstrip("\n") for line in sys.stdin]
     if not texts:
@@ -100,9 +100,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     with _needs("serve", "the serving dependencies", "pip install -e '.[serve]'"):
-        from runtime.serving.server import ServerOptions, serve
-    from runtime.serving.batcher import BatchingConfig
-    from runtime.serving.schema import RequestLimits
+        from ortseq.runtime.serving.server import ServerOptions, serve
+    from ortseq.runtime.serving.batcher import BatchingConfig
+    from ortseq.runtime.serving.schema import RequestLimits
 
     options = ServerOptions(
         args.host, args.port, args.provider, args.threads, args.graceful_timeout, args.max_connections
@@ -114,7 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _bundle(args: argparse.Namespace) -> int:
-    from runtime.bundle import make_bundle
+    from ortseq.runtime.bundle import make_bundle
 
     make_bundle(args.export_dir, args.out)
     return 0

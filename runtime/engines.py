@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, Manifest
-from runtime.beam_search_op import BeamSearchOpModel
-from runtime.errors import InvalidInputError
-from runtime.search import SearchSettings, beam_search, greedy_search
-from runtime.sessions import EncoderDecoderSessions
+from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, Manifest
+from ortseq.runtime.beam_search_op import BeamSearchOpModel
+from ortseq.runtime.errors import InvalidInputError
+from ortseq.runtime.search import SearchSettings, beam_search, greedy_search
+from ortseq.runtime.sessions import EncoderDecoderSessions
 
 ENGINES = (LOOP_ENGINE, BEAM_SEARCH_OP_ENGINE)
 

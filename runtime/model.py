@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from graphs.manifest import LOOP_ENGINE, Manifest
-from runtime.engines import open_engine
-from runtime.errors import InvalidInputError
-from runtime.search import PROMPT_LEN, SearchSettings
-from runtime.sessions import EncoderDecoderSessions
-from runtime.tokenizer import TextTokenizer
+from ortseq.graphs.manifest import LOOP_ENGINE, Manifest
+from ortseq.runtime.engines import open_engine
+from ortseq.runtime.errors import InvalidInputError
+from ortseq.runtime.search import PROMPT_LEN, SearchSettings
+from ortseq.runtime.sessions import EncoderDecoderSessions
+from ortseq.runtime.tokenizer import TextTokenizer
 
 
 class Seq2SeqModel:

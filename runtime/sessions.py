@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from graphs import contract
-from graphs.manifest import Manifest, ManifestError, ModelDims
-from runtime.errors import InvalidInputError
+from ortseq.graphs import contract
+from ortseq.graphs.manifest import Manifest, ManifestError, ModelDims
+from ortseq.runtime.errors import InvalidInputError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 

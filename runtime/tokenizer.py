@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from graphs.manifest import TokenizerInfo
+from ortseq.graphs.manifest import TokenizerInfo
 
 logger = logging.getLogger("ortseq")
 

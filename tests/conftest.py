@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter.pipeline import export
-from exporter.tiny import TinyPegasusShape, build_tiny_pegasus
+from ortseq.exporter.pipeline import export
+from ortseq.exporter.tiny import TinyPegasusShape, build_tiny_pegasus
 
 torch.set_num_threads(1)  # multi-threaded torch on a loaded 2-core machine is very slow
 logging.getLogger("ortseq").setLevel(logging.WARNING)

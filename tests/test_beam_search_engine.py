@@ -8,13 +8,13 @@ import shutil
 import numpy as np
 import pytest
 
-from exporter import beam_search_op
-from exporter.families import UnsupportedModelError
-from exporter.pipeline import export
-from exporter.verify import GraphMismatchError
-from graphs.contract import BEAM_SEARCH_FILE
-from graphs.manifest import Manifest, sha256_of
-from runtime import InvalidInputError, Seq2SeqModel
+from ortseq.exporter import beam_search_op
+from ortseq.exporter.families import UnsupportedModelError
+from ortseq.exporter.pipeline import export
+from ortseq.exporter.verify import GraphMismatchError
+from ortseq.graphs.contract import BEAM_SEARCH_FILE
+from ortseq.graphs.manifest import Manifest, sha256_of
+from ortseq.runtime import InvalidInputError, Seq2SeqModel
 from tests.test_cli import ortseq
 from tests.test_generate_parity import padded_batch
 

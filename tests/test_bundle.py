@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime import ManifestError, Seq2SeqModel
-from runtime.bundle import make_bundle
+from ortseq.runtime import ManifestError, Seq2SeqModel
+from ortseq.runtime.bundle import make_bundle
 
 TEXTS = ["The city council said the new river bridge will open next year.", "Police closed the museum on Sunday."]
 
@@ -27,15 +27,15 @@ def test_bundle_holds_the_model_runtime_and_runtime_requirements_only(exported, 
     bundle = make_bundle(exported("base").export_dir, tmp_path / "bundle")
     assert sorted(p.name for p in bundle.iterdir()) == [
         "README.md",
-        "graphs",
         "model",
+        "ortseq",
         "requirements.txt",
-        "runtime",
         "summarize",
     ]
+    assert sorted(p.name for p in (bundle / "ortseq").iterdir()) == ["__init__.py", "graphs", "runtime"]
     names = [line.split("=")[0].split(">")[0] for line in (bundle / "requirements.txt").read_text().splitlines()]
     assert names == ["onnxruntime", "numpy", "tokenizers"]
-    assert not (bundle / "runtime" / "serving").exists() and not (bundle / "exporter").exists()
+    assert not (bundle / "ortseq" / "runtime" / "serving").exists() and not (bundle / "exporter").exists()
     result = summarize(sys.executable, bundle, *TEXTS, "--num-beams", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     model = Seq2SeqModel.load(exported("base").export_dir)

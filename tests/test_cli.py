@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def ortseq(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "runtime.cli", *args],
+        [sys.executable, "-m", "ortseq.runtime.cli", *args],
         input=stdin, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300,
     )  # fmt: skip
 

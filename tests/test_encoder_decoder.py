@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.pipeline import export
-from exporter.tiny_encoder_decoder import TinyEncoderDecoderShape, build
-from graphs import contract
-from graphs.manifest import Manifest
-from runtime import Seq2SeqModel
+from ortseq.exporter.pipeline import export
+from ortseq.exporter.tiny_encoder_decoder import TinyEncoderDecoderShape, build
+from ortseq.graphs import contract
+from ortseq.graphs.manifest import Manifest
+from ortseq.runtime import Seq2SeqModel
 from tests.test_generate_parity import SETTINGS, assert_disagreements_are_fp32_ties, torch_generate
 
 torch.set_num_threads(1)
@@ -284,7 +284,7 @@ def test_encoder_narrower_than_decoder_projects_the_memory_like_transformers(tmp
     """EncoderDecoderModel inserts enc_to_dec_proj when the hidden sizes differ; the encoder graph applies it."""
     from transformers import BertConfig, EncoderDecoderConfig, EncoderDecoderModel, GenerationConfig
 
-    from exporter.tiny_encoder_decoder import train_wordpiece
+    from ortseq.exporter.tiny_encoder_decoder import train_wordpiece
 
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
@@ -317,7 +317,7 @@ def test_special_tokens_follow_generate_rules_when_the_generation_config_lacks_s
     """generate() starts with BOS when there is no decoder start id and pads with EOS when there is no pad id."""
     import copy
 
-    from exporter.families import UnsupportedModelError, encoder_decoder
+    from ortseq.exporter.families import UnsupportedModelError, encoder_decoder
 
     model = copy.deepcopy(encdec("roberta2roberta").torch_model)
     model.generation_config.decoder_start_token_id = None

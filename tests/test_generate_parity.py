@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime import Seq2SeqModel
+from ortseq.runtime import Seq2SeqModel
 from tests.conftest import SHAPES
 
 SETTINGS = {

@@ -17,13 +17,13 @@ import onnx
 import pytest
 import torch
 
-from exporter.families.lsg_pegasus import lsh_planes_name
-from exporter.lsg_attention import LSGAttentionCore
-from exporter.pipeline import export
-from exporter.tiny import _pegasus_tokenizer_from_spiece, train_pegasus_sentencepiece
-from graphs import contract
-from graphs.lsg import LSGSettings, lsg_attention_reference
-from runtime import Seq2SeqModel
+from ortseq.exporter.families.lsg_pegasus import lsh_planes_name
+from ortseq.exporter.lsg_attention import LSGAttentionCore
+from ortseq.exporter.pipeline import export
+from ortseq.exporter.tiny import _pegasus_tokenizer_from_spiece, train_pegasus_sentencepiece
+from ortseq.graphs import contract
+from ortseq.graphs.lsg import LSGSettings, lsg_attention_reference
+from ortseq.runtime import Seq2SeqModel
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lsg"
 VARIANTS = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
@@ -158,7 +158,7 @@ def test_attention_memory_is_linear_in_length():
 
 def test_tiny_lsg_pegasus_summarizes_long_text(tmp_path):
     """`ortseq export tiny-lsg-pegasus` (built offline) serves texts far longer than 2 blocks, in a padded batch."""
-    from exporter.tiny import build
+    from ortseq.exporter.tiny import build
 
     checkpoint = build("lsg-pegasus", tmp_path / "checkpoint")
     assert json.loads((checkpoint / "config.json").read_text())["sparsity_type"] == "norm"

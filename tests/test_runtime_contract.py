@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter.pipeline import export
-from exporter.verify import GraphMismatchError
-from runtime import InvalidInputError, ManifestError, Seq2SeqModel
-from runtime.sessions import decoder_threads
+from ortseq.exporter.pipeline import export
+from ortseq.exporter.verify import GraphMismatchError
+from ortseq.runtime import InvalidInputError, ManifestError, Seq2SeqModel
+from ortseq.runtime.sessions import decoder_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,7 @@ class Block:
         if name.split(".")[0] in ("torch", "transformers", "optimum"):
             raise ImportError(f"{name} is blocked in this test")
 sys.meta_path.insert(0, Block())
-from runtime import Seq2SeqModel
+from ortseq.runtime import Seq2SeqModel
 model = Seq2SeqModel.load(sys.argv[1])
 print(model.summarize(["The city council said the bridge will open next year."], num_beams=4)[0])
 print(model.generate([[5, 6, 7, 1]], num_beams=2, max_new_tokens=5).tolist())
@@ -137,7 +137,7 @@ def test_overlong_text_is_truncated_with_one_warning(exported, caplog):
 
 
 def test_export_that_fails_verification_leaves_nothing_behind(exported, tmp_path, monkeypatch):
-    from exporter import verify
+    from ortseq.exporter import verify
 
     def broken(*args, **kwargs):
         raise GraphMismatchError("decoder at a new shape: output logits differs from PyTorch by up to 1")
@@ -150,7 +150,7 @@ def test_export_that_fails_verification_leaves_nothing_behind(exported, tmp_path
 
 def test_verification_catches_a_graph_specialised_to_the_traced_shape(exported, tmp_path, monkeypatch):
     """A module whose shape logic the tracer freezes must fail export, not ship a wrong graph."""
-    from exporter.families import pegasus
+    from ortseq.exporter.families import pegasus
 
     class FrozenBatch(pegasus.EncoderExport):
         def forward(self, input_ids, attention_mask):
@@ -170,7 +170,7 @@ def test_generation_defaults_keep_early_stopping_never(value, recorded):
 
     from transformers import GenerationConfig
 
-    from exporter.pipeline import _generation_defaults
+    from ortseq.exporter.pipeline import _generation_defaults
 
     config = GenerationConfig(early_stopping=value) if value is not None else GenerationConfig()
     assert _generation_defaults(SimpleNamespace(generation_config=config)).early_stopping == recorded

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from runtime import Seq2SeqModel
-from runtime.serving.app import create_app
-from runtime.serving.batcher import BatchingConfig, DynamicBatcher, QueueFullError
-from runtime.serving.inference import summarize_rows
-from runtime.serving.metrics import ServingMetrics
-from runtime.serving.schema import RequestLimits
+from ortseq.runtime import Seq2SeqModel
+from ortseq.runtime.serving.app import create_app
+from ortseq.runtime.serving.batcher import BatchingConfig, DynamicBatcher, QueueFullError
+from ortseq.runtime.serving.inference import summarize_rows
+from ortseq.runtime.serving.metrics import ServingMetrics
+from ortseq.runtime.serving.schema import RequestLimits
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = [
@@ -250,7 +250,7 @@ def free_port() -> int:
 def start_server(export_dir: Path, *flags: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "serve", str(export_dir), "--port", str(port), *flags],
+        [sys.executable, "-m", "ortseq.runtime.cli", "serve", str(export_dir), "--port", str(port), *flags],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     wait_until_ready(lambda: get(port, "/readyz")[0])
@@ -326,7 +326,7 @@ class Block:
         if name.split(".")[0] == "fastapi":
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 sys.meta_path.insert(0, Block())
-from runtime.cli import main
+from ortseq.runtime.cli import main
 sys.exit(main(["serve", sys.argv[1]]))
 """
 

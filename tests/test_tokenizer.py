@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from graphs.manifest import Manifest
-from runtime.tokenizer import TextTokenizer
+from ortseq.graphs.manifest import Manifest
+from ortseq.runtime.tokenizer import TextTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 HF4_PYTHON = ROOT / ".venv-hf4" / "bin" / "python"

@@ -11,9 +11,9 @@ import json
 import numpy as np
 import pytest
 
-from exporter.tiny_encoder_decoder import TOKENIZER_BUILDERS
-from exporter.tokenizer_files import save_tokenizer
-from runtime.tokenizer import TextTokenizer
+from ortseq.exporter.tiny_encoder_decoder import TOKENIZER_BUILDERS
+from ortseq.exporter.tokenizer_files import save_tokenizer
+from ortseq.runtime.tokenizer import TextTokenizer
 from tests.test_tokenizer import CORPUS
 
 MAX_POSITIONS = 64

@@ -6,8 +6,8 @@ from pathlib import Path
 
 
 def prepare(model, variant: str) -> Path:
-    from exporter.beam_search_op import export_beam_search_graph
-    from graphs.contract import BEAM_SEARCH_FILE
+    from ortseq.exporter.beam_search_op import export_beam_search_graph
+    from ortseq.graphs.contract import BEAM_SEARCH_FILE
 
     out = model.cache / "beam-search-op"
     if not (out / BEAM_SEARCH_FILE).is_file():
@@ -20,7 +20,7 @@ def prepare(model, variant: str) -> Path:
 
 
 def load(model_dir: str, variant: str, threads: int):
-    from runtime.beam_search_op import BeamSearchOpModel
+    from ortseq.runtime.beam_search_op import BeamSearchOpModel
 
     model = BeamSearchOpModel.load(model_dir, threads=threads)
 

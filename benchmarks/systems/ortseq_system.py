@@ -17,7 +17,7 @@ def prepare(model, variant: str) -> Path:
     out = model.cache / f"export-{variant}"
     if not (out / "manifest.json").is_file():
         print(f"[bench] ortseq quantize {model.name} --to {variant}", flush=True)
-        cmd = [str(MAIN_PYTHON), "-m", "runtime.cli", "quantize", str(model.export_dir), "--to", variant]
+        cmd = [str(MAIN_PYTHON), "-m", "ortseq.runtime.cli", "quantize", str(model.export_dir), "--to", variant]
         # Random weights: near-uniform outputs flip on any noise, so agreement says nothing here (the
         # gate is exercised on the trained fixture); two short texts keep the report cheap on xsum.
         quality = ["--min-agreement", "0", "--texts", str(QUALITY_TEXTS)]
@@ -26,7 +26,7 @@ def prepare(model, variant: str) -> Path:
 
 
 def load(model_dir: str, variant: str, threads: int):
-    from runtime import Seq2SeqModel
+    from ortseq.runtime import Seq2SeqModel
 
     model = Seq2SeqModel.load(model_dir, threads=threads, verify=False)
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-from exporter.families import encoder_decoder, lsg_pegasus, pegasus
+from ortseq.exporter.families import encoder_decoder, lsg_pegasus, pegasus
 
 # The first family whose handles(config) is true exports the checkpoint: specific before generic.
 FAMILIES: dict[str, ModuleType] = {"lsg_pegasus": lsg_pegasus, "pegasus": pegasus, "encoder-decoder": encoder_decoder}

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from exporter.attention import additive_mask, attend, cross_attend_shared, merge_heads, split_heads
-from exporter.progress import log
-from graphs.manifest import ModelDims, SpecialTokens
+from ortseq.exporter.attention import additive_mask, attend, cross_attend_shared, merge_heads, split_heads
+from ortseq.exporter.progress import log
+from ortseq.graphs.manifest import ModelDims, SpecialTokens
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ STACKS: dict[str, Stack] = {
 
 
 def _unsupported(message: str) -> ValueError:
-    from exporter.families import UnsupportedModelError  # imported late: that package imports this module
+    from ortseq.exporter.families import UnsupportedModelError  # imported late: that package imports this module
 
     return UnsupportedModelError(message)
 

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from exporter.attention import merge_heads, split_heads
-from exporter.families import pegasus
-from exporter.families.pegasus import cross_key_values
-from exporter.lsg_attention import LSGAttentionCore, lsg_attention
-from graphs import lsg
-from graphs.lsg import LSGSettings
+from ortseq.exporter.attention import merge_heads, split_heads
+from ortseq.exporter.families import pegasus
+from ortseq.exporter.families.pegasus import cross_key_values
+from ortseq.exporter.lsg_attention import LSGAttentionCore, lsg_attention
+from ortseq.graphs import lsg
+from ortseq.graphs.lsg import LSGSettings
 
 GLOBALS_KEY = "model.encoder.global_embeddings.weight"
 POSITIONS_KEY = "model.encoder.embed_positions.weight"
@@ -188,7 +188,7 @@ def finalize_encoder_graph(module: EncoderExport, graph_model) -> None:
     """Add the ortseq::LSGAttention function to the traced encoder and name the LSH planes."""
     import onnx
 
-    from exporter.onnx_export import OPSET, trace_to_proto
+    from ortseq.exporter.onnx_export import OPSET, trace_to_proto
 
     settings = module.config.attention
     heads, head_dim = module.encoder.layers[0].self_attn.num_heads, module.encoder.layers[0].self_attn.head_dim

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from exporter.attention import additive_mask, attend, cross_attend_shared, merge_heads, split_heads
-from graphs.manifest import ModelDims, SpecialTokens
+from ortseq.exporter.attention import additive_mask, attend, cross_attend_shared, merge_heads, split_heads
+from ortseq.graphs.manifest import ModelDims, SpecialTokens
 
 
 def handles(config: dict) -> bool:

@@ -60,7 +60,7 @@ def float_outputs_kept(model: onnx.ModelProto) -> list[str]:
 def to_fp16(model: onnx.ModelProto, settings: Fp16Settings) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from exporter.quantization.formats import name_nodes
+    from ortseq.exporter.quantization.formats import name_nodes
 
     model = name_nodes(model)
     if settings.keep_residual_fp32:
@@ -95,7 +95,7 @@ def _without_duplicate_casts(model: onnx.ModelProto) -> onnx.ModelProto:
 def convert_fp16(source: Path, target: Path, settings: Fp16Settings, external_data: bool) -> None:
     from onnx.external_data_helper import load_external_data_for_model
 
-    from exporter.quantization.formats import save_graph
+    from ortseq.exporter.quantization.formats import save_graph
 
     # The converter casts around a kept-fp32 node only where it knows the tensor types: infer them first,
     # on the graph without its weights (a model over 2 GB cannot be serialized for shape inference).

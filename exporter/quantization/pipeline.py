@@ -14,12 +14,12 @@ import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from exporter.progress import log
-from exporter.quantization import formats, fp16
-from exporter.quantization.quality import ReportSettings, default_texts, lowest_agreement, quality_report
-from graphs import contract
-from graphs.directories import replace_dir
-from graphs.manifest import LOOP_ENGINE, Manifest, Quantization, sha256_of
+from ortseq.exporter.progress import log
+from ortseq.exporter.quantization import formats, fp16
+from ortseq.exporter.quantization.quality import ReportSettings, default_texts, lowest_agreement, quality_report
+from ortseq.graphs import contract
+from ortseq.graphs.directories import replace_dir
+from ortseq.graphs.manifest import LOOP_ENGINE, Manifest, Quantization, sha256_of
 
 FORMATS = ("int8", "int4", "fp16")
 DEFAULT_MIN_AGREEMENT = 0.9
@@ -51,7 +51,7 @@ def quantize(
     settings: formats.Int8Settings / formats.Int4Settings / fp16.Fp16Settings (default: the format's
     defaults). Raises QualityGateError, writing nothing, when token agreement < min_agreement.
     """
-    from runtime.model import Seq2SeqModel
+    from ortseq.runtime.model import Seq2SeqModel
 
     source_dir, out_dir = Path(source_dir).absolute(), Path(out_dir).absolute()
     if to not in FORMATS:

@@ -16,12 +16,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from runtime.errors import InvalidInputError
-from runtime.model import Seq2SeqModel
-from runtime.serving.batcher import BatchingConfig, DynamicBatcher, QueueFullError, ShuttingDownError
-from runtime.serving.inference import Summary, summarize_rows
-from runtime.serving.metrics import ServingMetrics
-from runtime.serving.schema import (
+from ortseq.runtime.errors import InvalidInputError
+from ortseq.runtime.model import Seq2SeqModel
+from ortseq.runtime.serving.batcher import BatchingConfig, DynamicBatcher, QueueFullError, ShuttingDownError
+from ortseq.runtime.serving.inference import Summary, summarize_rows
+from ortseq.runtime.serving.metrics import ServingMetrics
+from ortseq.runtime.serving.schema import (
     ErrorResponse,
     RequestLimits,
     SummarizeRequest,

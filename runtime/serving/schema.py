@@ -13,9 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime.errors import InvalidInputError
-from runtime.model import Seq2SeqModel, check_texts
-from runtime.search import SearchSettings
+from ortseq.runtime.errors import InvalidInputError
+from ortseq.runtime.model import Seq2SeqModel, check_texts
+from ortseq.runtime.search import SearchSettings
 
 
 class GenerationParameters(BaseModel):

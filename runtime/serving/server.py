@@ -9,10 +9,10 @@ from pathlib import Path
 
 import uvicorn
 
-from runtime.model import Seq2SeqModel
-from runtime.serving.app import create_app
-from runtime.serving.batcher import BatchingConfig
-from runtime.serving.schema import RequestLimits
+from ortseq.runtime.model import Seq2SeqModel
+from ortseq.runtime.serving.app import create_app
+from ortseq.runtime.serving.batcher import BatchingConfig
+from ortseq.runtime.serving.schema import RequestLimits
 
 logger = logging.getLogger("ortseq")
 

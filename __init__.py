@@ -1,0 +1,19 @@
+"""ortseq: export seq2seq summarizers to ONNX (`ortseq.exporter`, needs torch) and run them with ONNX
+Runtime (`ortseq.runtime`, needs neither torch nor transformers); `ortseq.graphs` is the contract both read.
+
+This file is the `ortseq` package itself: pyproject.toml maps the package onto the repository root, so
+the folders runtime/, graphs/ and exporter/ install as ortseq.runtime, ortseq.graphs, ortseq.exporter.
+"""
+
+from ortseq.graphs import __version__
+
+__all__ = ["InvalidInputError", "ManifestError", "Seq2SeqModel", "__version__"]
+
+
+def __getattr__(name: str):
+    # lazily, so that `import ortseq.exporter` does not load onnxruntime before torch
+    if name in ("InvalidInputError", "ManifestError", "Seq2SeqModel"):
+        from ortseq import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'ortseq' has no attribute {name!r}")
