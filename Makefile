@@ -6,7 +6,7 @@ EXPORTS ?= exports
 TO      ?= int8
 DEMO    := tiny-pegasus-trained
 
-.PHONY: all demo setup export quantize generate serve loadtest bundle bench-bundle test test-full bench bench-lsg lint lsg-golden clean
+.PHONY: all demo setup export quantize generate serve loadtest bundle bench-bundle test test-full test-ray bench-ray bench bench-lsg lint lsg-golden clean
 
 all: demo
 
@@ -15,7 +15,7 @@ setup: .venv/.installed .venv-hf4/.installed
 # torch is pinned in the same pip call, or pip pulls the multi-GB CUDA build
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
-	.venv/bin/pip install -q "torch==2.13.0" -e ".[export,serve,bench,dev]"
+	.venv/bin/pip install -q "torch==2.13.0" -e ".[export,serve,bench,dev,ray]"
 	touch $@
 
 # transformers 4.x, only to check our tokenizer against its slow (sentencepiece) PegasusTokenizer
@@ -66,6 +66,14 @@ test: setup
 
 test-full: setup
 	$(PY) -m pytest -q
+
+# `ortseq batch` on Ray Data and `ortseq serve --replicas` on Ray Serve, on a local Ray (127.0.0.1, 2 CPUs)
+test-ray: setup
+	$(PY) -m pytest -q -m ray
+
+# README "Beyond one machine": ortseq batch with 1 and 2 workers vs one process (benchmarks/results/ray_batch.*)
+bench-ray: setup
+	$(PY) benchmarks/bench_ray_batch.py
 
 # every system of issue 5 on the same workload; BENCH_ARGS narrows it (see benchmarks/bench.py --help)
 bench: setup .venv-optimum/.installed

@@ -1,5 +1,5 @@
 """The `ortseq` command line: export (needs the [export] extra), quantize (needs onnx), generate and bundle
-(runtime only), serve (needs the [serve] extra)."""
+(runtime only), serve (needs the [serve] extra), batch and serve --replicas (need the [ray] extra)."""
 
 from __future__ import annotations
 
@@ -83,18 +83,46 @@ def _generate(args: argparse.Namespace) -> int:
     if not texts:
         raise InvalidInputError("no input: give texts as arguments or one per line on stdin")
     model = Seq2SeqModel.load(args.export_dir, provider=args.provider, threads=args.threads, engine=args.engine)
-    settings = {
-        "num_beams": args.num_beams,
-        "max_new_tokens": args.max_new_tokens,
-        "min_new_tokens": args.min_new_tokens,
-        "length_penalty": args.length_penalty,
-        "no_repeat_ngram_size": args.no_repeat_ngram_size,
-        "early_stopping": args.early_stopping,
-        "num_return_sequences": args.num_return_sequences,
-    }
+    settings = {**_generation_settings(args), "num_return_sequences": args.num_return_sequences}
     summaries = model.summarize(texts, batch_size=args.batch_size, **settings)
     for summary in summaries:
         print(summary.replace("\n", " "), flush=True)
+    return 0
+
+
+def _generation_settings(args: argparse.Namespace) -> dict:
+    """The generation flags the user gave, as Seq2SeqModel.generate keyword arguments (None: the model's)."""
+    names = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "no_repeat_ngram_size")
+    return {name: getattr(args, name) for name in (*names, "early_stopping")}
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from ortseq.runtime.batch import default_errors_path
+    from ortseq.runtime.ray_batch import BatchJob, import_ray, run_batch
+
+    import_ray()  # a missing Ray is a usage error before anything is read or written
+    output = Path(args.output)
+    job = BatchJob(
+        export_dir=Path(args.export_dir),
+        input=Path(args.input),
+        output=output,
+        errors=Path(args.errors) if args.errors else default_errors_path(output),
+        workers=args.workers,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        address=args.address,
+        text_field=args.text_field,
+        id_field=args.id_field,
+        provider=args.provider,
+        engine=args.engine,
+        generate_kwargs=_generation_settings(args),
+    )
+    report = run_batch(job)
+    print(
+        f"ortseq: {report.summarized} summarized, {report.already_done} already in {output}, "
+        f"{report.rejected} refused (see {job.errors})",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -109,7 +137,25 @@ def _serve(args: argparse.Namespace) -> int:
     )
     limits = RequestLimits(args.max_inputs, args.max_input_tokens, args.max_num_beams)
     batching = BatchingConfig(args.max_batch_size, args.max_wait_ms, args.max_queue)
-    serve(args.export_dir, options, limits, batching)
+    if args.replicas is None:
+        serve(args.export_dir, options, limits, batching)
+        return 0
+    from ortseq.runtime.ray_batch import import_ray
+
+    import_ray()
+    from ortseq.runtime.serving.ray_serve import serve_on_ray
+
+    serve_on_ray(
+        args.export_dir,
+        args.host,
+        args.port,
+        args.replicas,
+        args.provider,
+        args.threads,
+        limits,
+        batching,
+        args.address,
+    )
     return 0
 
 
@@ -118,6 +164,20 @@ def _bundle(args: argparse.Namespace) -> int:
 
     make_bundle(args.export_dir, args.out)
     return 0
+
+
+def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-beams", type=int)
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--min-new-tokens", type=int)
+    parser.add_argument("--length-penalty", type=float)
+    parser.add_argument("--no-repeat-ngram-size", type=int)
+    parser.add_argument(
+        "--early-stopping",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="end a beam search once num_beams hypotheses are finished (default: the model's)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,17 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("-v", "--verbose", action="store_true", help="more log output")
     generate.add_argument("export_dir")
     generate.add_argument("texts", nargs="*", help="texts to summarize; without any, one text per line on stdin")
-    generate.add_argument("--num-beams", type=int)
-    generate.add_argument("--max-new-tokens", type=int)
-    generate.add_argument("--min-new-tokens", type=int)
-    generate.add_argument("--length-penalty", type=float)
-    generate.add_argument("--no-repeat-ngram-size", type=int)
-    generate.add_argument(
-        "--early-stopping",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="end a beam search once num_beams hypotheses are finished (default: the model's)",
-    )
+    _add_generation_flags(generate)
     generate.add_argument("--num-return-sequences", type=int, default=1)
     generate.add_argument("--batch-size", type=int, help="texts per generate call (default: all at once)")
     generate.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
@@ -224,7 +274,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--graceful-timeout", type=float, default=60.0, help="seconds to finish requests on SIGTERM")
     serve.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    serve.add_argument(
+        "--replicas", type=int, help="run as a Ray Serve deployment with this many replicas (needs the [ray] extra)"
+    )
+    serve.add_argument("--address", help="with --replicas: Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     serve.set_defaults(run=_serve)
+
+    batch = commands.add_parser(
+        "batch", help="summarize a corpus (JSON Lines or Parquet) on Ray Data; resumable (needs the [ray] extra)"
+    )
+    batch.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    batch.add_argument("export_dir")
+    batch.add_argument("--input", required=True, help="JSON Lines (or .parquet) with an id and a text per line")
+    batch.add_argument("--output", required=True, help="JSON Lines of {id, summary, ...}; a rerun resumes it")
+    batch.add_argument("--errors", help="refused inputs with line and reason (default: OUTPUT's stem + .errors.jsonl)")
+    batch.add_argument("--text-field", default="text")
+    batch.add_argument("--id-field", default="id")
+    batch.add_argument("--workers", type=int, help="actors, each with its own model (default: CPUs / --threads)")
+    batch.add_argument("--threads", type=int, default=1, help="onnxruntime threads (and CPUs) per worker")
+    batch.add_argument("--batch-size", type=int, default=16, help="documents per generate call (default 16)")
+    batch.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
+    _add_generation_flags(batch)  # after the merge with genfields: add_generation_arguments(batch)
+    batch.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    batch.add_argument("--engine", default=LOOP_ENGINE, choices=[LOOP_ENGINE, BEAM_SEARCH_OP_ENGINE])
+    batch.set_defaults(run=_batch)
 
     bundle = commands.add_parser("bundle", help="a self-contained folder to summarize with on another machine")
     bundle.add_argument("-v", "--verbose", action="store_true", help="more log output")

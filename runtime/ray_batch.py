@@ -1,0 +1,218 @@
+"""`ortseq batch` on Ray Data: a pool of actors, each loading the export once, summarizes length-grouped
+batches; the driver appends each finished batch to the output (see runtime/batch.py for the bookkeeping).
+
+A killed actor is restarted and its batch retried by Ray (Ray Data's actor pools default max_restarts and
+max_task_retries to -1); the driver
+writes each id at most once whatever Ray delivers. Without an address (and no RAY_ADDRESS) a local Ray
+is started on this machine, bound to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ortseq.graphs.manifest import LOOP_ENGINE
+from ortseq.runtime.batch import (
+    BlockWriter,
+    Document,
+    Plan,
+    Progress,
+    Rejected,
+    Result,
+    append_block,
+    length_grouped,
+    make_plan,
+    read_inputs,
+    recover_output,
+    write_errors,
+)
+from ortseq.runtime.errors import InvalidInputError
+from ortseq.runtime.model import Seq2SeqModel
+
+logger = logging.getLogger("ortseq")
+
+RAY_MISSING = "this needs Ray: pip install 'ortseq[ray]'"
+LENGTH_WINDOW_BATCHES = 64  # documents are length-sorted within windows of this many batches
+
+
+def import_ray():
+    """ray, or InvalidInputError (exit 2) saying how to install it."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise InvalidInputError(f"{RAY_MISSING} ({exc.name} is missing)") from exc
+    return ray
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    export_dir: Path
+    input: Path
+    output: Path
+    errors: Path
+    workers: int | None = None  # default: the cluster's CPUs / threads
+    threads: int = 1  # onnxruntime intra-op threads per worker (and the CPUs each worker reserves)
+    batch_size: int = 16  # documents per generate call
+    address: str | None = None  # None: RAY_ADDRESS, or a new local Ray
+    text_field: str = "text"
+    id_field: str = "id"
+    provider: str = "cpu"
+    engine: str = LOOP_ENGINE
+    generate_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class BatchReport:
+    summarized: int  # this run
+    already_done: int  # by earlier runs
+    rejected: int  # inputs in the errors file (refused before the run, or failed in it)
+
+
+class Summarizer:
+    """A Ray Data actor: loads the export once, then summarizes one batch of texts per call."""
+
+    def __init__(self, export_dir: str, provider: str, threads: int, engine: str, generate_kwargs: dict):
+        self.model = Seq2SeqModel.load(export_dir, provider=provider, threads=threads, engine=engine)
+        self.generate_kwargs = generate_kwargs
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from ortseq.runtime.serving.inference import summarize_rows
+
+        texts = [str(text) for text in batch["text"]]
+        # what Seq2SeqModel.summarize feeds generate: ids truncated to the model's maximum, padded
+        rows = self.model.tokenizer.token_ids(texts, self.model.tokenizer.info.model_max_length)
+        try:
+            summaries = summarize_rows(self.model, self.generate_kwargs, rows)
+        except InvalidInputError:  # one bad row must not fail its neighbours: find it alone
+            return self._one_by_one(batch["key"], rows)
+        return {
+            "key": [int(key) for key in batch["key"]],
+            "summary": [summary.text for summary in summaries],
+            "input_tokens": [summary.input_tokens for summary in summaries],
+            "output_tokens": [len(summary.output_ids) for summary in summaries],
+            "error": [""] * len(summaries),
+        }
+
+    def _one_by_one(self, keys, rows: list[list[int]]) -> dict[str, list]:
+        from ortseq.runtime.serving.inference import summarize_rows
+
+        columns = {"key": [], "summary": [], "input_tokens": [], "output_tokens": [], "error": []}
+        for key, row in zip(keys, rows):
+            try:
+                (summary,) = summarize_rows(self.model, self.generate_kwargs, [row])
+                text, output_tokens, error = summary.text, len(summary.output_ids), ""
+            except InvalidInputError as exc:
+                text, output_tokens, error = "", 0, str(exc)
+            for name, value in zip(columns, (int(key), text, len(row), output_tokens, error)):
+                columns[name].append(value)
+        return columns
+
+
+def run_batch(job: BatchJob) -> BatchReport:
+    """Summarize every pending document of job.input into job.output; resumes where an earlier run stopped."""
+    if job.batch_size < 1 or job.threads < 1 or (job.workers is not None and job.workers < 1):
+        raise InvalidInputError("--batch-size, --threads and --workers must be at least 1")
+    # a bad export or setting is refused here, before any Ray process starts
+    Seq2SeqModel.load(job.export_dir, threads=1, engine=job.engine).settings(**job.generate_kwargs)
+    done = recover_output(job.output)
+    plan = make_plan(read_inputs(job.input, job.text_field, job.id_field), done)
+    write_errors(job.errors, plan.rejected)
+    logger.info(
+        "%d documents to summarize, %d already done, %d refused (see %s)",
+        len(plan.pending),
+        plan.already_done,
+        len(plan.rejected),
+        job.errors,
+    )
+    failed = _summarize(job, plan, done) if plan.pending else 0
+    return BatchReport(len(plan.pending) - failed, plan.already_done, len(plan.rejected) + failed)
+
+
+def _summarize(job: BatchJob, plan: Plan, done: set) -> int:
+    """Runs the Ray Data pipeline over plan.pending; returns how many documents failed at run time."""
+    ray = import_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        _connect(ray, job)
+    try:
+        return _run_pipeline(ray, job, length_grouped(plan.pending, job.batch_size * LENGTH_WINDOW_BATCHES), done)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _connect(ray, job: BatchJob) -> None:
+    address = job.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    workers = job.workers or max(1, (os.cpu_count() or 1) // job.threads)
+    ray.init(
+        address="local",
+        num_cpus=max(os.cpu_count() or 1, workers * job.threads),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level=logging.WARNING,
+    )
+
+
+def _run_pipeline(ray, job: BatchJob, documents: list[Document], done: set) -> int:
+    from ray.data import ActorPoolStrategy, DataContext
+
+    DataContext.get_current().enable_progress_bars = False  # ours is on stderr already
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    workers = job.workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // job.threads)
+    items = [{"key": key, "text": document.text} for key, document in enumerate(documents)]
+    dataset = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / job.batch_size))
+    summaries = dataset.map_batches(
+        Summarizer,
+        fn_constructor_kwargs={
+            "export_dir": str(job.export_dir),
+            "provider": job.provider,
+            "threads": job.threads,
+            "engine": job.engine,
+            "generate_kwargs": job.generate_kwargs,
+        },
+        batch_size=job.batch_size,
+        compute=ActorPoolStrategy(size=workers),
+        num_cpus=job.threads,
+        num_gpus=1 if job.provider == "cuda" else 0,
+        # No max_restarts/max_task_retries: Ray Data's actor pools default both to -1 (a killed worker is
+        # restarted and its batch run again), and passing them is deprecated since Ray 2.60.
+    )
+    logger.info("summarizing on %d workers x %d threads", workers, job.threads)
+    writer, progress, failed = BlockWriter(job.output, done), Progress(len(documents)), 0
+    with open(job.errors, "ab", buffering=0) as errors:
+        try:
+            for block in summaries.iter_batches(batch_size=None, batch_format="numpy"):
+                results, refused = _block_results(block, documents)
+                writer.write(results)
+                if refused:
+                    append_block(errors.fileno(), [item.record() for item in refused])
+                failed += len(refused)
+                progress.advance(len(results) + len(refused))
+        finally:
+            writer.close()
+    logger.info("done: %s", progress.line())
+    return failed
+
+
+def _block_results(block: dict[str, np.ndarray], documents: list[Document]) -> tuple[list[Result], list[Rejected]]:
+    results, refused = [], []
+    for key, summary, input_tokens, output_tokens, error in zip(
+        block["key"], block["summary"], block["input_tokens"], block["output_tokens"], block["error"]
+    ):
+        document = documents[int(key)]
+        if error:
+            refused.append(Rejected(document.line, f"could not be summarized: {error}", document.id))
+        else:
+            results.append(Result(document.id, str(summary), int(input_tokens), int(output_tokens)))
+    return results, refused

@@ -1,0 +1,136 @@
+"""ortseq's HTTP API as a Ray Serve deployment: `ortseq serve DIR --replicas N`, or in your own Serve config
+`import_path: ortseq.runtime.serving.ray_serve:app_builder` with `args: {export_dir: ..., replicas: ...}`.
+
+Each replica is the single-process server's FastAPI app (same routes, schema, limits, dynamic batcher and
+error responses) around its own model, so answers equal `ortseq serve`'s; Ray Serve's proxy spreads
+requests over the replicas. /metrics and /readyz answer for the replica that got the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+from ortseq.runtime.errors import InvalidInputError
+from ortseq.runtime.ray_batch import import_ray
+from ortseq.runtime.serving.batcher import BatchingConfig
+from ortseq.runtime.serving.schema import RequestLimits
+
+logger = logging.getLogger("ortseq")
+APP_NAME = "ortseq"
+
+ray = import_ray()
+from ray import serve  # noqa: E402  (after import_ray, which turns a missing Ray into a usage error)
+
+
+@serve.deployment
+@serve.ingress()
+class OrtseqDeployment:
+    """One replica: loads the export once and serves ortseq's FastAPI app over it."""
+
+    def __init__(self, export_dir: str, provider: str, threads: int | None, limits: dict, batching: dict):
+        from ortseq.runtime.model import Seq2SeqModel
+
+        self.model = Seq2SeqModel.load(export_dir, provider=provider, threads=threads)
+        self.limits, self.batching = RequestLimits(**limits), BatchingConfig(**batching)
+
+    def __serve_build_asgi_app__(self):
+        from ortseq.runtime.serving.app import create_app
+
+        return create_app(self.model, self.limits, self.batching)
+
+
+def build_app(
+    export_dir: str | Path,
+    replicas: int = 1,
+    provider: str = "cpu",
+    threads: int | None = None,
+    limits: RequestLimits | None = None,
+    batching: BatchingConfig | None = None,
+):
+    """The deployment bound to an export: pass it to serve.run."""
+    if replicas < 1:
+        raise InvalidInputError(f"replicas must be at least 1, got {replicas}")
+    deployment = OrtseqDeployment.options(
+        num_replicas=replicas, ray_actor_options={"num_cpus": threads or 1, "num_gpus": int(provider == "cuda")}
+    )
+    limits, batching = limits or RequestLimits(), batching or BatchingConfig()
+    return deployment.bind(str(export_dir), provider, threads, asdict(limits), asdict(batching))
+
+
+def app_builder(args: dict):
+    """For Ray Serve configs and `serve run`: export_dir (required), replicas, provider, threads, and the
+    limits and batching settings of `ortseq serve` by their field names (max_batch_size, max_inputs, ...)."""
+    args = dict(args)
+    if "export_dir" not in args:
+        raise InvalidInputError("app_builder needs export_dir")
+    fields = {name: args.pop(name) for name in list(args) if name in RequestLimits.__dataclass_fields__}
+    limits = RequestLimits(**{name: _number(value) for name, value in fields.items()})
+    fields = {name: args.pop(name) for name in list(args) if name in BatchingConfig.__dataclass_fields__}
+    batching = BatchingConfig(**{name: _number(value) for name, value in fields.items()})
+    export_dir = args.pop("export_dir")
+    replicas, provider = int(args.pop("replicas", 1)), args.pop("provider", "cpu")
+    threads = args.pop("threads", None)
+    if args:
+        raise InvalidInputError(f"app_builder: unknown arguments {sorted(args)}")
+    return build_app(export_dir, replicas, provider, None if threads is None else int(threads), limits, batching)
+
+
+def _number(value):
+    """`serve run ... max_wait_ms=5` passes strings: numbers as numbers, the rest unchanged."""
+    if not isinstance(value, str):
+        return value
+    return float(value) if "." in value else int(value)
+
+
+def serve_on_ray(
+    export_dir: Path,
+    host: str,
+    port: int,
+    replicas: int,
+    provider: str = "cpu",
+    threads: int | None = None,
+    limits: RequestLimits | None = None,
+    batching: BatchingConfig | None = None,
+    address: str | None = None,
+) -> None:
+    """Blocks until SIGTERM/SIGINT, then shuts the deployment down. Without an address (nor RAY_ADDRESS),
+    starts a local Ray bound to 127.0.0.1."""
+    from ortseq.runtime.model import Seq2SeqModel
+
+    probe = Seq2SeqModel.load(export_dir, threads=1)  # a bad export or limit fails here, before Ray starts
+    (limits or RequestLimits()).resolved(probe)
+    del probe
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        cpus = max(os.cpu_count() or 1, replicas * (threads or 1))
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level=logging.WARNING,
+        )
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(export_dir, replicas, provider, threads, limits, batching), name=APP_NAME, route_prefix="/")
+        logger.info("serving %s on http://%s:%d with %d Ray Serve replicas", export_dir, host, port, replicas)
+        _wait_for_a_stop_signal()
+        logger.info("shutting down the Ray Serve deployment")
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def _wait_for_a_stop_signal() -> None:
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(1.0):  # a timed wait, so the main thread gets to run the handlers
+        pass
