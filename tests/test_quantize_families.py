@@ -51,21 +51,6 @@ def family_export(exported, tmp_path_factory):
     return get
 
 
-@pytest.fixture
-def gate_calls(monkeypatch):
-    """The (report, verdict) pairs the quality gate saw during the test."""
-    calls = []
-
-    def recording_gate(report):
-        verdict = real_gate(report)
-        calls.append((report, verdict))
-        return verdict
-
-    real_gate = pipeline.lowest_agreement
-    monkeypatch.setattr(pipeline, "lowest_agreement", recording_gate)
-    return calls
-
-
 @pytest.mark.parametrize("fmt", pipeline.FORMATS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_quantizes_to_every_format_and_generates(family_export, gate_calls, tmp_path, family, fmt):
