@@ -165,7 +165,13 @@ def test_fp16_keeps_an_overflowing_residual_stream_finite_where_a_naive_conversi
     ours = _run(_fp16_encoder(tmp_path, Fp16Settings()), feeds)
     assert not np.isfinite(naive).all()
     assert np.isfinite(ours).all()
-    np.testing.assert_allclose(ours, reference, atol=2e-2 * np.abs(reference).max())
+    # After the final LayerNorm the 4 outlier channels sit near +3.87 and the other 60 near -0.26: what the
+    # encoder says about the tokens is how each group varies around that, a std of about 6e-4 (measured).
+    # A tolerance scaled by the output's maximum (2% of 3.87 = 0.077) would accept replacing the 60 channels
+    # by one constant. So: within 2% of each group's own variation (~1e-5; ours measured 1e-6).
+    for group in (slice(0, 4), slice(4, None)):
+        tolerance = 2e-2 * reference[..., group].std()
+        np.testing.assert_allclose(ours[..., group], reference[..., group], rtol=0, atol=tolerance, err_msg=group)
 
 
 def _fp16_encoder(tmp_path, settings: Fp16Settings) -> onnx.ModelProto:
