@@ -52,3 +52,20 @@ def exported(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture
+def gate_calls(monkeypatch):
+    """The (quality report, (mode, token agreement)) pairs the quantization gate judged during the test."""
+    from ortseq.exporter.quantization import pipeline
+
+    calls = []
+    real_gate = pipeline.lowest_agreement
+
+    def recording_gate(report):
+        verdict = real_gate(report)
+        calls.append((report, verdict))
+        return verdict
+
+    monkeypatch.setattr(pipeline, "lowest_agreement", recording_gate)
+    return calls

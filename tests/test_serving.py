@@ -33,8 +33,32 @@ TEXTS = [
     "The minister reported that the bridge, the museum and the station will all reopen in spring, "
     "after the river has gone back down and engineers have checked every building near it.",
 ]
-# A request that keeps the worker busy for seconds on a tiny model: 8 inputs x 8 beams x 200 tokens.
-SLOW_REQUEST = {"inputs": TEXTS * 2, "parameters": {"num_beams": 8, "max_new_tokens": 200, "min_new_tokens": 200}}
+# A request for exactly HELD_TOKENS new tokens keeps the worker inside generate() until the test releases it
+# (HeldModel in-process, HELD_SERVE for a server process): no test depends on how long a generate call takes.
+HELD_TOKENS = 7
+HELD_REQUEST = {"inputs": TEXTS * 2, "parameters": {"max_new_tokens": HELD_TOKENS, "min_new_tokens": HELD_TOKENS}}
+RELEASE_TIMEOUT_S = 120  # only against a hang: a test that forgets to release fails instead of blocking forever
+
+
+class HeldModel:
+    """The model, except that generate() for HELD_TOKENS new tokens waits in the worker thread for release()."""
+
+    def __init__(self, model: Seq2SeqModel):
+        self._model = model
+        self.entered = threading.Event()
+        self._released = threading.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def generate(self, *args, **kwargs):
+        if kwargs.get("max_new_tokens") == HELD_TOKENS:
+            self.entered.set()
+            assert self._released.wait(RELEASE_TIMEOUT_S), "the test never released generate()"
+        return self._model.generate(*args, **kwargs)
+
+    def release(self) -> None:
+        self._released.set()
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +228,8 @@ def test_metrics_count_requests_errors_batches_and_tokens(client):
 
 
 def test_concurrent_http_requests_are_merged_and_answered_to_the_right_caller(model):
-    app = create_app(model, batching=BatchingConfig(max_wait_ms=500))
+    held = HeldModel(model)
+    app = create_app(held, batching=BatchingConfig(max_wait_ms=0))
     parameters = {"num_beams": 2, "max_new_tokens": 10}
     with TestClient(app) as client:
         wait_until_ready(lambda: client.get("/readyz").status_code)
@@ -214,26 +239,41 @@ def test_concurrent_http_requests_are_merged_and_answered_to_the_right_caller(mo
             response = client.post("/v1/summarize", json={"inputs": [TEXTS[index]], "parameters": parameters})
             results[index] = response.json()
 
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(TEXTS))]
+        threads = [threading.Thread(target=client.post, args=("/v1/summarize",), kwargs={"json": HELD_REQUEST})]
+        threads += [threading.Thread(target=ask, args=(i,)) for i in range(len(TEXTS))]
+        try:
+            threads[0].start()
+            wait_until(held.entered.is_set, "the held request occupies the worker")
+            for thread in threads[1:]:
+                thread.start()
+            wait_until(lambda: sample(app.state.metrics, "ortseq_queue_depth") == len(TEXTS), "all are queued")
+        finally:
+            held.release()
         for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        batches = app.state.metrics.registry.get_sample_value("ortseq_batch_size_count")
-    assert batches < len(TEXTS)  # at least two requests shared a generate call
+            thread.join(RELEASE_TIMEOUT_S)
+        batches = sample(app.state.metrics, "ortseq_batch_size_count")
+    assert batches == 2  # the held request, then the four queued ones in one generate call
     for index, text in enumerate(TEXTS):
         assert results[index]["summaries"] == model.summarize([text], **parameters)
 
 
 def test_a_full_queue_gets_503_with_retry_after(model):
-    app = create_app(model, batching=BatchingConfig(max_queue=1, max_wait_ms=3000))
+    held = HeldModel(model)
+    app = create_app(held, batching=BatchingConfig(max_queue=1, max_wait_ms=0))
     with TestClient(app) as client:
         wait_until_ready(lambda: client.get("/readyz").status_code)
+        running = threading.Thread(target=client.post, args=("/v1/summarize",), kwargs={"json": HELD_REQUEST})
         waiting = threading.Thread(target=client.post, args=("/v1/summarize",), kwargs={"json": {"inputs": ["a"]}})
-        waiting.start()  # sits in the queue for max_wait_ms, hoping for company
-        wait_until(lambda: app.state.metrics.registry.get_sample_value("ortseq_queue_depth") == 1, "it is queued")
-        response = client.post("/v1/summarize", json={"inputs": ["b"], "parameters": {"num_beams": 2}})
-        waiting.join()
+        try:
+            running.start()
+            wait_until(held.entered.is_set, "the held request occupies the worker")
+            waiting.start()  # queued behind it: the queue (max_queue=1) is now full
+            wait_until(lambda: sample(app.state.metrics, "ortseq_queue_depth") == 1, "it is queued")
+            response = client.post("/v1/summarize", json={"inputs": ["b"], "parameters": {"num_beams": 2}})
+        finally:
+            held.release()
+        running.join(RELEASE_TIMEOUT_S)
+        waiting.join(RELEASE_TIMEOUT_S)
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert response.json()["error"]["type"] == "queue_full"
 
@@ -247,14 +287,37 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(export_dir: Path, *flags: str) -> tuple[subprocess.Popen, int]:
+# `ortseq serve` whose generate() for HELD_TOKENS new tokens waits until a line arrives on stdin (release()).
+HELD_SERVE = f"""
+import sys, threading
+from ortseq.runtime.model import Seq2SeqModel
+released = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.readline(), released.set()), daemon=True).start()
+real_generate = Seq2SeqModel.generate
+def held_generate(self, *args, **kwargs):
+    if kwargs.get("max_new_tokens") == {HELD_TOKENS}:
+        assert released.wait({RELEASE_TIMEOUT_S}), "the test never released generate()"
+    return real_generate(self, *args, **kwargs)
+Seq2SeqModel.generate = held_generate
+from ortseq.runtime.cli import main
+sys.exit(main(["serve", *sys.argv[1:]]))
+"""
+
+
+def start_held_server(export_dir: Path, *flags: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "ortseq.runtime.cli", "serve", str(export_dir), "--port", str(port), *flags],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-c", HELD_SERVE, str(export_dir), "--port", str(port), *flags],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     wait_until_ready(lambda: get(port, "/readyz")[0])
     return process, port
+
+
+def release(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.stdin.write("release\n")
+        process.stdin.flush()
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -280,41 +343,45 @@ def metric(port: int, series: str) -> float:
 
 
 def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(exported):
-    process, port = start_server(exported("base").export_dir)
+    process, port = start_held_server(exported("base").export_dir)
     try:
         answer: dict = {}
-        slow = threading.Thread(target=lambda: answer.update(zip(("status", "body"), post(port, SLOW_REQUEST))))
-        slow.start()
-        wait_until(lambda: metric(port, "ortseq_running_batch_rows") > 0, "the slow request runs")
+        held = threading.Thread(target=lambda: answer.update(zip(("status", "body"), post(port, HELD_REQUEST))))
+        held.start()
+        wait_until(lambda: metric(port, "ortseq_running_batch_rows") > 0, "the held request runs")
         process.send_signal(signal.SIGTERM)
-        slow.join(timeout=120)
+        wait_until(lambda: get(port, "/healthz")[0] == 0, "the server stops listening")  # draining, request held
+        assert process.poll() is None and not answer  # it waits for the request in flight
+        release(process)
+        held.join(RELEASE_TIMEOUT_S)
         assert process.wait(timeout=60) == 0, process.stdout.read()
     finally:
         process.kill()
-    assert answer["status"] == 200 and len(answer["body"]["summaries"]) == len(SLOW_REQUEST["inputs"])
-    assert answer["body"]["output_tokens"] == [200] * len(SLOW_REQUEST["inputs"])
-    assert get(port, "/healthz")[0] == 0  # nothing listens any more
+    assert answer["status"] == 200 and len(answer["body"]["summaries"]) == len(HELD_REQUEST["inputs"])
+    assert answer["body"]["output_tokens"] == [HELD_TOKENS] * len(HELD_REQUEST["inputs"])
 
 
 def test_a_client_that_disconnects_while_queued_costs_no_generate_call(exported):
-    process, port = start_server(exported("base").export_dir, "--max-wait-ms", "0")
+    process, port = start_held_server(exported("base").export_dir, "--max-wait-ms", "0")
     try:
-        slow = threading.Thread(target=post, args=(port, SLOW_REQUEST))
+        slow = threading.Thread(target=post, args=(port, HELD_REQUEST))
         slow.start()
-        wait_until(lambda: metric(port, "ortseq_running_batch_rows") > 0, "the slow request runs")
+        wait_until(lambda: metric(port, "ortseq_running_batch_rows") > 0, "the held request runs")
         body = json.dumps({"inputs": ["a text that nobody will read"]}).encode()
         with socket.create_connection(("127.0.0.1", port)) as leaving:
             leaving.sendall(
                 b"POST /v1/summarize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
             )
-            wait_until(lambda: metric(port, "ortseq_queue_depth") == 1, "it is queued behind the slow request")
+            wait_until(lambda: metric(port, "ortseq_queue_depth") == 1, "it is queued behind the held request")
         wait_until(lambda: metric(port, 'ortseq_errors_total{kind="client_disconnected"}') == 1, "it is withdrawn")
         assert metric(port, "ortseq_queue_depth") == 0  # withdrawn at once, not when the worker gets to it
-        assert metric(port, "ortseq_running_batch_rows") == len(SLOW_REQUEST["inputs"])  # still the slow one
-        slow.join(timeout=120)
-        assert metric(port, "ortseq_batch_size_count") == 1  # only the slow request ever ran
+        assert metric(port, "ortseq_running_batch_rows") == len(HELD_REQUEST["inputs"])  # still the held one
+        release(process)
+        slow.join(RELEASE_TIMEOUT_S)
+        assert metric(port, "ortseq_batch_size_count") == 1  # only the held request ever ran
     finally:
+        release(process)
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
 

@@ -105,7 +105,38 @@ def quantize_int4(source: Path, target: Path, settings: Int4Settings, vocab_size
     )
     with quiet_root_logger():
         quantizer.process()
-    save_graph(quantizer.model.model, target, external_data)
+    save_graph(functions_at_model_opset(quantizer.model.model), target, external_data)
+
+
+def functions_at_model_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Convert every model-local function body (LSG's ortseq::LSGAttention) to the model's default opset.
+
+    The int4 quantizer raises the model's opset to 21 (its int4 tensors need it) but not the opset of
+    the functions, and onnxruntime inlines a function body under the model's opset: ReduceL2's `axes`,
+    an attribute at opset 17, is an input from 18, so the body would no longer load.
+    """
+    from onnx import helper, version_converter
+
+    target = _default_opset(model.opset_import)
+    for function in model.functions:
+        if _default_opset(function.opset_import) in (None, target):
+            continue
+        untyped = [helper.make_value_info(name, onnx.TypeProto()) for name in (*function.input, *function.output)]
+        body = helper.make_graph(
+            list(function.node), function.name, untyped[: len(function.input)], untyped[len(function.input) :]
+        )
+        wrapper = helper.make_model(body, opset_imports=list(function.opset_import), ir_version=model.ir_version)
+        converted = version_converter.convert_version(wrapper, target)
+        del function.node[:]
+        function.node.extend(converted.graph.node)
+        for opset in function.opset_import:
+            if opset.domain in ("", "ai.onnx"):
+                opset.version = target
+    return model
+
+
+def _default_opset(opset_imports) -> int | None:
+    return next((opset.version for opset in opset_imports if opset.domain in ("", "ai.onnx")), None)
 
 
 @contextmanager
