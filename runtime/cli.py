@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from ortseq.graphs.generation import add_generation_arguments, generation_overrides
 from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE
 from ortseq.runtime.errors import InvalidInputError, ManifestError
 
@@ -39,6 +40,7 @@ def _export(args: argparse.Namespace) -> int:
             external_data=args.external_data,
             add_special_tokens=args.add_special_tokens,
             beam_search_op=args.beam_search_op,
+            ignore_generation_fields=args.ignore_generation_fields,
         )
     except (SourceError, UnsupportedModelError) as exc:
         raise InvalidInputError(str(exc)) from exc
@@ -83,16 +85,7 @@ def _generate(args: argparse.Namespace) -> int:
     if not texts:
         raise InvalidInputError("no input: give texts as arguments or one per line on stdin")
     model = Seq2SeqModel.load(args.export_dir, provider=args.provider, threads=args.threads, engine=args.engine)
-    settings = {
-        "num_beams": args.num_beams,
-        "max_new_tokens": args.max_new_tokens,
-        "min_new_tokens": args.min_new_tokens,
-        "length_penalty": args.length_penalty,
-        "no_repeat_ngram_size": args.no_repeat_ngram_size,
-        "early_stopping": args.early_stopping,
-        "num_return_sequences": args.num_return_sequences,
-    }
-    summaries = model.summarize(texts, batch_size=args.batch_size, **settings)
+    summaries = model.summarize(texts, batch_size=args.batch_size, **generation_overrides(args))
     for summary in summaries:
         print(summary.replace("\n", " "), flush=True)
     return 0
@@ -147,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write beam_search.onnx, for `generate --engine beam-search-op` (Pegasus only)",
     )
+    export.add_argument(
+        "--ignore-generation-fields",
+        action="store_true",
+        help="export even if the generation config sets fields ortseq does not apply (recorded in the manifest)",
+    )
     export.set_defaults(run=_export)
 
     quantize = commands.add_parser("quantize", help="make an int8/int4/fp16 copy of an export, with a quality report")
@@ -185,18 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("-v", "--verbose", action="store_true", help="more log output")
     generate.add_argument("export_dir")
     generate.add_argument("texts", nargs="*", help="texts to summarize; without any, one text per line on stdin")
-    generate.add_argument("--num-beams", type=int)
-    generate.add_argument("--max-new-tokens", type=int)
-    generate.add_argument("--min-new-tokens", type=int)
-    generate.add_argument("--length-penalty", type=float)
-    generate.add_argument("--no-repeat-ngram-size", type=int)
-    generate.add_argument(
-        "--early-stopping",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="end a beam search once num_beams hypotheses are finished (default: the model's)",
-    )
-    generate.add_argument("--num-return-sequences", type=int, default=1)
+    add_generation_arguments(generate)
     generate.add_argument("--batch-size", type=int, help="texts per generate call (default: all at once)")
     generate.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     generate.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
