@@ -240,6 +240,12 @@ def resolve_settings(
             f"max_new_tokens ({max_length - PROMPT_LEN}) is more than the model's "
             f"{max_positions - PROMPT_LEN} decoder positions allow"
         )
+    for forced in ("forced_bos_token_id", "forced_eos_token_id"):  # transformers refuses these too
+        if getattr(settings, forced) is not None and getattr(settings, forced) in (settings.suppress_tokens or ()):
+            raise GenerationSettingError(
+                f"{forced} ({getattr(settings, forced)}) is also in suppress_tokens: forcing a suppressed token "
+                "leaves nothing to generate; to keep the end token away early, use min_new_tokens"
+            )
     if settings.num_return_sequences > settings.num_beams:
         raise GenerationSettingError(
             f"num_return_sequences ({settings.num_return_sequences}) must not exceed num_beams ({settings.num_beams})"

@@ -21,6 +21,7 @@ from ortseq.runtime.errors import InvalidInputError
 from ortseq.runtime.serving.app import create_app
 from ortseq.runtime.serving.schema import RequestLimits
 from tests.test_generate_parity import padded_batch, torch_generate
+from tests.test_serving import wait_until_ready
 
 BEAMS = [1, 2, 4]
 NEW_TOKENS = 12
@@ -160,7 +161,7 @@ def test_ignore_generation_fields_records_what_is_ignored(configured):
 def test_unset_max_length_generates_transformers_default_of_20_new_tokens(base, configured, beams):
     _, _, ids, mask, _ = base
     torch_model, ours, _ = configured
-    settings = dict(num_beams=beams, suppress_tokens=[EOS])  # no row ends early: the length limit decides
+    settings = dict(num_beams=beams, min_new_tokens=20)  # no row ends early: the length limit decides
     expected = torch_generate(torch_model, ids, mask, settings | {"do_sample": False})
     got = ours.generate(ids, mask, **settings)
     assert expected.shape[1] == 21
@@ -184,7 +185,7 @@ def test_cli_export_exits_2_naming_the_refused_field(base, tmp_path, capsys):
     config_file = checkpoint / "generation_config.json"
     config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"sequence_bias": [[[5], 1.0]]}))
     assert cli.main(["export", str(checkpoint), "--out", str(tmp_path / "out")]) == 2
-    error = capsys.readouterr().err.strip().splitlines()
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ortseq: error")]
     assert len(error) == 1 and "sequence_bias" in error[0]
 
 
@@ -235,12 +236,18 @@ def test_http_takes_the_new_fields_and_refuses_bad_values(base):
     parameters = {name: values[name] for name in ("bad_words_ids", "suppress_tokens", "forced_bos_token_id")}
     parameters |= {"repetition_penalty": 1.3, "encoder_no_repeat_ngram_size": 2, "max_new_tokens": 8}
     with TestClient(create_app(ours, RequestLimits(max_inputs=4))) as client:
+        wait_until_ready(lambda: client.get("/readyz").status_code)
         response = client.post("/v1/summarize", json={"inputs": ["a text about the river"], "parameters": parameters})
         assert response.status_code == 200, response.text
         assert response.json()["summaries"] == ours.summarize(["a text about the river"], **parameters)
-        for bad, status in [({"repetition_penalty": -1.0}, 400), ({"bad_words_ids": "5"}, 422)]:
+        for bad in [{"repetition_penalty": -1.0}, {"bad_words_ids": "5"}, {"suppress_tokens": [10**6]}]:
             response = client.post("/v1/summarize", json={"inputs": ["a text"], "parameters": bad})
-            assert response.status_code == status and next(iter(bad)) in json.dumps(response.json()["error"])
+            assert response.status_code == 422 and next(iter(bad)) in json.dumps(response.json()["error"])
+
+
+def test_forcing_a_suppressed_token_is_refused_like_transformers(base):
+    with pytest.raises(InvalidInputError, match="forced_eos_token_id"):
+        base[1].generate(base[2], base[3], suppress_tokens=[EOS])  # the model forces EOS last
 
 
 def test_beam_search_op_engine_refuses_new_fields_by_name(base):
