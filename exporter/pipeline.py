@@ -14,13 +14,14 @@ import torch
 
 from ortseq.exporter import onnx_export, verify
 from ortseq.exporter.beam_search_op import beam_search_model_for, check_supported
-from ortseq.exporter.families import family_for
+from ortseq.exporter.families import UnsupportedModelError, family_for
 from ortseq.exporter.progress import log
 from ortseq.exporter.sources import ALIASES, resolved_source
 from ortseq.exporter.tokenizer_files import save_tokenizer
 from ortseq.graphs import contract
 from ortseq.graphs.directories import replace_dir
-from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, GenerationDefaults, Manifest, sha256_of
+from ortseq.graphs.generation import settings_from_generation_config
+from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, Manifest, sha256_of
 
 # Shapes used for tracing; verify.py checks the graphs at other ones.
 TRACE_BATCH, TRACE_SRC, TRACE_BEAMS, TRACE_PAST = 2, 9, 2, 3
@@ -32,10 +33,13 @@ def export(
     external_data: bool | None = None,
     add_special_tokens: bool | None = None,
     beam_search_op: bool = False,
+    ignore_generation_fields: bool = False,
 ) -> Manifest:
     """add_special_tokens: whether the runtime tokenizes inputs with the tokenizer's special tokens;
     None follows the model family's knowledge of the source's model card (default True).
-    beam_search_op: also write beam_search.onnx (the "beam-search-op" engine), checked against the loop."""
+    beam_search_op: also write beam_search.onnx (the "beam-search-op" engine), checked against the loop.
+    ignore_generation_fields: export even when the generation config sets fields that change the tokens
+    and that ortseq does not honour (graphs/generation.py's REFUSED); the manifest records them."""
     out_dir = Path(out_dir).absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -44,7 +48,7 @@ def export(
         staging.mkdir()
         with resolved_source(source, Path(tmp)) as checkpoint:
             manifest = _export_checkpoint(
-                checkpoint, staging, external_data, source, add_special_tokens, beam_search_op
+                checkpoint, staging, external_data, source, add_special_tokens, beam_search_op, ignore_generation_fields
             )
             manifest.source = source
         manifest.write(staging)
@@ -62,12 +66,14 @@ def _export_checkpoint(
     source: str,
     add_special_tokens: bool | None,
     beam_search_op: bool,
+    ignore_generation_fields: bool,
 ) -> Manifest:
     family_name, family = family_for(checkpoint)
     if add_special_tokens is None:  # a family may know model cards that tokenize without them
         add_special_tokens = getattr(family, "add_special_tokens", lambda _: True)(ALIASES.get(source, source))
     log(f"loading {family_name} checkpoint from {checkpoint}")
     model = family.load_model(str(checkpoint))
+    generation, ignored = generation_defaults(model, checkpoint, ignore_generation_fields)  # before minutes of work
     dims = family.dims(model)
     if beam_search_op:
         check_supported(family_name)  # before minutes of export work
@@ -101,7 +107,7 @@ def _export_checkpoint(
     if beam_search_op:
         log("exporting the BeamSearch-op graph")
         # the model's n-gram ban is built into the op (an attribute); other values are refused at run time
-        no_repeat = _generation_defaults(model).no_repeat_ngram_size
+        no_repeat = generation.no_repeat_ngram_size
         graph = beam_search_model_for(family_name, family, model, no_repeat_ngram_size=no_repeat)
         files += onnx_export.save_proto(graph, staging / contract.BEAM_SEARCH_FILE, external_data)
         engines.append(BEAM_SEARCH_OP_ENGINE)
@@ -112,12 +118,13 @@ def _export_checkpoint(
         family=family_name,
         dims=dims,
         special_tokens=family.special_tokens(model),
-        generation=_generation_defaults(model),
+        generation=generation,
         tokenizer=tokenizer_info,
         opset=onnx_export.OPSET,
         files={name: sha256_of(staging / name) for name in files},
         versions=_versions(),
         engines=engines,
+        ignored_generation_fields=ignored,
     )
 
 
@@ -162,18 +169,39 @@ def _decoder_trace_args(dims) -> tuple:
     return (input_ids, encoder_mask, beam_idx, *past, *cross)
 
 
-def _generation_defaults(model) -> GenerationDefaults:
-    gen = model.generation_config
-    return GenerationDefaults(
-        num_beams=gen.num_beams or 1,
-        max_length=gen.max_length if gen.max_length is not None else 20,
-        min_length=gen.min_length or 0,
-        length_penalty=float(gen.length_penalty if gen.length_penalty is not None else 1.0),
-        no_repeat_ngram_size=gen.no_repeat_ngram_size or 0,
-        # transformers' three values: True, False, or "never" (a different stopping heuristic)
-        early_stopping=gen.early_stopping if gen.early_stopping == "never" else bool(gen.early_stopping),
-        forced_eos_token_id=gen.forced_eos_token_id,
-    )
+def generation_defaults(model, checkpoint: Path | None = None, ignore_refused: bool = False) -> tuple:
+    """(GenerationSettings, {ignored field: value}) from the model's generation config.
+
+    A field that would change the tokens and that ortseq does not honour (graphs/generation.py's
+    REFUSED; a checkpoint's custom_generate/generate.py too) is refused by name, unless ignore_refused:
+    then it is returned to be recorded in the manifest."""
+    settings, refused = settings_from_generation_config(model.generation_config.to_dict())
+    if checkpoint is not None and (Path(checkpoint) / CUSTOM_GENERATE).is_file():
+        refused["custom_generate"] = CUSTOM_GENERATE
+    if refused and not ignore_refused:
+        listed = ", ".join(f"{name}={value!r}" for name, value in refused.items())
+        raise UnsupportedModelError(
+            f"the checkpoint's generation config sets {listed}, which ortseq does not apply and which changes "
+            "the tokens transformers generates: remove it from generation_config.json, or export with "
+            "--ignore-generation-fields (the manifest then records what is ignored)"
+        )
+    if refused:
+        log(f"ignoring generation config fields (recorded in the manifest): {sorted(refused)}")
+    return settings, {name: _json_value(value) for name, value in refused.items()}
+
+
+CUSTOM_GENERATE = "custom_generate/generate.py"  # transformers runs it instead of generate() (trust_remote_code)
+
+
+def _json_value(value):
+    """A generation config value as the manifest can hold it (plain JSON)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _json_value(item) for key, item in value.items()}
+    return repr(value)
 
 
 def _versions() -> dict[str, str]:

@@ -129,7 +129,7 @@ def verify_beam_search_op(directory: Path) -> None:
         "greedy": {"num_beams": 1},
         f"{max(2, defaults.num_beams)} beams": {"num_beams": max(2, defaults.num_beams), "early_stopping": True},
     }
-    new_tokens = min(BEAM_SEARCH_OP_NEW_TOKENS, defaults.max_length - 1)
+    new_tokens = min(BEAM_SEARCH_OP_NEW_TOKENS, loop.settings().max_length - 1)  # within the model's own limit
     for name, settings in searches.items():
         settings |= {"max_new_tokens": new_tokens}
         expected, got = loop.generate(ids, mask, **settings), op.generate(ids, mask, **settings)

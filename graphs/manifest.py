@@ -10,8 +10,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ortseq.graphs.generation import GenerationSettingError, GenerationSettings, from_json
+
 MANIFEST_FILE = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# 1: the generation section held seven fields (max_length 20 recorded where the checkpoint left it
+# unset); still read, the fields it lacks taking transformers' defaults (graphs/generation.py).
+READABLE_SCHEMA_VERSIONS = (1, 2)
 # How an export can generate (runtime/engines.py): the loop always; the BeamSearch op when exported with it.
 LOOP_ENGINE = "loop"
 BEAM_SEARCH_OP_ENGINE = "beam-search-op"
@@ -39,17 +44,7 @@ class SpecialTokens:
     decoder_start_token_id: int
 
 
-@dataclass
-class GenerationDefaults:
-    """Defaults from the model's generation config (transformers' names and meanings)."""
-
-    num_beams: int = 1
-    max_length: int = 20
-    min_length: int = 0
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    early_stopping: bool | str = False  # True, False or "never", as in transformers
-    forced_eos_token_id: int | None = None
+GenerationDefaults = GenerationSettings  # the model's generation config, as declared in graphs/generation.py
 
 
 @dataclass
@@ -92,6 +87,9 @@ class Manifest:
     engines: list[str] = field(default_factory=lambda: [LOOP_ENGINE])
     schema_version: int = SCHEMA_VERSION
     quantization: Quantization | None = None  # absent in fp32 exports (and in manifests older than it)
+    # generation config fields that change the tokens and that ortseq does not honour, kept only when
+    # exported with --ignore-generation-fields: {field: value} (transformers would apply them)
+    ignored_generation_fields: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -108,15 +106,16 @@ class Manifest:
             raise ManifestError(f"{path} is missing: {directory} is not an ortseq export directory")
         try:
             raw = json.loads(path.read_text())
-            if raw.get("schema_version") != SCHEMA_VERSION:
+            if raw.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
                 raise ManifestError(
-                    f"{path} has schema version {raw.get('schema_version')}, this ortseq reads {SCHEMA_VERSION}"
+                    f"{path} has schema version {raw.get('schema_version')}, this ortseq reads "
+                    f"{list(READABLE_SCHEMA_VERSIONS)}: export the model again with this ortseq"
                 )
             return cls(
                 family=raw["family"],
                 dims=ModelDims(**raw["dims"]),
                 special_tokens=SpecialTokens(**raw["special_tokens"]),
-                generation=GenerationDefaults(**raw["generation"]),
+                generation=from_json(raw["generation"]),
                 tokenizer=TokenizerInfo(**raw["tokenizer"]),
                 opset=raw["opset"],
                 files=raw["files"],
@@ -124,10 +123,11 @@ class Manifest:
                 source=raw.get("source", ""),
                 precision=raw.get("precision", "fp32"),
                 engines=raw.get("engines", [LOOP_ENGINE]),
-                schema_version=raw["schema_version"],
+                schema_version=SCHEMA_VERSION,  # read as the current schema (older ones converted above)
                 quantization=Quantization(**raw["quantization"]) if raw.get("quantization") else None,
+                ignored_generation_fields=raw.get("ignored_generation_fields", {}),
             )
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, GenerationSettingError) as exc:
             raise ManifestError(f"{path} is corrupted or incomplete ({exc}); export the model again") from exc
 
     def verify_files(self, directory: Path) -> None:

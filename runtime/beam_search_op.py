@@ -12,9 +12,22 @@ from pathlib import Path
 import numpy as np
 
 from ortseq.graphs.contract import BEAM_SEARCH_FILE
+from ortseq.graphs.generation import non_default
 from ortseq.runtime.errors import InvalidInputError
 from ortseq.runtime.search import PROMPT_LEN, SearchSettings
 from ortseq.runtime.sessions import create_session
+
+# Settings the op has no input or attribute for: refused by name unless at transformers' defaults.
+OP_UNSUPPORTED = (
+    "repetition_penalty",
+    "encoder_repetition_penalty",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "remove_invalid_values",
+)
 
 
 class BeamSearchOpModel:
@@ -31,7 +44,8 @@ class BeamSearchOpModel:
         metadata = session.get_modelmeta().custom_metadata_map
         self.eos_token_id, self.pad_token_id = int(metadata["eos_token_id"]), int(metadata["pad_token_id"])
         # graphs written before these keys existed: Pegasus with forced EOS, attributes 0 / off
-        self.forced_eos = metadata.get("forced_eos_token_id", str(self.eos_token_id)) != ""
+        forced_eos = metadata.get("forced_eos_token_id", str(self.eos_token_id))
+        self.forced_eos_token_id = int(forced_eos) if forced_eos != "" else None
         self.no_repeat_ngram_size = int(metadata.get("no_repeat_ngram_size", "0"))
         self.early_stopping = metadata.get("early_stopping", "0") == "1"
 
@@ -44,6 +58,17 @@ class BeamSearchOpModel:
 
     def check(self, settings: SearchSettings) -> None:
         """Refuse settings the graph cannot honour exactly (InvalidInputError says what to do instead)."""
+        unsupported = non_default(settings, OP_UNSUPPORTED)
+        if unsupported:
+            raise InvalidInputError(
+                f"the beam-search-op engine cannot apply {', '.join(unsupported)}: use the loop engine for "
+                f"{'that setting' if len(unsupported) == 1 else 'those settings'}"
+            )
+        if settings.forced_eos_token_id != self.forced_eos_token_id:
+            raise InvalidInputError(
+                f"the beam-search-op engine runs with forced_eos_token_id={self.forced_eos_token_id} (fixed in the "
+                f"graph), not {settings.forced_eos_token_id}: use the loop engine for that setting"
+            )
         if settings.no_repeat_ngram_size != self.no_repeat_ngram_size:
             raise InvalidInputError(
                 f"the beam-search-op engine runs with no_repeat_ngram_size={self.no_repeat_ngram_size} (fixed in "
@@ -57,9 +82,11 @@ class BeamSearchOpModel:
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, settings: SearchSettings) -> np.ndarray:
         """Search with resolved settings that check() accepted (Seq2SeqModel.settings() calls it)."""
-        # both bans on EOS, in total decoder lengths (the op counts the start token, as transformers does)
-        min_length = max(settings.min_length, PROMPT_LEN + settings.min_new_tokens)
-        if self.forced_eos:  # forced EOS (in the graph) decides the last step: the op's ban must not overlap it
+        # the ban on EOS, in total decoder length (the op counts the start token, as transformers does)
+        min_length = settings.min_length
+        if (
+            self.forced_eos_token_id is not None
+        ):  # forced EOS (in the graph) decides the last step: the op's ban must not overlap it
             min_length = min(min_length, settings.max_length - 1)
         feeds = {
             "input_ids": np.asarray(input_ids, dtype=np.int32),
@@ -96,11 +123,12 @@ class BeamSearchOpModel:
         settings = SearchSettings(
             num_beams=num_beams,
             max_length=PROMPT_LEN + max_new_tokens,
-            min_new_tokens=min_new_tokens,
+            min_length=PROMPT_LEN + min_new_tokens,
             length_penalty=length_penalty,
             no_repeat_ngram_size=self.no_repeat_ngram_size,
             early_stopping=self.early_stopping,
             num_return_sequences=num_return_sequences,
+            forced_eos_token_id=self.forced_eos_token_id,
         )
         return self.run(input_ids, attention_mask, settings)
 

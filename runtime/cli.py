@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from ortseq.graphs.generation import add_generation_arguments, generation_overrides
 from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE
 from ortseq.runtime.errors import InvalidInputError, ManifestError
 
@@ -39,6 +40,7 @@ def _export(args: argparse.Namespace) -> int:
             external_data=args.external_data,
             add_special_tokens=args.add_special_tokens,
             beam_search_op=args.beam_search_op,
+            ignore_generation_fields=args.ignore_generation_fields,
         )
     except (SourceError, UnsupportedModelError) as exc:
         raise InvalidInputError(str(exc)) from exc
@@ -83,17 +85,10 @@ def _generate(args: argparse.Namespace) -> int:
     if not texts:
         raise InvalidInputError("no input: give texts as arguments or one per line on stdin")
     model = Seq2SeqModel.load(args.export_dir, provider=args.provider, threads=args.threads, engine=args.engine)
-    settings = {**_generation_settings(args), "num_return_sequences": args.num_return_sequences}
-    summaries = model.summarize(texts, batch_size=args.batch_size, **settings)
+    summaries = model.summarize(texts, batch_size=args.batch_size, **generation_overrides(args))
     for summary in summaries:
         print(summary.replace("\n", " "), flush=True)
     return 0
-
-
-def _generation_settings(args: argparse.Namespace) -> dict:
-    """The generation flags the user gave, as Seq2SeqModel.generate keyword arguments (None: the model's)."""
-    names = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "no_repeat_ngram_size")
-    return {name: getattr(args, name) for name in (*names, "early_stopping")}
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -101,6 +96,8 @@ def _batch(args: argparse.Namespace) -> int:
     from ortseq.runtime.ray_batch import BatchJob, import_ray, run_batch
 
     import_ray()  # a missing Ray is a usage error before anything is read or written
+    if generation_overrides(args).get("num_return_sequences", 1) != 1:
+        raise InvalidInputError("num_return_sequences must be 1 in a batch job: it writes one summary per id")
     output = Path(args.output)
     job = BatchJob(
         export_dir=Path(args.export_dir),
@@ -115,7 +112,7 @@ def _batch(args: argparse.Namespace) -> int:
         id_field=args.id_field,
         provider=args.provider,
         engine=args.engine,
-        generate_kwargs=_generation_settings(args),
+        generate_kwargs=generation_overrides(args),
     )
     report = run_batch(job)
     print(
@@ -166,20 +163,6 @@ def _bundle(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-beams", type=int)
-    parser.add_argument("--max-new-tokens", type=int)
-    parser.add_argument("--min-new-tokens", type=int)
-    parser.add_argument("--length-penalty", type=float)
-    parser.add_argument("--no-repeat-ngram-size", type=int)
-    parser.add_argument(
-        "--early-stopping",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="end a beam search once num_beams hypotheses are finished (default: the model's)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ortseq", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
@@ -206,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--beam-search-op",
         action="store_true",
         help="also write beam_search.onnx, for `generate --engine beam-search-op` (Pegasus only)",
+    )
+    export.add_argument(
+        "--ignore-generation-fields",
+        action="store_true",
+        help="export even if the generation config sets fields ortseq does not apply (recorded in the manifest)",
     )
     export.set_defaults(run=_export)
 
@@ -245,8 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("-v", "--verbose", action="store_true", help="more log output")
     generate.add_argument("export_dir")
     generate.add_argument("texts", nargs="*", help="texts to summarize; without any, one text per line on stdin")
-    _add_generation_flags(generate)
-    generate.add_argument("--num-return-sequences", type=int, default=1)
+    add_generation_arguments(generate)
     generate.add_argument("--batch-size", type=int, help="texts per generate call (default: all at once)")
     generate.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     generate.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
@@ -294,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--threads", type=int, default=1, help="onnxruntime threads (and CPUs) per worker")
     batch.add_argument("--batch-size", type=int, default=16, help="documents per generate call (default 16)")
     batch.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
-    _add_generation_flags(batch)  # after the merge with genfields: add_generation_arguments(batch)
+    add_generation_arguments(batch)
     batch.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     batch.add_argument("--engine", default=LOOP_ENGINE, choices=[LOOP_ENGINE, BEAM_SEARCH_OP_ENGINE])
     batch.set_defaults(run=_batch)

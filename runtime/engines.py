@@ -18,7 +18,7 @@ import numpy as np
 from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, Manifest
 from ortseq.runtime.beam_search_op import BeamSearchOpModel
 from ortseq.runtime.errors import InvalidInputError
-from ortseq.runtime.search import SearchSettings, beam_search, greedy_search
+from ortseq.runtime.search import EncoderTokens, SearchSettings, beam_search, greedy_search
 from ortseq.runtime.sessions import EncoderDecoderSessions
 
 ENGINES = (LOOP_ENGINE, BEAM_SEARCH_OP_ENGINE)
@@ -37,9 +37,10 @@ class LoopEngine:
         batch = input_ids.shape[0]
         memory = self.sessions.encode(input_ids, attention_mask)
         step = self.sessions.decoder_step(memory, rows=batch * settings.num_beams)
+        encoder = EncoderTokens(input_ids, settings.num_beams, settings)
         if settings.num_beams == 1:
-            return greedy_search(step, batch, settings)
-        return beam_search(step, batch, settings)
+            return greedy_search(step, batch, settings, encoder)
+        return beam_search(step, batch, settings, encoder)
 
 
 def open_engine(name: str, directory: Path, manifest: Manifest, provider: str, threads: int | None):

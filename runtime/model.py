@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 
+from ortseq.graphs.generation import SETTING_NAMES, GenerationSettingError, resolve_settings
 from ortseq.graphs.manifest import LOOP_ENGINE, Manifest
 from ortseq.runtime.engines import open_engine
 from ortseq.runtime.errors import InvalidInputError
-from ortseq.runtime.search import PROMPT_LEN, SearchSettings
+from ortseq.runtime.search import SearchSettings
 from ortseq.runtime.sessions import EncoderDecoderSessions
 from ortseq.runtime.tokenizer import TextTokenizer
 
@@ -49,114 +49,46 @@ class Seq2SeqModel:
         """The loop engine's encoder and decoder sessions (tests drive them step by step)."""
         return self.engine.sessions
 
-    def generate(
-        self,
-        input_ids: np.ndarray,
-        attention_mask: np.ndarray | None = None,
-        *,
-        num_beams: int | None = None,
-        max_new_tokens: int | None = None,
-        min_new_tokens: int | None = None,
-        length_penalty: float | None = None,
-        no_repeat_ngram_size: int | None = None,
-        early_stopping: bool | str | None = None,
-        num_return_sequences: int = 1,
-        max_length: int | None = None,
-        min_length: int | None = None,
-    ) -> np.ndarray:
-        """Token ids in, token ids out, laid out exactly as transformers' generate() returns them."""
-        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
-        settings = self.settings(
-            num_beams=num_beams,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            length_penalty=length_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            early_stopping=early_stopping,
-            num_return_sequences=num_return_sequences,
-            max_length=max_length,
-            min_length=min_length,
-        )
-        return self.engine.run(input_ids, attention_mask, settings)
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, **settings) -> np.ndarray:
+        """Token ids in, token ids out, laid out exactly as transformers' generate() returns them.
 
-    def summarize(self, texts: list[str], batch_size: int | None = None, **generate_kwargs) -> list[str]:
-        """Summaries of texts, one per text (num_return_sequences per text when asked)."""
+        settings: any field of graphs/generation.py's GenerationSettings, with transformers' name and
+        meaning (num_beams, max_new_tokens, repetition_penalty, bad_words_ids, ...); those left out or
+        None take the model's generation defaults. Anything else is refused (InvalidInputError)."""
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
+        return self.engine.run(input_ids, attention_mask, self.settings(**settings))
+
+    def summarize(self, texts: list[str], batch_size: int | None = None, **settings) -> list[str]:
+        """Summaries of texts, one per text (num_return_sequences per text when asked); settings as generate()."""
         check_texts(texts)
         if batch_size is not None and batch_size < 1:
             raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
-        self.settings(**generate_kwargs)  # reject bad settings before any work
+        self.settings(**settings)  # reject bad settings before any work
         batch_size = batch_size or len(texts) or 1
         summaries: list[str] = []
         for start in range(0, len(texts), batch_size):
             input_ids, attention_mask = self.tokenizer.encode(list(texts[start : start + batch_size]))
-            summaries += self.tokenizer.decode(self.generate(input_ids, attention_mask, **generate_kwargs))
+            summaries += self.tokenizer.decode(self.generate(input_ids, attention_mask, **settings))
         return summaries
 
-    def settings(
-        self,
-        num_beams: int | None = None,
-        max_new_tokens: int | None = None,
-        min_new_tokens: int | None = None,
-        length_penalty: float | None = None,
-        no_repeat_ngram_size: int | None = None,
-        early_stopping: bool | str | None = None,
-        num_return_sequences: int = 1,
-        max_length: int | None = None,
-        min_length: int | None = None,
-    ) -> SearchSettings:
-        """Resolve one call's settings against the model's generation defaults, as generate() does."""
-        defaults, tokens = self.manifest.generation, self.manifest.special_tokens
-        if max_new_tokens is not None:
-            _check_int("max_new_tokens", max_new_tokens, minimum=1)
-            max_length = PROMPT_LEN + max_new_tokens
-        elif max_length is not None:
-            _check_int("max_length", max_length, minimum=PROMPT_LEN + 1)
-        else:
-            max_length = defaults.max_length
+    def settings(self, **overrides) -> SearchSettings:
+        """Resolve one call's settings against the model's generation defaults, as generate() does
+        (graphs/generation.py's resolve_settings), and check that the engine can honour them."""
+        dims, tokens = self.manifest.dims, self.manifest.special_tokens
+        try:
+            resolved = resolve_settings(
+                self.manifest.generation, overrides, dims.vocab_size, dims.max_position_embeddings
+            )
+        except GenerationSettingError as exc:
+            raise InvalidInputError(str(exc)) from exc
         settings = SearchSettings(
-            num_beams=defaults.num_beams if num_beams is None else num_beams,
-            max_length=max_length,
-            min_length=defaults.min_length if min_length is None else min_length,
-            min_new_tokens=0 if min_new_tokens is None else min_new_tokens,
-            length_penalty=defaults.length_penalty if length_penalty is None else length_penalty,
-            no_repeat_ngram_size=defaults.no_repeat_ngram_size
-            if no_repeat_ngram_size is None
-            else no_repeat_ngram_size,
-            early_stopping=defaults.early_stopping if early_stopping is None else early_stopping,
-            num_return_sequences=num_return_sequences,
+            **{name: getattr(resolved, name) for name in SETTING_NAMES},
             eos_token_id=tokens.eos_token_id,
             pad_token_id=tokens.pad_token_id,
             decoder_start_token_id=tokens.decoder_start_token_id,
-            forced_eos_token_id=defaults.forced_eos_token_id,
         )
-        self._check_settings(settings)
         self.engine.check(settings)
         return settings
-
-    def _check_settings(self, s: SearchSettings) -> None:
-        _check_int("num_beams", s.num_beams, minimum=1)
-        _check_int("min_new_tokens", s.min_new_tokens, minimum=0)
-        _check_int("min_length", s.min_length, minimum=0)
-        _check_int("no_repeat_ngram_size", s.no_repeat_ngram_size, minimum=0)
-        _check_int("num_return_sequences", s.num_return_sequences, minimum=1)
-        if isinstance(s.length_penalty, bool) or not isinstance(s.length_penalty, (int, float)):
-            raise InvalidInputError(f"length_penalty must be a number, got {s.length_penalty!r}")
-        if not math.isfinite(s.length_penalty):
-            raise InvalidInputError(f"length_penalty must be finite, got {s.length_penalty}")
-        if s.early_stopping not in (True, False, "never"):
-            raise InvalidInputError(f"early_stopping must be true, false or 'never', got {s.early_stopping!r}")
-        new_tokens = s.max_length - PROMPT_LEN
-        if s.min_new_tokens > new_tokens:
-            raise InvalidInputError(f"min_new_tokens ({s.min_new_tokens}) is larger than max_new_tokens ({new_tokens})")
-        positions = self.manifest.dims.max_position_embeddings
-        if s.max_length > positions:
-            raise InvalidInputError(
-                f"max_new_tokens ({new_tokens}) is more than the model's {positions - PROMPT_LEN} decoder positions allow"
-            )
-        if s.num_return_sequences > s.num_beams:
-            raise InvalidInputError(
-                f"num_return_sequences ({s.num_return_sequences}) must not exceed num_beams ({s.num_beams})"
-            )
 
     def _check_inputs(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         input_ids = _as_int64_matrix("input_ids", input_ids)
@@ -184,11 +116,6 @@ def check_texts(texts) -> None:
     for index, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
             raise InvalidInputError(f"text {index} is empty or only whitespace: there is nothing to summarize")
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InvalidInputError(f"{name} must be an integer of at least {minimum}, got {value!r}")
 
 
 def _as_int64_matrix(name: str, array) -> np.ndarray:

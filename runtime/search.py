@@ -16,6 +16,8 @@ from typing import Protocol
 
 import numpy as np
 
+from ortseq.graphs.generation import DEFAULT_NEW_TOKENS, PROMPT_LEN, GenerationSettings
+
 NEG_LARGE = np.float32(-1.0e9)  # transformers' "very large negative" for beams that must not be picked
 
 
@@ -27,39 +29,110 @@ class StepFn(Protocol):
 
 
 @dataclass(frozen=True)
-class SearchSettings:
-    """Resolved settings of one generate() call, with transformers' meanings."""
+class SearchSettings(GenerationSettings):
+    """Resolved settings of one generate() call (graphs/generation.py's `resolve_settings`), with
+    transformers' meanings, plus the model's special tokens. max_length is the total decoder length
+    (start token included) and min_length the total length before EOS is allowed; max_new_tokens and
+    min_new_tokens are folded into them."""
 
-    num_beams: int
-    max_length: int  # total decoder length, the start token included
-    min_length: int = 0  # total decoder length before EOS is allowed
-    min_new_tokens: int = 0
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    early_stopping: bool | str = False
-    num_return_sequences: int = 1
+    max_length: int = PROMPT_LEN + DEFAULT_NEW_TOKENS
     eos_token_id: int = 1
     pad_token_id: int = 0
     decoder_start_token_id: int = 0
-    forced_eos_token_id: int | None = None
 
 
-PROMPT_LEN = 1  # the decoder starts from one token: decoder_start_token_id
+class EncoderTokens:
+    """What the processors that look at the input need: the encoder input ids of every search row
+    (the beams of an input share its ids, pads included, as transformers passes them)."""
+
+    def __init__(self, input_ids: np.ndarray, beams: int, settings: SearchSettings):
+        self.ids = np.repeat(np.asarray(input_ids, dtype=np.int64), beams, axis=0)  # [rows, src]
+        n = settings.encoder_no_repeat_ngram_size
+        # every n-gram of the input [rows, windows, n]: a row whose last n - 1 tokens start one bans its last token
+        self.ngrams = (
+            np.lib.stride_tricks.sliding_window_view(self.ids, n, axis=1) if 0 < n <= self.ids.shape[1] else None
+        )
 
 
-def process_scores(settings: SearchSettings, sequences: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Apply the logits processors generate() builds for these settings, in its order (in place)."""
+def process_scores(
+    settings: SearchSettings, sequences: np.ndarray, scores: np.ndarray, encoder: EncoderTokens | None = None
+) -> np.ndarray:
+    """Apply the logits processors generate() builds for these settings, in transformers 5.x's order
+    (`_get_logits_processor`), with its float32 arithmetic. In place; returns scores.
+
+    sequences [rows, cur_len] (the decoder start included), scores [rows, vocab]: raw logits in greedy
+    search, log-probabilities in beam search, as transformers applies them.
+    """
     cur_len = sequences.shape[1]
+    if settings.encoder_repetition_penalty != 1.0 and encoder is not None:
+        # transformers stores 1 / penalty and then applies it like repetition_penalty
+        _penalize(scores, encoder.ids, np.float32(1.0 / settings.encoder_repetition_penalty))
+    if settings.repetition_penalty != 1.0:
+        _penalize(scores, sequences, np.float32(settings.repetition_penalty))
     n = settings.no_repeat_ngram_size
     if n > 0 and cur_len >= n:
         _ban_repeated_ngrams(sequences, scores, n)
-    eos = settings.eos_token_id
-    if cur_len < settings.min_length or cur_len - PROMPT_LEN < settings.min_new_tokens:
-        scores[:, eos] = -np.inf
+    if encoder is not None and encoder.ngrams is not None and cur_len >= settings.encoder_no_repeat_ngram_size - 1:
+        _ban_ngrams_of(encoder.ngrams, sequences, scores)
+    if settings.bad_words_ids is not None:
+        _ban_bad_words(settings, sequences, scores)
+    if cur_len < settings.min_length:  # min_new_tokens is folded into min_length (resolve_settings)
+        scores[:, settings.eos_token_id] = -np.inf
+    if settings.forced_bos_token_id is not None and cur_len == 1:
+        scores[:] = -np.inf
+        scores[:, settings.forced_bos_token_id] = 0.0
     if settings.forced_eos_token_id is not None and cur_len == settings.max_length - 1:
         scores[:] = -np.inf
         scores[:, settings.forced_eos_token_id] = 0.0
+    if settings.remove_invalid_values:
+        _remove_invalid_values(scores)
+    if settings.suppress_tokens is not None:
+        scores[:, list(settings.suppress_tokens)] = -np.inf
+    # the first generated position; with a one-token prompt and a forced first token, the one after it
+    begin_index = PROMPT_LEN + (settings.forced_bos_token_id is not None)
+    if settings.begin_suppress_tokens is not None and cur_len == begin_index:
+        scores[:, list(settings.begin_suppress_tokens)] = -np.inf
     return scores
+
+
+def _penalize(scores: np.ndarray, tokens: np.ndarray, penalty: np.float32) -> None:
+    """transformers' repetition penalty on every token of a row's `tokens`: negative scores are
+    multiplied by the penalty, the others divided by it (ids past the scores' vocab are skipped)."""
+    vocab = scores.shape[1]
+    seen = np.zeros((scores.shape[0], vocab + 1), dtype=bool)
+    seen[np.arange(scores.shape[0])[:, None], np.minimum(tokens, vocab)] = True
+    seen = seen[:, :vocab]
+    picked = scores[seen]
+    scores[seen] = np.where(picked < 0, picked * penalty, picked / penalty)
+
+
+def _ban_ngrams_of(ngrams: np.ndarray, sequences: np.ndarray, scores: np.ndarray) -> None:
+    """Ban every token that would complete an n-gram of the row's input (ngrams [rows, windows, n])."""
+    n = ngrams.shape[2]
+    prefix = sequences[:, sequences.shape[1] + 1 - n :] if n > 1 else sequences[:, :0]
+    matches = np.all(ngrams[:, :, :-1] == prefix[:, None, :], axis=-1)
+    rows, starts = np.nonzero(matches)
+    banned = ngrams[rows, starts, -1]
+    keep = banned < scores.shape[1]
+    scores[rows[keep], banned[keep]] = -np.inf
+
+
+def _ban_bad_words(settings: SearchSettings, sequences: np.ndarray, scores: np.ndarray) -> None:
+    """transformers' NoBadWordsLogitsProcessor: a sequence's last token is banned where the row ends
+    with the rest of it; the single-token sequence [EOS] is dropped (EOS stays allowed)."""
+    cur_len = sequences.shape[1]
+    for words in settings.bad_words_ids:
+        prefix = np.asarray(words[:-1], dtype=np.int64)
+        if words == (settings.eos_token_id,) or len(prefix) > cur_len:
+            continue
+        rows = np.all(sequences[:, cur_len - len(prefix) :] == prefix, axis=1) if len(prefix) else slice(None)
+        scores[rows, words[-1]] = -np.inf
+
+
+def _remove_invalid_values(scores: np.ndarray) -> None:
+    """transformers' InfNanRemoveLogitsProcessor: nan -> 0, +-inf -> the largest finite float32."""
+    finfo = np.finfo(scores.dtype)
+    np.nan_to_num(scores, copy=False, nan=0.0, posinf=finfo.max, neginf=finfo.min)
 
 
 def _ban_repeated_ngrams(sequences: np.ndarray, scores: np.ndarray, n: int) -> None:
@@ -124,14 +197,17 @@ def _best_block_members(values: np.ndarray, k: int) -> np.ndarray:
     return np.broadcast_to(members.reshape(chosen.shape[0], -1), (rows, needed * block))
 
 
-def greedy_search(step: StepFn, batch: int, settings: SearchSettings) -> np.ndarray:
-    """transformers' `_sample` with do_sample=False: returns [batch, length] int64."""
+def greedy_search(
+    step: StepFn, batch: int, settings: SearchSettings, encoder: EncoderTokens | None = None
+) -> np.ndarray:
+    """transformers' `_sample` with do_sample=False: returns [batch, length] int64. encoder: the
+    input ids, for the processors that read them (none when None)."""
     sequences = np.full((batch, 1), settings.decoder_start_token_id, dtype=np.int64)
     unfinished = np.ones(batch, dtype=bool)
     rows = np.arange(batch, dtype=np.int64)
     while True:
         logits = step(sequences[:, -1], rows)
-        scores = process_scores(settings, sequences, logits)
+        scores = process_scores(settings, sequences, logits, encoder)
         next_tokens = np.argmax(scores, axis=-1).astype(np.int64)
         next_tokens = np.where(unfinished, next_tokens, settings.pad_token_id)
         sequences = np.concatenate([sequences, next_tokens[:, None]], axis=1)
@@ -154,8 +230,9 @@ class _BeamState:
     improvable: np.ndarray  # whether a live beam can still beat the finished ones [batch, 1]
 
 
-def beam_search(step: StepFn, batch: int, settings: SearchSettings) -> np.ndarray:
-    """transformers' `_beam_search`: returns [batch * num_return_sequences, length] int64."""
+def beam_search(step: StepFn, batch: int, settings: SearchSettings, encoder: EncoderTokens | None = None) -> np.ndarray:
+    """transformers' `_beam_search`: returns [batch * num_return_sequences, length] int64. encoder: the
+    input ids repeated per beam, for the processors that read them (none when None)."""
     beams, max_length = settings.num_beams, settings.max_length
     keep = 2 * beams  # candidates kept per step: enough live ones even if `beams` of them end with EOS
     # transformers fills unused positions with `pad_token_id or eos_token_id`: EOS when pad is 0
@@ -185,7 +262,8 @@ def beam_search(step: StepFn, batch: int, settings: SearchSettings) -> np.ndarra
         if scratch is None:
             scratch = np.empty_like(logits)
         log_probs = log_softmax_(logits, scratch)
-        log_probs = process_scores(settings, state.running[:, :, :cur_len].reshape(batch * beams, cur_len), log_probs)
+        sequences = state.running[:, :, :cur_len].reshape(batch * beams, cur_len)
+        log_probs = process_scores(settings, sequences, log_probs, encoder)
         vocab = log_probs.shape[-1]
         log_probs = log_probs.reshape(batch, beams, vocab)
         log_probs += state.running_scores[:, :, None]

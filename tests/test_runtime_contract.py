@@ -170,10 +170,11 @@ def test_generation_defaults_keep_early_stopping_never(value, recorded):
 
     from transformers import GenerationConfig
 
-    from ortseq.exporter.pipeline import _generation_defaults
+    from ortseq.exporter.pipeline import generation_defaults
 
     config = GenerationConfig(early_stopping=value) if value is not None else GenerationConfig()
-    assert _generation_defaults(SimpleNamespace(generation_config=config)).early_stopping == recorded
+    settings, _ = generation_defaults(SimpleNamespace(generation_config=config))
+    assert settings.early_stopping == recorded
 
 
 def test_decoder_of_a_tiny_model_runs_on_one_thread_and_a_large_one_on_all_asked(exported):

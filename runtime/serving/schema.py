@@ -9,26 +9,22 @@ the CLI and the Python API use too. Only limits that exist because many clients 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from ortseq.graphs.generation import json_types
 from ortseq.runtime.errors import InvalidInputError
 from ortseq.runtime.model import Seq2SeqModel, check_texts
 from ortseq.runtime.search import SearchSettings
 
-
-class GenerationParameters(BaseModel):
-    """Generation settings; any left out take the model's generation defaults (as `ortseq generate`)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    num_beams: int | None = Field(None, description="beams (1 = greedy)")
-    max_new_tokens: int | None = Field(None, description="most tokens to generate")
-    min_new_tokens: int | None = Field(None, description="fewest tokens before the end token is allowed")
-    length_penalty: float | None = Field(None, description="beam score exponent on length, as in transformers")
-    no_repeat_ngram_size: int | None = Field(None, description="forbid repeating n-grams of this size (0 = off)")
-    early_stopping: bool | Literal["never"] | None = Field(None, description="beam search stopping rule")
+# Generation settings, one per field of graphs/generation.py's table; any left out take the model's
+# generation defaults (as `ortseq generate`). Ranges and token ids are checked by Seq2SeqModel.settings().
+GenerationParameters = create_model(
+    "GenerationParameters",
+    __config__=ConfigDict(extra="forbid", strict=True),
+    __doc__="Generation settings; any left out take the model's generation defaults (as `ortseq generate`).",
+    **{name: (json_type | None, Field(None, description=help)) for name, (json_type, help) in json_types().items()},
+)
 
 
 class SummarizeRequest(BaseModel):
@@ -82,6 +78,8 @@ def checked_settings(request: SummarizeRequest, model: Seq2SeqModel, limits: Req
         )
     check_texts(request.inputs)
     settings = model.settings(**generation_kwargs(request))
+    if settings.num_return_sequences != 1:
+        raise InvalidInputError("num_return_sequences must be 1: the server returns one summary per input")
     if settings.num_beams > limits.max_num_beams:
         raise InvalidInputError(f"num_beams is {settings.num_beams}; this server allows at most {limits.max_num_beams}")
     return settings
