@@ -7,45 +7,70 @@ transformers model's own weights. The graphs' I/O follows graphs/contract.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from ortseq.exporter.attention import additive_mask, attend, cross_attend_shared, merge_heads, split_heads
+from ortseq.exporter.families.base import Family
+from ortseq.exporter.tiny.pegasus import build_tiny_pegasus
+from ortseq.exporter.tiny.trained import build_trained_tiny_pegasus
 from ortseq.graphs.manifest import ModelDims, SpecialTokens
 
 
-def handles(config: dict) -> bool:
-    return config.get("model_type") == "pegasus"
+class PegasusFamily(Family):
+    """Pegasus (PegasusForConditionalGeneration)."""
 
+    name: ClassVar[str] = "pegasus"
+    aliases: ClassVar[dict[str, str]] = {
+        "pegasus-xsum": "google/pegasus-xsum",
+        "pegasus-large": "google/pegasus-large",
+        "tiny-pegasus": "tiny:pegasus",
+        "tiny-pegasus-trained": "tiny:pegasus-trained",  # trained on a synthetic task (exporter/tiny/trained.py)
+    }
+    supports_beam_search_op: ClassVar[bool] = True
 
-def load_model(source_dir: str) -> nn.Module:
-    from transformers import PegasusForConditionalGeneration
+    def handles(self, config: dict) -> bool:
+        return config.get("model_type") == "pegasus"
 
-    return PegasusForConditionalGeneration.from_pretrained(source_dir, attn_implementation="eager").eval()
+    def load_model(self, source_dir: str) -> nn.Module:
+        from transformers import PegasusForConditionalGeneration
 
+        return PegasusForConditionalGeneration.from_pretrained(source_dir, attn_implementation="eager").eval()
 
-def dims(model: nn.Module) -> ModelDims:
-    config = model.config
-    return ModelDims(
-        d_model=config.d_model,
-        encoder_layers=config.encoder_layers,
-        decoder_layers=config.decoder_layers,
-        decoder_heads=config.decoder_attention_heads,
-        head_dim=config.d_model // config.decoder_attention_heads,
-        vocab_size=model.lm_head.out_features,
-        max_position_embeddings=config.max_position_embeddings,
-    )
+    def dims(self, model: nn.Module) -> ModelDims:
+        config = model.config
+        return ModelDims(
+            d_model=config.d_model,
+            encoder_layers=config.encoder_layers,
+            decoder_layers=config.decoder_layers,
+            decoder_heads=config.decoder_attention_heads,
+            head_dim=config.d_model // config.decoder_attention_heads,
+            vocab_size=model.lm_head.out_features,
+            max_position_embeddings=config.max_position_embeddings,
+        )
 
+    def special_tokens(self, model: nn.Module) -> SpecialTokens:
+        gen = model.generation_config
+        return SpecialTokens(
+            pad_token_id=gen.pad_token_id if gen.pad_token_id is not None else model.config.pad_token_id,
+            eos_token_id=_first(gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id),
+            decoder_start_token_id=gen.decoder_start_token_id
+            if gen.decoder_start_token_id is not None
+            else model.config.decoder_start_token_id,
+        )
 
-def special_tokens(model: nn.Module) -> SpecialTokens:
-    gen = model.generation_config
-    return SpecialTokens(
-        pad_token_id=gen.pad_token_id if gen.pad_token_id is not None else model.config.pad_token_id,
-        eos_token_id=_first(gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id),
-        decoder_start_token_id=gen.decoder_start_token_id
-        if gen.decoder_start_token_id is not None
-        else model.config.decoder_start_token_id,
-    )
+    def encoder_export(self, model: nn.Module) -> nn.Module:
+        return EncoderExport(model)
+
+    def decoder_export(self, model: nn.Module) -> nn.Module:
+        return DecoderExport(model)
+
+    def tiny_builders(self) -> dict[str, Callable[[Path], Path]]:
+        return {"pegasus": build_tiny_pegasus, "pegasus-trained": build_trained_tiny_pegasus}
 
 
 def _first(token_id):
