@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from ortseq.exporter.families.bart import BartFamily
 from ortseq.exporter.families.base import Family, UnsupportedModelError, most_specific
 from ortseq.exporter.families.encoder_decoder import EncoderDecoderFamily
 from ortseq.exporter.families.lsg_pegasus import LSGPegasusFamily
@@ -20,7 +21,7 @@ __all__ = ["FAMILIES", "Family", "UnsupportedModelError", "aliases", "family_for
 
 # Order does not matter: when several families handle a checkpoint, the most specific one (a
 # subclass of the others) exports it.
-FAMILIES: tuple[Family, ...] = (PegasusFamily(), LSGPegasusFamily(), EncoderDecoderFamily())
+FAMILIES: tuple[Family, ...] = (BartFamily(), PegasusFamily(), LSGPegasusFamily(), EncoderDecoderFamily())
 
 
 def family_for(checkpoint: Path) -> Family:

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ortseq.exporter.progress import log
-from ortseq.exporter.tiny.text import load_saved_tokenizer, tokenizer_corpus, train_unigram_sentencepiece
+from ortseq.exporter.tiny.text import (
+    load_saved_tokenizer,
+    tokenizer_corpus,
+    train_byte_level_bpe_vocab,
+    train_unigram_sentencepiece,
+)
 
 KINDS = ("bert2bert", "roberta2roberta", "bertgeneration")
 
@@ -96,13 +101,7 @@ def train_wordpiece(out_dir: Path, vocab_size: int, seed: int):
 
 def train_byte_level_bpe(out_dir: Path, vocab_size: int, seed: int):
     """Byte-level BPE in roberta-base's layout; loads as transformers' RobertaTokenizer."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    tokenizer = ByteLevelBPETokenizer()
-    tokenizer.train_from_iterator(
-        tokenizer_corpus(seed), vocab_size=vocab_size, special_tokens=ROBERTA_SPECIALS, show_progress=False
-    )
-    tokenizer.save_model(str(out_dir))  # vocab.json, merges.txt
+    train_byte_level_bpe_vocab(out_dir, tokenizer_corpus(seed), vocab_size, ROBERTA_SPECIALS)
     return load_saved_tokenizer(out_dir, {"tokenizer_class": "RobertaTokenizer"})
 
 

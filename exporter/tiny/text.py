@@ -72,3 +72,12 @@ def load_saved_tokenizer(out_dir: Path, tokenizer_config: dict):
         shutil.copy(path, out_dir / path.name)
     shutil.rmtree(staging)
     return AutoTokenizer.from_pretrained(str(out_dir))
+
+
+def train_byte_level_bpe_vocab(out_dir: Path, lines: list[str], vocab_size: int, special_tokens: list[str]) -> None:
+    """out_dir/vocab.json and merges.txt: byte-level BPE trained on lines, special_tokens first (ids 0, 1, ...)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tokenizer = ByteLevelBPETokenizer()
+    tokenizer.train_from_iterator(lines, vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False)
+    tokenizer.save_model(str(out_dir))
