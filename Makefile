@@ -24,7 +24,7 @@ setup: .venv/.installed .venv-hf4/.installed
 	.venv-hf4/bin/pip install -q "transformers==4.57.6" sentencepiece protobuf
 	touch $@
 
-# the main job: export the trained tiny model (trained once per clone, cached in .cache/), quantize it
+# the main job: export the trained tiny model (trained once per user, cached in ~/.cache/ortseq/), quantize it
 # to int8 with its quality report, and summarize two documents with the int8 export
 demo: setup
 	$(ORTSEQ) export $(DEMO) --out $(EXPORTS)/$(DEMO)

@@ -66,7 +66,7 @@ def prepare_model(name: str):
 
 
 def _build_tiny(checkpoint: Path) -> None:
-    from ortseq.exporter.tiny import build_tiny_pegasus
+    from ortseq.exporter.tiny.pegasus import build_tiny_pegasus
 
     build_tiny_pegasus(checkpoint)
 
@@ -75,7 +75,7 @@ def _build_xsum_shaped(checkpoint: Path) -> None:
     import torch
     from transformers import PegasusConfig, PegasusForConditionalGeneration
 
-    from ortseq.exporter.tiny import build_tiny_pegasus
+    from ortseq.exporter.tiny.pegasus import build_tiny_pegasus
 
     print("[bench] building a random-weight pegasus-xsum-shaped model (~570M parameters)", flush=True)
     build_tiny_pegasus(checkpoint)  # for its tokenizer files; the model is replaced below

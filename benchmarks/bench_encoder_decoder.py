@@ -40,7 +40,7 @@ def build_checkpoint(checkpoint: Path) -> None:
     import torch
     from transformers import EncoderDecoderConfig, EncoderDecoderModel, RobertaConfig
 
-    from ortseq.exporter.tiny_encoder_decoder import tie_decoder_to_encoder, train_byte_level_bpe
+    from ortseq.exporter.tiny.encoder_decoder import tie_decoder_to_encoder, train_byte_level_bpe
 
     print("[bench] building a random-weight roberta2roberta_L-24-shaped model", flush=True)
     checkpoint.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,7 @@ def export_ortseq_encoder(checkpoint: Path, out: Path) -> None:
     from ortseq.exporter.families import lsg_pegasus
 
     torch.set_num_threads(THREADS)
-    model = lsg_pegasus.load_model(str(checkpoint))
+    model = lsg_pegasus.LSGPegasusFamily().load_model(str(checkpoint))
     encoder = lsg_pegasus.EncoderExport(model).eval()
     encoder.cross_attentions = nn.ModuleList()  # the benchmark is the encoder proper
     ids = torch.randint(3, 1000, (1, 300))

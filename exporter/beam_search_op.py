@@ -32,7 +32,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from ortseq.exporter import onnx_export
-from ortseq.exporter.families import UnsupportedModelError, family_for
+from ortseq.exporter.families import Family, UnsupportedModelError, family_for
 from ortseq.exporter.progress import log
 from ortseq.graphs.manifest import ModelDims
 
@@ -56,10 +56,10 @@ def _forced_eos(logits: torch.Tensor, cur_len: torch.Tensor, max_length: torch.T
 class EncoderInitExport(nn.Module):
     """The op's encoder subgraph: our encoder, then our decoder's first step on an empty past."""
 
-    def __init__(self, family, model: nn.Module, dims: ModelDims):
+    def __init__(self, family: Family, model: nn.Module, dims: ModelDims):
         super().__init__()
-        self.encoder = family.EncoderExport(model)
-        self.decoder = family.DecoderExport(model)
+        self.encoder = family.encoder_export(model)
+        self.decoder = family.decoder_export(model)
         self.dims = dims
 
     def forward(self, encoder_input_ids, encoder_attention_mask, decoder_input_ids):
@@ -76,9 +76,9 @@ class EncoderInitExport(nn.Module):
 class DecoderStepExport(nn.Module):
     """The op's decoder subgraph: one step of our decoder, plus forced EOS when the model has one."""
 
-    def __init__(self, family, model: nn.Module, dims: ModelDims, forced_eos_token_id: int | None):
+    def __init__(self, family: Family, model: nn.Module, dims: ModelDims, forced_eos_token_id: int | None):
         super().__init__()
-        self.decoder = family.DecoderExport(model)
+        self.decoder = family.decoder_export(model)
         self.layers = dims.decoder_layers
         self.forced_eos_token_id = forced_eos_token_id
 
@@ -92,7 +92,7 @@ class DecoderStepExport(nn.Module):
         return (logits[:, None, :], *presents)
 
 
-def _encoder_subgraph(family, model, dims: ModelDims) -> onnx.GraphProto:
+def _encoder_subgraph(family: Family, model, dims: ModelDims) -> onnx.GraphProto:
     layers = dims.decoder_layers
     ids = torch.randint(3, dims.vocab_size, (2, 9), dtype=torch.int32)
     mask = torch.ones_like(ids)
@@ -113,7 +113,7 @@ def _encoder_subgraph(family, model, dims: ModelDims) -> onnx.GraphProto:
     return onnx_export.trace_to_proto(module, (ids, mask, start), inputs, outputs, axes).graph
 
 
-def _decoder_subgraph(family, model, dims: ModelDims, forced_eos_token_id: int | None) -> onnx.GraphProto:
+def _decoder_subgraph(family: Family, model, dims: ModelDims, forced_eos_token_id: int | None) -> onnx.GraphProto:
     layers, rows, src, past = dims.decoder_layers, 4, 9, 3
     kv = (dims.decoder_heads, dims.head_dim)
     self_kv = [torch.randn(rows, kv[0], past, kv[1]) for _ in range(2 * layers)]
@@ -166,25 +166,21 @@ def _rename_inputs(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
                 _rename_inputs(attribute.g, renamed)
 
 
-SUPPORTED_FAMILIES = ("pegasus",)  # LSG and encoder-decoders: their encoders' I/O differ (not done yet)
-
-
-def check_supported(family_name: str) -> None:
-    """Refuse families the graph is not built for (before any export work)."""
-    if family_name not in SUPPORTED_FAMILIES:
+def check_supported(family: Family) -> None:
+    """Refuse families the graph is not built for (before any export work): Family.supports_beam_search_op."""
+    if not family.supports_beam_search_op:
         raise UnsupportedModelError(
-            f"the BeamSearch-op graph supports the {list(SUPPORTED_FAMILIES)} families, not {family_name!r}; "
-            "export without --beam-search-op"
+            f"the BeamSearch-op graph is not built for the {family.name!r} family; export without --beam-search-op"
         )
 
 
 def build_beam_search_model(checkpoint: str | Path, early_stopping: bool = True) -> onnx.ModelProto:
-    family_name, family = family_for(Path(checkpoint))
-    return beam_search_model_for(family_name, family, family.load_model(str(checkpoint)), early_stopping=early_stopping)
+    family = family_for(Path(checkpoint))
+    return beam_search_model_for(family, family.load_model(str(checkpoint)), early_stopping=early_stopping)
 
 
 def beam_search_model_for(
-    family_name: str, family, model: nn.Module, no_repeat_ngram_size: int = 0, early_stopping: bool = True
+    family: Family, model: nn.Module, no_repeat_ngram_size: int = 0, early_stopping: bool = True
 ) -> onnx.ModelProto:
     """The single-graph model: inputs input_ids, max_length, min_length, num_beams,
     num_return_sequences, length_penalty, attention_mask -> sequences [batch, returned, length] int32.
@@ -194,11 +190,11 @@ def beam_search_model_for(
     default: the op's stopping rule without it is transformers 4.x's heuristic (best of all
     candidates, finished ones included), which picked other beams than 5.x's in our comparisons.
     """
-    check_supported(family_name)
+    check_supported(family)
     dims = family.dims(model)
     tokens = family.special_tokens(model)
     forced_eos = model.generation_config.forced_eos_token_id
-    log(f"beam-search graph: tracing the {family_name} encoder subgraph")
+    log(f"beam-search graph: tracing the {family.name} encoder subgraph")
     encoder = _encoder_subgraph(family, model, dims)
     log("beam-search graph: tracing the decoder subgraph")
     decoder = _decoder_subgraph(family, model, dims, forced_eos)

@@ -14,7 +14,7 @@ import torch
 
 from ortseq.exporter import onnx_export, verify
 from ortseq.exporter.beam_search_op import beam_search_model_for, check_supported
-from ortseq.exporter.families import UnsupportedModelError, family_for
+from ortseq.exporter.families import Family, UnsupportedModelError, family_for
 from ortseq.exporter.progress import log
 from ortseq.exporter.sources import ALIASES, resolved_source
 from ortseq.exporter.tokenizer_files import save_tokenizer
@@ -68,22 +68,22 @@ def _export_checkpoint(
     beam_search_op: bool,
     ignore_generation_fields: bool,
 ) -> Manifest:
-    family_name, family = family_for(checkpoint)
+    family = family_for(checkpoint)
     if add_special_tokens is None:  # a family may know model cards that tokenize without them
-        add_special_tokens = getattr(family, "add_special_tokens", lambda _: True)(ALIASES.get(source, source))
-    log(f"loading {family_name} checkpoint from {checkpoint}")
+        add_special_tokens = family.add_special_tokens(ALIASES.get(source, source))
+    log(f"loading {family.name} checkpoint from {checkpoint}")
     model = family.load_model(str(checkpoint))
     generation, ignored = generation_defaults(model, checkpoint, ignore_generation_fields)  # before minutes of work
     dims = family.dims(model)
     if beam_search_op:
-        check_supported(family_name)  # before minutes of export work
+        check_supported(family)  # before minutes of export work
     files: list[str] = []
 
     log("exporting encoder")
     _export_encoder(family, model, dims, staging, external_data, files)
 
     log("exporting decoder")
-    decoder = family.DecoderExport(model).eval()
+    decoder = family.decoder_export(model).eval()
     files += onnx_export.export_graph(
         decoder,
         _decoder_trace_args(dims),
@@ -108,14 +108,16 @@ def _export_checkpoint(
         log("exporting the BeamSearch-op graph")
         # the model's n-gram ban is built into the op (an attribute); other values are refused at run time
         no_repeat = generation.no_repeat_ngram_size
-        graph = beam_search_model_for(family_name, family, model, no_repeat_ngram_size=no_repeat)
+        graph = beam_search_model_for(family, model, no_repeat_ngram_size=no_repeat)
         files += onnx_export.save_proto(graph, staging / contract.BEAM_SEARCH_FILE, external_data)
         engines.append(BEAM_SEARCH_OP_ENGINE)
 
-    tokenizer_info = save_tokenizer(checkpoint, staging, dims.max_position_embeddings, add_special_tokens)
+    tokenizer_info = save_tokenizer(
+        checkpoint, staging, dims.max_position_embeddings, add_special_tokens, family.tokenizer_converters()
+    )
     files.append(tokenizer_info.file)
     return Manifest(
-        family=family_name,
+        family=family.name,
         dims=dims,
         special_tokens=family.special_tokens(model),
         generation=generation,
@@ -128,13 +130,11 @@ def _export_checkpoint(
     )
 
 
-def _export_encoder(family, model, dims, staging: Path, external_data: bool | None, files: list[str]) -> None:
-    encoder = family.EncoderExport(model).eval()
-    trace_length = family.encoder_trace_length(model) if hasattr(family, "encoder_trace_length") else TRACE_SRC
-    ids = torch.randint(3, dims.vocab_size, (TRACE_BATCH, trace_length))
+def _export_encoder(family: Family, model, dims, staging: Path, external_data: bool | None, files: list[str]) -> None:
+    encoder = family.encoder_export(model).eval()
+    ids = torch.randint(3, dims.vocab_size, (TRACE_BATCH, family.encoder_trace_length(model)))
     mask = torch.ones_like(ids)
     mask[1, -2:] = 0
-    finalize = getattr(family, "finalize_encoder_graph", None)
     files += onnx_export.export_graph(
         encoder,
         (ids, mask),
@@ -143,16 +143,15 @@ def _export_encoder(family, model, dims, staging: Path, external_data: bool | No
         contract.encoder_outputs(dims.decoder_layers),
         contract.encoder_dynamic_axes(dims.decoder_layers),
         external_data,
-        finalize=(lambda graph: finalize(encoder, graph)) if finalize else None,
+        finalize=lambda graph: family.finalize_encoder_graph(encoder, graph),
     )
-    extra_lengths = family.encoder_verify_lengths(model) if hasattr(family, "encoder_verify_lengths") else []
     verify.verify_encoder(
         staging / contract.ENCODER_FILE,
         encoder,
         dims.decoder_layers,
         dims.vocab_size,
         dims.max_position_embeddings,
-        extra_lengths,
+        family.encoder_verify_lengths(model),
     )
 
 

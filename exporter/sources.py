@@ -6,27 +6,12 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from ortseq.exporter import families
 from ortseq.exporter.progress import log
 
-# Short names for `make export MODEL=...`. A value starting with "tiny:" is built locally, offline.
-ALIASES = {
-    "pegasus-xsum": "google/pegasus-xsum",
-    "pegasus-large": "google/pegasus-large",
-    "lsg-pegasus-large-4096": "ccdv/lsg-pegasus-large-4096",
-    "tiny-pegasus": "tiny:pegasus",
-    "tiny-lsg-pegasus": "tiny:lsg-pegasus",
-    "tiny-pegasus-trained": "tiny:pegasus-trained",  # trained on a synthetic task (exporter/trained_tiny.py)
-}
-# EncoderDecoderModel checkpoints (exporter/families/encoder_decoder.py, exporter/tiny_encoder_decoder.py)
-ALIASES.update(
-    {
-        "roberta2roberta-discofuse": "google/roberta2roberta_L-24_discofuse",
-        "bert2bert-cnn": "patrickvonplaten/bert2bert_cnn_daily_mail",
-        "tiny-bert2bert": "tiny:bert2bert",
-        "tiny-roberta2roberta": "tiny:roberta2roberta",
-        "tiny-bertgeneration": "tiny:bertgeneration",
-    }
-)
+# Short names for `make export MODEL=...`, declared by each family. A value starting with "tiny:" is built
+# locally, offline (the family's tiny builder).
+ALIASES = families.aliases()
 
 # Files a checkpoint needs; hub downloads skip the rest (other frameworks' weights, etc.).
 _CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "pytorch_model.bin", "*.py"]
@@ -41,9 +26,7 @@ def resolved_source(source: str, scratch: Path):
     """Yield a local directory holding the checkpoint named by source (built in scratch if tiny)."""
     target = ALIASES.get(source, source)
     if target.startswith("tiny:"):
-        from ortseq.exporter import tiny
-
-        yield tiny.build(target.removeprefix("tiny:"), scratch / "checkpoint")
+        yield families.tiny_builder(target.removeprefix("tiny:"))(scratch / "checkpoint")
         return
     local = Path(os.path.expanduser(target))
     if local.is_dir():

@@ -2,7 +2,8 @@
 
 Most tokenizers in transformers 5.x are tokenizers-backed, so their own tokenizer.json is copied.
 A few are still sentencepiece-backed ("slow": BertGenerationTokenizer); those are converted with
-transformers' own converter, their special tokens registered as tokenizers special tokens (so that
+transformers' own converter (one transformers does not register comes from the family:
+Family.tokenizer_converters), their special tokens registered as tokenizers special tokens (so that
 they are split off when typed in a text and skipped when decoding, as the slow tokenizer does), and
 the manifest records that the slow tokenizer strips the decoded text.
 """
@@ -18,14 +19,23 @@ from ortseq.graphs.manifest import TokenizerInfo
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def save_tokenizer(checkpoint: Path, staging: Path, max_positions: int, add_special_tokens: bool) -> TokenizerInfo:
-    """Write tokenizer.json for the runtime; returns how the runtime must use it."""
+def save_tokenizer(
+    checkpoint: Path,
+    staging: Path,
+    max_positions: int,
+    add_special_tokens: bool,
+    converters: dict[str, type] | None = None,
+) -> TokenizerInfo:
+    """Write tokenizer.json for the runtime; returns how the runtime must use it.
+
+    converters: slow-to-fast converters beyond transformers' registered ones (the family's
+    Family.tokenizer_converters), by tokenizer class name."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     sentencepiece_backed = not getattr(tokenizer, "is_fast", True)
     if sentencepiece_backed:
-        _converted_sentencepiece(tokenizer).save(str(staging / TOKENIZER_FILE))
+        _converted_sentencepiece(tokenizer, converters or {}).save(str(staging / TOKENIZER_FILE))
     else:
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save_pretrained(tmp)
@@ -45,13 +55,12 @@ def save_tokenizer(checkpoint: Path, staging: Path, max_positions: int, add_spec
     )
 
 
-def _converted_sentencepiece(tokenizer):
+def _converted_sentencepiece(tokenizer, extra_converters: dict[str, type]):
     """tokenizers.Tokenizer equivalent of a sentencepiece-backed transformers tokenizer."""
     from tokenizers import AddedToken
-    from transformers.convert_slow_tokenizer import SLOW_TO_FAST_CONVERTERS, BertGenerationConverter
+    from transformers.convert_slow_tokenizer import SLOW_TO_FAST_CONVERTERS
 
-    # transformers has a BertGeneration converter but does not register it
-    converters = {"BertGenerationTokenizer": BertGenerationConverter, **SLOW_TO_FAST_CONVERTERS}
+    converters = {**extra_converters, **SLOW_TO_FAST_CONVERTERS}
     name = type(tokenizer).__name__
     if name not in converters:
         raise ValueError(f"{name} is sentencepiece-backed and transformers has no tokenizers converter for it")

@@ -37,6 +37,10 @@ ENCODER_INPUTS = ("input_ids", "attention_mask")
 DECODER_STATIC_INPUTS = ("input_ids", "encoder_attention_mask", "beam_idx")
 
 
+# Every K/V tensor name (past, present, cross) starts with one of these (see the names below).
+KV_NAME_PREFIXES = ("past_", "present_", "cross_")
+
+
 def cross_names(num_layers: int) -> list[str]:
     """Names of the cross-attention K/V tensors, in graph order (key, value per layer)."""
     return [name for layer in range(num_layers) for name in (f"cross_key_{layer}", f"cross_value_{layer}")]

@@ -39,6 +39,11 @@ OPSET_VERSION = 1
 OP_INPUTS = ("query", "key", "value", "keep", "lsh_planes")
 OP_OUTPUTS = ("context",)
 
+# The two tensors an LSG-Pegasus checkpoint holds beyond Pegasus' (as lsg-converter saves them): the
+# learned global tokens, and the encoder's position table (read from the file: see exporter/families/lsg_pegasus.py).
+GLOBALS_KEY = "model.encoder.global_embeddings.weight"
+POSITIONS_KEY = "model.encoder.embed_positions.weight"
+
 SPARSITY_TYPES = ("none", "norm", "pooling", "lsh", "stride", "block_stride", "bos_pooling")
 MIN = float(np.finfo(np.float32).min)  # the reference masks with this finite value, not -inf
 

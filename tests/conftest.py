@@ -7,26 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHAPES
 
 from ortseq.exporter.pipeline import export
-from ortseq.exporter.tiny import TinyPegasusShape, build_tiny_pegasus
+from ortseq.exporter.tiny.pegasus import build_tiny_pegasus
 
 torch.set_num_threads(1)  # multi-threaded torch on a loaded 2-core machine is very slow
 logging.getLogger("ortseq").setLevel(logging.WARNING)
-
-# Shapes chosen to break shape assumptions: odd head counts, head_dim not a power of two,
-# asymmetric encoder/decoder depth, vocab sizes that are not multiples of 8, short position tables.
-SHAPES = {
-    "base": TinyPegasusShape(),
-    "odd_heads": TinyPegasusShape(
-        d_model=60, heads=3, encoder_layers=3, decoder_layers=1, ffn_dim=72, extra_vocab=6,
-        max_position_embeddings=64, eos_logit_bias=2.5,
-    ),
-    "deep_decoder": TinyPegasusShape(
-        d_model=32, heads=2, encoder_layers=1, decoder_layers=3, ffn_dim=48, extra_vocab=1,
-        max_position_embeddings=40, eos_logit_bias=1.5, tie_embeddings=True,
-    ),
-}  # fmt: skip
 
 
 class ExportedModel:

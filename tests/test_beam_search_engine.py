@@ -7,16 +7,15 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import ortseq, padded_batch
 
 from ortseq.exporter import beam_search_op
-from ortseq.exporter.families import UnsupportedModelError
+from ortseq.exporter.families import UnsupportedModelError, family_named
 from ortseq.exporter.pipeline import export
 from ortseq.exporter.verify import GraphMismatchError
 from ortseq.graphs.contract import BEAM_SEARCH_FILE
 from ortseq.graphs.manifest import Manifest, sha256_of
 from ortseq.runtime import InvalidInputError, Seq2SeqModel
-from tests.test_cli import ortseq
-from tests.test_generate_parity import padded_batch
 
 # On top of the model's defaults (4 beams, length penalty 0.6, max length 32, early_stopping False):
 # beam search through the op needs early_stopping=True (see test_settings_the_graph_cannot_honour...).
@@ -121,9 +120,9 @@ def test_cli_refuses_what_the_op_engine_cannot_do_with_exit_2(exported, op_expor
 
 
 def test_export_refuses_families_the_graph_is_not_built_for():
-    for family in ("lsg_pegasus", "encoder-decoder"):
+    for name in ("lsg_pegasus", "encoder-decoder"):
         with pytest.raises(UnsupportedModelError, match="export without --beam-search-op"):
-            beam_search_op.check_supported(family)
+            beam_search_op.check_supported(family_named(name))
 
 
 def test_export_fails_when_the_graph_disagrees_with_the_loop(exported, tmp_path, monkeypatch):

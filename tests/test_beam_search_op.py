@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import padded_batch
 
 from ortseq.exporter.beam_search_op import export_beam_search_graph
 from ortseq.graphs.contract import BEAM_SEARCH_FILE
 from ortseq.runtime import Seq2SeqModel
 from ortseq.runtime.beam_search_op import BeamSearchOpModel
-from tests.test_generate_parity import padded_batch
 
 # Settings whose semantics the op shares with transformers (and so with ortseq); forced EOS is done
 # by our decoder subgraph. no_repeat_ngram_size and early_stopping are fixed in the graph (0, True).

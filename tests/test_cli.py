@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def ortseq(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ortseq.runtime.cli", *args],
-        input=stdin, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300,
-    )  # fmt: skip
+from helpers import ortseq
 
 
 def test_export_alias_then_generate_from_stdin(tmp_path):

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SETTINGS, assert_disagreements_are_fp32_ties, torch_generate
 
 from ortseq.exporter.pipeline import export
-from ortseq.exporter.tiny_encoder_decoder import TinyEncoderDecoderShape, build
+from ortseq.exporter.tiny.encoder_decoder import TinyEncoderDecoderShape, build_tiny_encoder_decoder
 from ortseq.graphs import contract
 from ortseq.graphs.manifest import Manifest
 from ortseq.runtime import Seq2SeqModel
-from tests.test_generate_parity import SETTINGS, assert_disagreements_are_fp32_ties, torch_generate
 
 torch.set_num_threads(1)
 logging.getLogger("ortseq").setLevel(logging.WARNING)
@@ -73,7 +73,7 @@ def encdec(tmp_path_factory):
         if name not in cache:
             kind, shape = MODELS[name]
             root = tmp_path_factory.mktemp(name)
-            checkpoint = build(kind, root / "checkpoint", shape, seed=list(MODELS).index(name) + 1)
+            checkpoint = build_tiny_encoder_decoder(kind, root / "checkpoint", shape, seed=list(MODELS).index(name) + 1)
             export(str(checkpoint), root / "export")
             model = EncoderDecoderModel.from_pretrained(str(checkpoint)).eval()
             cache[name] = ExportedEncoderDecoder(checkpoint, root / "export", model, Seq2SeqModel.load(root / "export"))
@@ -284,7 +284,7 @@ def test_encoder_narrower_than_decoder_projects_the_memory_like_transformers(tmp
     """EncoderDecoderModel inserts enc_to_dec_proj when the hidden sizes differ; the encoder graph applies it."""
     from transformers import BertConfig, EncoderDecoderConfig, EncoderDecoderModel, GenerationConfig
 
-    from ortseq.exporter.tiny_encoder_decoder import train_wordpiece
+    from ortseq.exporter.tiny.encoder_decoder import train_wordpiece
 
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
@@ -317,13 +317,14 @@ def test_special_tokens_follow_generate_rules_when_the_generation_config_lacks_s
     """generate() starts with BOS when there is no decoder start id and pads with EOS when there is no pad id."""
     import copy
 
-    from ortseq.exporter.families import UnsupportedModelError, encoder_decoder
+    from ortseq.exporter.families import UnsupportedModelError
+    from ortseq.exporter.families.encoder_decoder import EncoderDecoderFamily
 
     model = copy.deepcopy(encdec("roberta2roberta").torch_model)
     model.generation_config.decoder_start_token_id = None
     model.generation_config.pad_token_id = None
-    tokens = encoder_decoder.special_tokens(model)
+    tokens = EncoderDecoderFamily().special_tokens(model)
     assert (tokens.decoder_start_token_id, tokens.pad_token_id) == (model.generation_config.bos_token_id, 2)
     model.generation_config.eos_token_id = [2, 7]
     with pytest.raises(UnsupportedModelError, match="several EOS"):
-        encoder_decoder.special_tokens(model)
+        EncoderDecoderFamily().special_tokens(model)

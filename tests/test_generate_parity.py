@@ -7,42 +7,9 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from helpers import SETTINGS, SHAPES, assert_disagreements_are_fp32_ties, padded_batch, torch_generate
 
 from ortseq.runtime import Seq2SeqModel
-from tests.conftest import SHAPES
-
-SETTINGS = {
-    "greedy": dict(num_beams=1, max_new_tokens=12),
-    "greedy_min_new_tokens": dict(num_beams=1, max_new_tokens=15, min_new_tokens=6),
-    "greedy_no_repeat_2": dict(num_beams=1, max_new_tokens=20, no_repeat_ngram_size=2),
-    "beam2_lp1": dict(num_beams=2, max_new_tokens=14, length_penalty=1.0),
-    "beam4_lp06": dict(num_beams=4, max_new_tokens=14, length_penalty=0.6),
-    "beam8_lp2": dict(num_beams=8, max_new_tokens=14, length_penalty=2.0),
-    "beam4_no_repeat_3": dict(num_beams=4, max_new_tokens=20, no_repeat_ngram_size=3),
-    "beam4_early_stopping": dict(num_beams=4, max_new_tokens=16, early_stopping=True),
-    "beam4_early_stopping_never": dict(num_beams=4, max_new_tokens=16, early_stopping="never", length_penalty=2.0),
-    "beam4_return4": dict(num_beams=4, max_new_tokens=12, num_return_sequences=4),
-    "beam8_return3_early": dict(num_beams=8, max_new_tokens=12, num_return_sequences=3, early_stopping=True),
-    "beam2_min_new_tokens": dict(num_beams=2, max_new_tokens=10, min_new_tokens=7),
-    "model_defaults": dict(),  # the checkpoint's generation config: 4 beams, length penalty 0.6, max length 32
-}
-
-
-def padded_batch(vocab: int, lengths: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Random ids right-padded with the pad id 0, one row per length."""
-    rng = np.random.default_rng(seed)
-    ids = np.zeros((len(lengths), max(lengths)), dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, :length] = rng.integers(3, vocab, size=length)
-        mask[row, :length] = 1
-    return ids, mask
-
-
-def torch_generate(model, ids: np.ndarray, mask: np.ndarray, settings: dict) -> np.ndarray:
-    with torch.no_grad():
-        out = model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **settings)
-    return out.numpy()
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -104,19 +71,3 @@ def test_disagreements_are_fp32_ties_that_float64_decides_our_way(exported, sett
         padded_batch(ours.manifest.dims.vocab_size, [max_len, max_len // 2 + 1, 1], seed=seed) for seed in range(300)
     )
     assert_disagreements_are_fp32_ties(ours, model.torch_model, batches, SETTINGS[setting], max_ties=3)
-
-
-def assert_disagreements_are_fp32_ties(ours, torch_model, batches, settings: dict, max_ties: int) -> None:
-    """For each (ids, mask): our tokens equal transformers' fp32 tokens, or else its float64 tokens;
-    and the float64 tie-breaks stay rare (at most max_ties)."""
-    import copy
-
-    torch64, disagreements = None, []
-    for index, (ids, mask) in enumerate(batches):
-        got = ours.generate(ids, mask, **settings)
-        if np.array_equal(got, torch_generate(torch_model, ids, mask, settings)):
-            continue
-        torch64 = torch64 or copy.deepcopy(torch_model).double()
-        disagreements.append(index)
-        np.testing.assert_array_equal(got, torch_generate(torch64, ids, mask, settings), f"batch {index}")
-    assert len(disagreements) <= max_ties, f"too many fp32 ties to be chance: batches {disagreements}"

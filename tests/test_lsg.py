@@ -20,7 +20,7 @@ import torch
 from ortseq.exporter.families.lsg_pegasus import lsh_planes_name
 from ortseq.exporter.lsg_attention import LSGAttentionCore
 from ortseq.exporter.pipeline import export
-from ortseq.exporter.tiny import _pegasus_tokenizer_from_spiece, train_pegasus_sentencepiece
+from ortseq.exporter.tiny.pegasus import pegasus_tokenizer_from_spiece, train_pegasus_sentencepiece
 from ortseq.graphs import contract
 from ortseq.graphs.lsg import LSGSettings, lsg_attention_reference
 from ortseq.runtime import Seq2SeqModel
@@ -75,7 +75,7 @@ def lsg_exported(tmp_path_factory):
     """lsg_exported(variant) -> export dir of that golden checkpoint (a tokenizer added: fixtures have none)."""
     root = tmp_path_factory.mktemp("lsg")
     spiece = train_pegasus_sentencepiece(root / "_spm", vocab_size=90)
-    tokenizer = _pegasus_tokenizer_from_spiece(spiece, 1024)
+    tokenizer = pegasus_tokenizer_from_spiece(spiece, 1024)
     cache: dict[str, Path] = {}
 
     def get(variant: str) -> Path:
@@ -158,9 +158,9 @@ def test_attention_memory_is_linear_in_length():
 
 def test_tiny_lsg_pegasus_summarizes_long_text(tmp_path):
     """`ortseq export tiny-lsg-pegasus` (built offline) serves texts far longer than 2 blocks, in a padded batch."""
-    from ortseq.exporter.tiny import build
+    from ortseq.exporter.tiny.lsg_pegasus import build_tiny_lsg_pegasus
 
-    checkpoint = build("lsg-pegasus", tmp_path / "checkpoint")
+    checkpoint = build_tiny_lsg_pegasus(tmp_path / "checkpoint")
     assert json.loads((checkpoint / "config.json").read_text())["sparsity_type"] == "norm"
     export(str(checkpoint), tmp_path / "export")
     model = Seq2SeqModel.load(tmp_path / "export")

@@ -13,18 +13,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import ortseq
 
 from ortseq.exporter.pipeline import export
 from ortseq.exporter.quantization import formats
 from ortseq.exporter.quantization.fp16 import Fp16Settings, convert_fp16
 from ortseq.exporter.quantization.pipeline import QualityGateError, quantize
 from ortseq.exporter.quantization.quality import lowest_agreement, sequence_agreement
-from ortseq.exporter.tiny import TinyPegasusShape, build_tiny_pegasus
-from ortseq.exporter.trained_tiny import synthetic_documents
+from ortseq.exporter.tiny.pegasus import TinyPegasusShape, build_tiny_pegasus
+from ortseq.exporter.tiny.trained import synthetic_documents
 from ortseq.graphs import contract
 from ortseq.graphs.manifest import MANIFEST_FILE, Manifest
 from ortseq.runtime.model import Seq2SeqModel
-from tests.test_cli import ortseq
 
 QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits"}
 

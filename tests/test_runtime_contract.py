@@ -150,14 +150,22 @@ def test_export_that_fails_verification_leaves_nothing_behind(exported, tmp_path
 
 def test_verification_catches_a_graph_specialised_to_the_traced_shape(exported, tmp_path, monkeypatch):
     """A module whose shape logic the tracer freezes must fail export, not ship a wrong graph."""
-    from ortseq.exporter.families import pegasus
+    from ortseq.exporter.families.pegasus import PegasusFamily
 
-    class FrozenBatch(pegasus.EncoderExport):
-        def forward(self, input_ids, attention_mask):
-            outputs = super().forward(input_ids, attention_mask)
+    real_encoder_export = PegasusFamily.encoder_export
+
+    def frozen_batch(self, model):
+        encoder = real_encoder_export(self, model)
+        forward = encoder.forward
+
+        def frozen(input_ids, attention_mask):
+            outputs = forward(input_ids, attention_mask)
             return (outputs[0] * float(input_ids.shape[1]) / 9.0, *outputs[1:])  # python float: traced as a constant
 
-    monkeypatch.setattr(pegasus, "EncoderExport", FrozenBatch)
+        encoder.forward = frozen
+        return encoder
+
+    monkeypatch.setattr(PegasusFamily, "encoder_export", frozen_batch)
     with pytest.raises(GraphMismatchError, match="encoder"):
         export(str(exported("base").checkpoint), tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -8,28 +8,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import CORPUS
 
 from ortseq.graphs.manifest import Manifest
 from ortseq.runtime.tokenizer import TextTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 HF4_PYTHON = ROOT / ".venv-hf4" / "bin" / "python"
-
-CORPUS = [
-    "The city council said the bridge will open next year.",
-    "",
-    "   ",
-    "a  b\t\tc\n\nd   e",
-    "  leading and trailing spaces  ",
-    "café naïve Zürich São Paulo — €5, 100% «quoted» „text“",
-    "Ünïcödé ÀÉÎÕÜ ß ﬁ ligature ＦＵＬＬＷＩＤＴＨ",
-    "日本語のテキストと中文",
-    "emoji 🙂🚀 and symbols ∑∫√",
-    "tabs\tand\u00a0non-breaking\u2009spaces",
-    "special-looking <pad> </s> <mask_1> <unk_5> tokens",
-    "river " * 700,
-    "x" * 3000,
-]
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ import json
 
 import numpy as np
 import pytest
+from helpers import CORPUS
 
-from ortseq.exporter.tiny_encoder_decoder import TOKENIZER_BUILDERS
+from ortseq.exporter.families.encoder_decoder import EncoderDecoderFamily
+from ortseq.exporter.tiny.encoder_decoder import TOKENIZER_BUILDERS
 from ortseq.exporter.tokenizer_files import save_tokenizer
 from ortseq.runtime.tokenizer import TextTokenizer
-from tests.test_tokenizer import CORPUS
 
 MAX_POSITIONS = 64
 
@@ -51,7 +52,8 @@ def tokenizers(request, tmp_path_factory):
         path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
     reference = AutoTokenizer.from_pretrained(str(folder))
     staging = tmp_path_factory.mktemp(request.param + "_export")
-    info = save_tokenizer(folder, staging, MAX_POSITIONS, add_special_tokens=True)
+    converters = EncoderDecoderFamily().tokenizer_converters()
+    info = save_tokenizer(folder, staging, MAX_POSITIONS, add_special_tokens=True, converters=converters)
     assert info.clean_up_tokenization_spaces == config.get("clean_up_tokenization_spaces", False)
     with_special = TextTokenizer(staging, info, reference.pad_token_id)
     without = TextTokenizer(staging, dataclasses.replace(info, add_special_tokens=False), reference.pad_token_id)

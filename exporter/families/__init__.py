@@ -1,34 +1,63 @@
-"""One small module per model family; `family_for` picks it from the checkpoint's config.json.
+"""The model families ortseq exports, one module each; `family_for` picks one from a checkpoint's config.json.
 
-A family module provides: handles(config dict) -> bool, load_model(dir), dims(model),
-special_tokens(model), and the export modules EncoderExport(model) / DecoderExport(model)
-following graphs/contract.py. Optional hooks (exporter/pipeline.py uses them when present):
-encoder_trace_length(model), encoder_verify_lengths(model) (extra source lengths to check), and
-finalize_encoder_graph(encoder_module, onnx_model) (e.g. to add a custom op's ONNX function).
+The contract every family implements is exporter/families/base.py (`Family`: each hook, its default).
+Adding a family: its module here (a `Family` subclass, or a subclass of its nearest relative), one
+line in FAMILIES, its tiny builder under exporter/tiny/, its tests.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
-from ortseq.exporter.families import encoder_decoder, lsg_pegasus, pegasus
+from ortseq.exporter.families.bart import BartFamily
+from ortseq.exporter.families.base import Family, UnsupportedModelError, most_specific
+from ortseq.exporter.families.encoder_decoder import EncoderDecoderFamily
+from ortseq.exporter.families.lsg_pegasus import LSGPegasusFamily
+from ortseq.exporter.families.pegasus import PegasusFamily
 
-# The first family whose handles(config) is true exports the checkpoint: specific before generic.
-FAMILIES: dict[str, ModuleType] = {"lsg_pegasus": lsg_pegasus, "pegasus": pegasus, "encoder-decoder": encoder_decoder}
+__all__ = ["FAMILIES", "Family", "UnsupportedModelError", "aliases", "family_for", "family_named", "tiny_builder"]
+
+# Order does not matter: when several families handle a checkpoint, the most specific one (a
+# subclass of the others) exports it.
+FAMILIES: tuple[Family, ...] = (BartFamily(), PegasusFamily(), LSGPegasusFamily(), EncoderDecoderFamily())
 
 
-class UnsupportedModelError(ValueError):
-    """The checkpoint is of an architecture ortseq cannot export (yet)."""
-
-
-def family_for(checkpoint: Path) -> tuple[str, ModuleType]:
+def family_for(checkpoint: Path) -> Family:
+    """The family that exports the checkpoint folder, from its config.json."""
     config = json.loads((Path(checkpoint) / "config.json").read_text())
-    for name, family in FAMILIES.items():
-        if family.handles(config):
-            return name, family
-    raise UnsupportedModelError(
-        f"{checkpoint}: model_type {config.get('model_type', '?')!r} is not supported; supported families: "
-        f"{sorted(FAMILIES)}"
-    )
+    matching = [family for family in FAMILIES if family.handles(config)]
+    if not matching:
+        raise UnsupportedModelError(
+            f"{checkpoint}: model_type {config.get('model_type', '?')!r} is not supported; supported families: "
+            f"{sorted(family.name for family in FAMILIES)}"
+        )
+    return most_specific(matching)
+
+
+def family_named(name: str) -> Family:
+    """The family whose manifest string is name."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise UnsupportedModelError(f"no family called {name!r}; known: {sorted(family.name for family in FAMILIES)}")
+
+
+def aliases() -> dict[str, str]:
+    """Every family's short names -> hub id or "tiny:KIND"."""
+    table: dict[str, str] = {}
+    for family in FAMILIES:
+        clashes = table.keys() & family.aliases.keys()
+        if clashes:
+            raise ValueError(f"aliases {sorted(clashes)} are declared by two families")
+        table.update(family.aliases)
+    return table
+
+
+def tiny_builder(kind: str) -> Callable[[Path], Path]:
+    """builder(out_dir) -> checkpoint folder of the tiny model "tiny:KIND"."""
+    builders = {name: build for family in FAMILIES for name, build in family.tiny_builders().items()}
+    if kind not in builders:
+        raise ValueError(f"no tiny model called {kind!r}; known: {sorted(builders)}")
+    return builders[kind]

@@ -13,14 +13,19 @@ That knowledge sits in `STACKS` below; the export modules are shared. Graph I/O:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ortseq.exporter.attention import additive_mask, attend, cross_attend_shared, merge_heads, split_heads
+from ortseq.exporter.families.base import Family, UnsupportedModelError
 from ortseq.exporter.progress import log
+from ortseq.exporter.tiny.encoder_decoder import KINDS, build_tiny_encoder_decoder
 from ortseq.graphs.manifest import ModelDims, SpecialTokens
 
 
@@ -55,33 +60,13 @@ STACKS: dict[str, Stack] = {
 }
 
 
-def _unsupported(message: str) -> ValueError:
-    from ortseq.exporter.families import UnsupportedModelError  # imported late: that package imports this module
-
-    return UnsupportedModelError(message)
-
-
 def _stack(config) -> Stack:
     if config.model_type not in STACKS:
-        raise _unsupported(
+        raise UnsupportedModelError(
             f"EncoderDecoderModel with a {config.model_type!r} encoder or decoder is not supported; "
             f"supported: {sorted(STACKS)}"
         )
     return STACKS[config.model_type]
-
-
-def handles(config: dict) -> bool:
-    return config.get("model_type") == "encoder-decoder"
-
-
-def load_model(source_dir: str) -> nn.Module:
-    from transformers import EncoderDecoderModel
-
-    model, info = EncoderDecoderModel.from_pretrained(source_dir, output_loading_info=True)
-    _stack(model.config.encoder), _stack(model.config.decoder)  # fail early, with the supported list
-    if getattr(model.config, "tie_encoder_decoder", False):
-        _restore_tied_decoder_weights(model, set(info["missing_keys"]))
-    return model.eval()
 
 
 def _restore_tied_decoder_weights(model: nn.Module, missing: set[str]) -> None:
@@ -115,39 +100,6 @@ def usable_positions(side: nn.Module) -> int:
     return embeddings.position_embeddings.num_embeddings - _stack(side.config).position_offset(embeddings)
 
 
-def dims(model: nn.Module) -> ModelDims:
-    decoder = model.config.decoder
-    encoder_vocab = model.encoder.get_input_embeddings().num_embeddings
-    vocab = model.decoder.get_output_embeddings().out_features
-    if encoder_vocab != vocab:
-        raise _unsupported(f"encoder vocabulary ({encoder_vocab}) differs from the decoder's ({vocab})")
-    return ModelDims(
-        d_model=decoder.hidden_size,
-        encoder_layers=model.config.encoder.num_hidden_layers,
-        decoder_layers=decoder.num_hidden_layers,
-        decoder_heads=decoder.num_attention_heads,
-        head_dim=decoder.hidden_size // decoder.num_attention_heads,
-        vocab_size=vocab,
-        max_position_embeddings=min(usable_positions(model.encoder), usable_positions(model.decoder)),
-    )
-
-
-def special_tokens(model: nn.Module) -> SpecialTokens:
-    """The ids generate() uses, by its rules: all from the generation config (which transformers fills
-    from config.json and the decoder's config); no decoder start -> BOS; no pad -> EOS."""
-    gen = model.generation_config
-    if isinstance(gen.eos_token_id, (list, tuple)) and len(set(gen.eos_token_id)) > 1:
-        raise _unsupported(f"generation stops on several EOS ids {gen.eos_token_id}; ortseq's search knows one")
-    eos = _first_set(gen.eos_token_id)
-    start = _first_set(gen.decoder_start_token_id, gen.bos_token_id)
-    if eos is None or start is None:
-        raise _unsupported(
-            "the checkpoint does not say its EOS or decoder start token: set eos_token_id and "
-            "decoder_start_token_id in its config.json (bert2bert: [SEP], [CLS]; roberta2roberta: </s>, <s>)"
-        )
-    return SpecialTokens(pad_token_id=_first_set(gen.pad_token_id, eos), eos_token_id=eos, decoder_start_token_id=start)
-
-
 def _first_set(*values):
     """The first value that is set (a list of ids counts as its first)."""
     for value in values:
@@ -170,9 +122,85 @@ _SOURCES_WITHOUT_SPECIAL_TOKENS = (
 )
 
 
-def add_special_tokens(source: str) -> bool:
-    """Whether inputs are tokenized with the tokenizer's special tokens, as the source's model card does."""
-    return not source.startswith(_SOURCES_WITHOUT_SPECIAL_TOKENS)
+class EncoderDecoderFamily(Family):
+    """transformers' EncoderDecoderModel of BERT-like stacks (see STACKS)."""
+
+    name: ClassVar[str] = "encoder-decoder"
+    aliases: ClassVar[dict[str, str]] = {
+        "roberta2roberta-discofuse": "google/roberta2roberta_L-24_discofuse",
+        "bert2bert-cnn": "patrickvonplaten/bert2bert_cnn_daily_mail",
+        "tiny-bert2bert": "tiny:bert2bert",
+        "tiny-roberta2roberta": "tiny:roberta2roberta",
+        "tiny-bertgeneration": "tiny:bertgeneration",
+    }
+    supports_beam_search_op: ClassVar[bool] = False  # its encoder's I/O differ from the op's subgraph (not done)
+
+    def handles(self, config: dict) -> bool:
+        return config.get("model_type") == "encoder-decoder"
+
+    def load_model(self, source_dir: str) -> nn.Module:
+        from transformers import EncoderDecoderModel
+
+        model, info = EncoderDecoderModel.from_pretrained(source_dir, output_loading_info=True)
+        _stack(model.config.encoder), _stack(model.config.decoder)  # fail early, with the supported list
+        if getattr(model.config, "tie_encoder_decoder", False):
+            _restore_tied_decoder_weights(model, set(info["missing_keys"]))
+        return model.eval()
+
+    def dims(self, model: nn.Module) -> ModelDims:
+        decoder = model.config.decoder
+        encoder_vocab = model.encoder.get_input_embeddings().num_embeddings
+        vocab = model.decoder.get_output_embeddings().out_features
+        if encoder_vocab != vocab:
+            raise UnsupportedModelError(f"encoder vocabulary ({encoder_vocab}) differs from the decoder's ({vocab})")
+        return ModelDims(
+            d_model=decoder.hidden_size,
+            encoder_layers=model.config.encoder.num_hidden_layers,
+            decoder_layers=decoder.num_hidden_layers,
+            decoder_heads=decoder.num_attention_heads,
+            head_dim=decoder.hidden_size // decoder.num_attention_heads,
+            vocab_size=vocab,
+            max_position_embeddings=min(usable_positions(model.encoder), usable_positions(model.decoder)),
+        )
+
+    def special_tokens(self, model: nn.Module) -> SpecialTokens:
+        """The ids generate() uses, by its rules: all from the generation config (which transformers fills
+        from config.json and the decoder's config); no decoder start -> BOS; no pad -> EOS."""
+        gen = model.generation_config
+        if isinstance(gen.eos_token_id, (list, tuple)) and len(set(gen.eos_token_id)) > 1:
+            raise UnsupportedModelError(
+                f"generation stops on several EOS ids {gen.eos_token_id}; ortseq's search knows one"
+            )
+        eos = _first_set(gen.eos_token_id)
+        start = _first_set(gen.decoder_start_token_id, gen.bos_token_id)
+        if eos is None or start is None:
+            raise UnsupportedModelError(
+                "the checkpoint does not say its EOS or decoder start token: set eos_token_id and "
+                "decoder_start_token_id in its config.json (bert2bert: [SEP], [CLS]; roberta2roberta: </s>, <s>)"
+            )
+        return SpecialTokens(
+            pad_token_id=_first_set(gen.pad_token_id, eos), eos_token_id=eos, decoder_start_token_id=start
+        )
+
+    def add_special_tokens(self, source: str) -> bool:
+        """Whether inputs are tokenized with the tokenizer's special tokens, as the source's model card does."""
+        return not source.startswith(_SOURCES_WITHOUT_SPECIAL_TOKENS)
+
+    def encoder_export(self, model: nn.Module) -> nn.Module:
+        return EncoderExport(model)
+
+    def decoder_export(self, model: nn.Module) -> nn.Module:
+        return DecoderExport(model)
+
+    def tiny_builders(self) -> dict[str, Callable[[Path], Path]]:
+        return {kind: functools.partial(build_tiny_encoder_decoder, kind) for kind in KINDS}
+
+    def tokenizer_converters(self) -> dict[str, type]:
+        """BertGenerationTokenizer is still sentencepiece-backed in transformers 5.x, and transformers
+        has a converter for it that it does not register."""
+        from transformers.convert_slow_tokenizer import BertGenerationConverter
+
+        return {"BertGenerationTokenizer": BertGenerationConverter}
 
 
 # ---------------------------------------------------------------- export modules

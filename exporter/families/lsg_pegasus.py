@@ -16,27 +16,73 @@ trimmed, keeping or folding the globals, with the cross-attention mask to match.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ortseq.exporter.attention import merge_heads, split_heads
-from ortseq.exporter.families import pegasus
-from ortseq.exporter.families.pegasus import cross_key_values
+from ortseq.exporter.families.pegasus import PegasusFamily, cross_key_values
 from ortseq.exporter.lsg_attention import LSGAttentionCore, lsg_attention
+from ortseq.exporter.tiny.lsg_pegasus import build_tiny_lsg_pegasus
 from ortseq.graphs import lsg
-from ortseq.graphs.lsg import LSGSettings
+from ortseq.graphs.lsg import GLOBALS_KEY, POSITIONS_KEY, LSGSettings
 
-GLOBALS_KEY = "model.encoder.global_embeddings.weight"
-POSITIONS_KEY = "model.encoder.embed_positions.weight"
 # The reference draws new LSH hyperplanes on every call; an export freezes one draw, from this seed.
 LSH_SEED = 0
 
 
-def handles(config: dict) -> bool:
-    return config.get("model_type") == "pegasus" and "sparsity_type" in config
+class LSGPegasusFamily(PegasusFamily):
+    """Pegasus with another encoder: everything but the encoder export is Pegasus'."""
+
+    name: ClassVar[str] = "lsg_pegasus"
+    aliases: ClassVar[dict[str, str]] = {
+        "lsg-pegasus-large-4096": "ccdv/lsg-pegasus-large-4096",
+        "tiny-lsg-pegasus": "tiny:lsg-pegasus",
+    }
+    supports_beam_search_op: ClassVar[bool] = False  # its encoder's I/O differ from the op's subgraph (not done)
+
+    def handles(self, config: dict) -> bool:
+        return config.get("model_type") == "pegasus" and "sparsity_type" in config
+
+    def load_model(self, source_dir: str) -> nn.Module:
+        """transformers' Pegasus with the LSG parts attached as `model.lsg_config` / `model.lsg_weights`."""
+        from transformers import PegasusConfig, PegasusForConditionalGeneration
+        from transformers.utils import logging as hf_logging
+
+        config_dict = json.loads((Path(source_dir) / "config.json").read_text())
+        config = PegasusConfig.from_pretrained(source_dir)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # it would report the global embeddings as unexpected: we read them below
+        try:
+            model = PegasusForConditionalGeneration.from_pretrained(
+                source_dir, config=config, attn_implementation="eager"
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        model.lsg_config = LSGEncoderConfig.from_config(config_dict)
+        model.lsg_weights = read_checkpoint_tensors(Path(source_dir), [GLOBALS_KEY, POSITIONS_KEY])
+        return model.eval()
+
+    def encoder_export(self, model: nn.Module) -> nn.Module:
+        return EncoderExport(model)
+
+    def tiny_builders(self) -> dict[str, Callable[[Path], Path]]:
+        return {"lsg-pegasus": build_tiny_lsg_pegasus}
+
+    def encoder_trace_length(self, model) -> int:
+        """Trace the LSG path proper (over 2 blocks, not a multiple of the block size)."""
+        return 3 * model.lsg_config.attention.block_size + 5
+
+    def encoder_verify_lengths(self, model) -> list[int]:
+        b = model.lsg_config.attention.block_size
+        return [2 * b, 2 * b + 1, 4 * b, 6 * b - 3]
+
+    def finalize_encoder_graph(self, encoder: nn.Module, graph) -> None:
+        finalize_encoder_graph(encoder, graph)
 
 
 @dataclass
@@ -60,24 +106,6 @@ class LSGEncoderConfig:
         )
 
 
-def load_model(source_dir: str) -> nn.Module:
-    """transformers' Pegasus with the LSG parts attached as `model.lsg_config` / `model.lsg_weights`."""
-    from transformers import PegasusConfig, PegasusForConditionalGeneration
-    from transformers.utils import logging as hf_logging
-
-    config_dict = json.loads((Path(source_dir) / "config.json").read_text())
-    config = PegasusConfig.from_pretrained(source_dir)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # it would report the global embeddings as unexpected: we read them below
-    try:
-        model = PegasusForConditionalGeneration.from_pretrained(source_dir, config=config, attn_implementation="eager")
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    model.lsg_config = LSGEncoderConfig.from_config(config_dict)
-    model.lsg_weights = read_checkpoint_tensors(Path(source_dir), [GLOBALS_KEY, POSITIONS_KEY])
-    return model.eval()
-
-
 def read_checkpoint_tensors(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
     """Tensors by name from model.safetensors (sharded or not) or pytorch_model.bin."""
     index = folder / "model.safetensors.index.json"
@@ -93,16 +121,6 @@ def read_checkpoint_tensors(folder: Path, names: list[str]) -> dict[str, torch.T
             return {name: f.get_tensor(name) for name in names}
     state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
     return {name: state[name] for name in names}
-
-
-def encoder_trace_length(model) -> int:
-    """Trace the LSG path proper (over 2 blocks, not a multiple of the block size)."""
-    return 3 * model.lsg_config.attention.block_size + 5
-
-
-def encoder_verify_lengths(model) -> list[int]:
-    b = model.lsg_config.attention.block_size
-    return [2 * b, 2 * b + 1, 4 * b, 6 * b - 3]
 
 
 def draw_lsh_planes(settings: LSGSettings, layers: int, heads: int, head_dim: int) -> list[torch.Tensor]:
@@ -215,9 +233,3 @@ def _core_trace_args(settings: LSGSettings, heads: int, head_dim: int):
     keep = torch.ones(2, t)
     keep[1, -5:] = 0
     return (q, k, v, keep, draw_lsh_planes(settings, 1, heads, head_dim)[0])
-
-
-# Everything but the encoder is plain Pegasus.
-dims = pegasus.dims
-special_tokens = pegasus.special_tokens
-DecoderExport = pegasus.DecoderExport

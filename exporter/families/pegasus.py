@@ -1,127 +1,47 @@
-"""Pegasus: pre-LayerNorm encoder-decoder with sinusoidal positions and scaled embeddings.
+"""Pegasus: BART with another layout (pre-LayerNorm, sinusoidal positions, scaled embeddings).
 
-Everything ortseq knows about the Pegasus architecture lives here: how to load it, its dims and
-special tokens, and the two export modules (encoder + cross K/V, one decoder step) built from the
-transformers model's own weights. The graphs' I/O follows graphs/contract.py.
+PegasusFamily states only what differs from BART (exporter/families/bart.py): sinusoidal positions
+(a fixed table, no offset), no layernorm_embedding, pre-LayerNorm layers with a final LayerNorm
+after each stack, embeddings scaled by sqrt(d_model) outside the embedding module; its decoder
+starts with the pad token (its configs say so, and special_tokens reads them). It is also the one
+family whose modules ORT's BeamSearch op is built over (exporter/beam_search_op.py).
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
 
-from ortseq.exporter.attention import additive_mask, attend, cross_attend_shared, merge_heads, split_heads
-from ortseq.graphs.manifest import ModelDims, SpecialTokens
+from ortseq.exporter.families.bart import BartFamily, Layout, cross_key_values
+from ortseq.exporter.tiny.pegasus import build_tiny_pegasus
+from ortseq.exporter.tiny.trained import build_trained_tiny_pegasus
 
+__all__ = ["PEGASUS_LAYOUT", "PegasusFamily", "cross_key_values"]
 
-def handles(config: dict) -> bool:
-    return config.get("model_type") == "pegasus"
-
-
-def load_model(source_dir: str) -> nn.Module:
-    from transformers import PegasusForConditionalGeneration
-
-    return PegasusForConditionalGeneration.from_pretrained(source_dir, attn_implementation="eager").eval()
-
-
-def dims(model: nn.Module) -> ModelDims:
-    config = model.config
-    return ModelDims(
-        d_model=config.d_model,
-        encoder_layers=config.encoder_layers,
-        decoder_layers=config.decoder_layers,
-        decoder_heads=config.decoder_attention_heads,
-        head_dim=config.d_model // config.decoder_attention_heads,
-        vocab_size=model.lm_head.out_features,
-        max_position_embeddings=config.max_position_embeddings,
-    )
+PEGASUS_LAYOUT = Layout(
+    position_offset=0,
+    embedding_layer_norm=False,
+    pre_layer_norm=True,
+    final_layer_norm=True,
+    scale_outside_embedding=True,
+)
 
 
-def special_tokens(model: nn.Module) -> SpecialTokens:
-    gen = model.generation_config
-    return SpecialTokens(
-        pad_token_id=gen.pad_token_id if gen.pad_token_id is not None else model.config.pad_token_id,
-        eos_token_id=_first(gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id),
-        decoder_start_token_id=gen.decoder_start_token_id
-        if gen.decoder_start_token_id is not None
-        else model.config.decoder_start_token_id,
-    )
+class PegasusFamily(BartFamily):
+    """Pegasus (PegasusForConditionalGeneration)."""
 
+    name: ClassVar[str] = "pegasus"
+    aliases: ClassVar[dict[str, str]] = {
+        "pegasus-xsum": "google/pegasus-xsum",
+        "pegasus-large": "google/pegasus-large",
+        "tiny-pegasus": "tiny:pegasus",
+        "tiny-pegasus-trained": "tiny:pegasus-trained",  # trained on a synthetic task (exporter/tiny/trained.py)
+    }
+    supports_beam_search_op: ClassVar[bool] = True
+    model_type: ClassVar[str] = "pegasus"
+    model_class: ClassVar[str] = "PegasusForConditionalGeneration"
+    layout: ClassVar[Layout] = PEGASUS_LAYOUT
 
-def _first(token_id):
-    return token_id[0] if isinstance(token_id, (list, tuple)) else token_id
-
-
-def _self_attention(attn: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    q, k, v = (split_heads(proj(x), attn.num_heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    return attn.out_proj(merge_heads(attend(q, k, v, mask, attn.scaling)))
-
-
-class EncoderExport(nn.Module):
-    """input_ids, attention_mask -> last_hidden_state, cross-attention mask, cross K/V of every decoder layer."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.encoder = model.model.encoder
-        self.cross_attentions = nn.ModuleList(layer.encoder_attn for layer in model.model.decoder.layers)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        enc = self.encoder
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = enc.embed_tokens(input_ids) * enc.embed_scale + enc.embed_positions.weight[positions]
-        mask = additive_mask(attention_mask, x.dtype)
-        for layer in enc.layers:
-            x = x + _self_attention(layer.self_attn, layer.self_attn_layer_norm(x), mask)
-            h = layer.final_layer_norm(x)
-            x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
-        x = enc.layer_norm(x)
-        return (x, attention_mask.clone(), *cross_key_values(self.cross_attentions, x))
-
-
-def cross_key_values(cross_attentions: nn.ModuleList, memory: torch.Tensor) -> list[torch.Tensor]:
-    """[k_0, v_0, k_1, v_1, ...]: every decoder layer's cross-attention K/V of the encoder output."""
-    cross = []
-    for attn in cross_attentions:
-        cross += [split_heads(attn.k_proj(memory), attn.num_heads), split_heads(attn.v_proj(memory), attn.num_heads)]
-    return cross
-
-
-class DecoderExport(nn.Module):
-    """One decoder step for every row; reorders the past by beam_idx itself (see graphs/contract.py)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.decoder = model.model.decoder
-        self.lm_head = model.lm_head
-        self.register_buffer("final_logits_bias", model.final_logits_bias.detach().clone(), persistent=False)
-        self.num_layers = len(self.decoder.layers)
-
-    def forward(self, input_ids, encoder_attention_mask, beam_idx, *past_and_cross):
-        dec = self.decoder
-        n = self.num_layers
-        past, cross = past_and_cross[: 2 * n], past_and_cross[2 * n :]
-        past_len = past[0].shape[2]
-        positions = torch.arange(past_len, past_len + 1, device=input_ids.device)
-        x = dec.embed_tokens(input_ids) * dec.embed_scale + dec.embed_positions.weight[positions]  # [rows, 1, D]
-        cross_mask = additive_mask(encoder_attention_mask, x.dtype)
-        presents = []
-        for i, layer in enumerate(dec.layers):
-            attn = layer.self_attn
-            h = layer.self_attn_layer_norm(x)
-            q, k, v = (split_heads(proj(h), attn.num_heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-            k = torch.cat([past[2 * i].index_select(0, beam_idx), k], dim=2)
-            v = torch.cat([past[2 * i + 1].index_select(0, beam_idx), v], dim=2)
-            presents += [k, v]
-            x = x + attn.out_proj(merge_heads(attend(q, k, v, None, attn.scaling)))
-
-            cross_attn = layer.encoder_attn
-            h = layer.encoder_attn_layer_norm(x)
-            q = split_heads(cross_attn.q_proj(h), cross_attn.num_heads)
-            ctx = cross_attend_shared(q, cross[2 * i], cross[2 * i + 1], cross_mask, cross_attn.scaling)
-            x = x + cross_attn.out_proj(merge_heads(ctx))
-
-            h = layer.final_layer_norm(x)
-            x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
-        x = dec.layer_norm(x)[:, 0, :]  # [rows, D]
-        logits = nn.functional.linear(x, self.lm_head.weight) + self.final_logits_bias
-        return (logits, *presents)
+    def tiny_builders(self) -> dict[str, Callable[[Path], Path]]:
+        return {"pegasus": build_tiny_pegasus, "pegasus-trained": build_trained_tiny_pegasus}

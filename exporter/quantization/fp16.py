@@ -29,6 +29,8 @@ from pathlib import Path
 
 import onnx
 
+from ortseq.graphs import contract
+
 FP32_OPS = ("LayerNormalization", "Softmax")
 FLOAT16 = onnx.TensorProto.FLOAT16
 
@@ -68,9 +70,8 @@ def function_calls(model: onnx.ModelProto) -> list[str]:
 
 def float_outputs_kept(model: onnx.ModelProto) -> list[str]:
     """Graph inputs/outputs that stay float32: everything but the K/V tensors."""
-    kv_prefixes = ("past_", "present_", "cross_")
     names = [value.name for value in [*model.graph.input, *model.graph.output]]
-    return [name for name in names if not name.startswith(kv_prefixes)]
+    return [name for name in names if not name.startswith(contract.KV_NAME_PREFIXES)]
 
 
 def to_fp16(model: onnx.ModelProto, settings: Fp16Settings) -> onnx.ModelProto:

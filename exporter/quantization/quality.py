@@ -1,7 +1,7 @@
 """The quality report of a quantized export: how closely it follows the fp32 export it was made from.
 
 On a fixed set of inputs (quality_texts.txt: 16 news-like documents, written once with
-exporter.trained_tiny.synthetic_documents(16, seed=20_000), a seed its training never uses; tokenized with
+exporter.tiny.trained.synthetic_documents(16, seed=20_000), a seed its training never uses; tokenized with
 the export's own tokenizer, so they work for any model) both exports decode greedily and with beams; the
 report gives, per mode:
 

@@ -4,16 +4,18 @@ Random weights give near-uniform logits that flip on any noise, so agreement mea
 nothing. This module trains a small Pegasus (tied embeddings, Pegasus' layout and tokenizer) on a
 deterministic synthetic summarization task: news-like documents of a few sentences whose summary is
 the lead sentence. Everything is seeded and torch runs on one thread, so a clone trains the same
-model; the result is cached under `.cache/trained-tiny/<key>`, the key hashing the settings and
+model; the result is cached under `<cache>/trained-tiny/<key>` (cache_dir(): $ORTSEQ_CACHE, else
+$XDG_CACHE_HOME/ortseq or ~/.cache/ortseq), the key hashing the settings and
 TRAINING_VERSION (bump it when the task or the loop changes).
 
-    python -m ortseq.exporter.trained_tiny      # train (or reuse the cache) and print the held-out report
+    python -m ortseq.exporter.tiny.trained      # train (or reuse the cache) and print the held-out report
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -22,9 +24,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ortseq.exporter.progress import log
+from ortseq.exporter.tiny.pegasus import (
+    PEGASUS_TOKEN_IDS,
+    pegasus_tokenizer_from_spiece,
+    save_pegasus_checkpoint,
+    small_pegasus_config,
+)
+from ortseq.exporter.tiny.text import train_unigram_sentencepiece
 
 TRAINING_VERSION = 1
-CACHE_ROOT = Path(__file__).resolve().parent.parent / ".cache" / "trained-tiny"
+CACHE_ENV = "ORTSEQ_CACHE"  # overrides the cache directory (default: $XDG_CACHE_HOME/ortseq or ~/.cache/ortseq)
 REPORT_FILE = "training_report.json"
 
 # The synthetic "news": lead sentence = subject verb object place time; body sentences add detail.
@@ -111,9 +120,18 @@ def build_trained_tiny_pegasus(out_dir: Path, settings: TrainingSettings = Train
     return Path(out_dir)
 
 
+def cache_dir() -> Path:
+    """ortseq's cache directory: $ORTSEQ_CACHE, else $XDG_CACHE_HOME/ortseq, else ~/.cache/ortseq (never
+    inside the installed package, which may be read-only and is shared by every user)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "ortseq"
+
+
 def trained_checkpoint(settings: TrainingSettings = TrainingSettings()) -> Path:
     """The cached checkpoint directory for settings; trains it (a few minutes on CPU) on first use."""
-    target = CACHE_ROOT / settings.cache_key()
+    target = cache_dir() / "trained-tiny" / settings.cache_key()
     if (target / REPORT_FILE).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -129,14 +147,6 @@ def _train(out_dir: Path, settings: TrainingSettings) -> None:
     import torch
     from transformers import GenerationConfig, PegasusForConditionalGeneration
 
-    from ortseq.exporter.tiny import (
-        PEGASUS_TOKEN_IDS,
-        _pegasus_tokenizer_from_spiece,
-        save_pegasus_checkpoint,
-        small_pegasus_config,
-        train_unigram_sentencepiece,
-    )
-
     torch.set_num_threads(1)
     torch.manual_seed(settings.seed)
     out_dir.mkdir(parents=True)
@@ -146,7 +156,7 @@ def _train(out_dir: Path, settings: TrainingSettings) -> None:
     spiece = train_unigram_sentencepiece(
         out_dir / "_spm", spm_lines, settings.spm_vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1
     )
-    tokenizer = _pegasus_tokenizer_from_spiece(spiece, settings.max_position_embeddings)
+    tokenizer = pegasus_tokenizer_from_spiece(spiece, settings.max_position_embeddings)
     config = small_pegasus_config(
         settings,
         vocab_size=len(tokenizer),

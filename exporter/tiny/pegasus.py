@@ -6,83 +6,19 @@
 
 from __future__ import annotations
 
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from ortseq.exporter.progress import log
-
-# Pegasus' layout: pad 0, eos 1, unk 2 in the sentencepiece model; transformers' PegasusTokenizer then
-# puts <pad>, </s>, <mask_1>, <mask_2> and <unk_2>..<unk_102> in front (offset 103).
-_WORDS = (
-    "the a of to and in is was for on that with as by at from his her it an are were which be this has had "
-    "have not but its their they he she who one new after first been also more two than other year years "
-    "when would there into over only city government people team time world state school company season "
-    "river music film game war party church police court report council market water energy village "
-    "summary article study research minister president election museum station island bridge festival "
-    "said says will can may could should made make found found announced reported expected increased"
-).split()
-
-
-def _synthetic_corpus(num_lines: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(num_lines):
-        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 30))]
-        words[0] = words[0].capitalize()
-        if rng.random() < 0.3:
-            words.insert(rng.randrange(len(words)), str(rng.randint(1, 2030)))
-        if rng.random() < 0.2:
-            words.insert(rng.randrange(len(words)), rng.choice(["café", "naïve", "Zürich", "São", "—", "€5"]))
-        lines.append(" ".join(words) + rng.choice([".", ".", "!", "?", ","]))
-    return lines
+from ortseq.exporter.tiny.text import synthetic_corpus, train_unigram_sentencepiece
 
 
 def train_pegasus_sentencepiece(out_dir: Path, vocab_size: int = 400, seed: int = 0) -> Path:
     """Train a unigram sentencepiece model with Pegasus' special-token ids; returns spiece.model."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = _synthetic_corpus(4000, seed)
+    lines = synthetic_corpus(4000, seed)
     return train_unigram_sentencepiece(out_dir, lines, vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
-
-
-def train_unigram_sentencepiece(out_dir: Path, lines: list[str], vocab_size: int, **special_ids: int) -> Path:
-    """out_dir/spiece.model trained on lines, with the given pad/eos/unk/bos ids (-1: none)."""
-    import sentencepiece as spm
-
-    corpus = out_dir / "_corpus.txt"
-    corpus.write_text("\n".join(lines) + "\n")
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(out_dir / "spiece"),
-        vocab_size=vocab_size,
-        model_type="unigram",
-        character_coverage=1.0,
-        num_threads=1,
-        minloglevel=2,
-        **special_ids,
-    )
-    corpus.unlink()
-    (out_dir / "spiece.vocab").unlink(missing_ok=True)
-    return out_dir / "spiece.model"
-
-
-def build(kind: str, out_dir: Path) -> Path:
-    """Build the tiny model named kind ("pegasus", "lsg-pegasus", "pegasus-trained" or an encoder-decoder kind)."""
-    from ortseq.exporter import tiny_encoder_decoder
-    from ortseq.exporter.tiny_lsg import build_tiny_lsg_pegasus
-    from ortseq.exporter.trained_tiny import build_trained_tiny_pegasus
-
-    if kind in tiny_encoder_decoder.KINDS:
-        return tiny_encoder_decoder.build(kind, out_dir)
-    builders = {
-        "pegasus": build_tiny_pegasus,
-        "lsg-pegasus": build_tiny_lsg_pegasus,
-        "pegasus-trained": build_trained_tiny_pegasus,
-    }
-    if kind not in builders:
-        raise ValueError(f"no tiny model called {kind!r}; known: {sorted(builders)}")
-    return builders[kind](out_dir)
 
 
 @dataclass(frozen=True)
@@ -111,7 +47,7 @@ def build_tiny_pegasus(out_dir: Path, shape: TinyPegasusShape = TinyPegasusShape
     out_dir = Path(out_dir)
     log(f"building tiny-pegasus in {out_dir} (sentencepiece trained on the spot)")
     spiece = train_pegasus_sentencepiece(out_dir / "_spm", seed=seed)
-    tokenizer = _pegasus_tokenizer_from_spiece(spiece, shape.max_position_embeddings)
+    tokenizer = pegasus_tokenizer_from_spiece(spiece, shape.max_position_embeddings)
     config = small_pegasus_config(
         shape,
         vocab_size=len(tokenizer) + shape.extra_vocab,
@@ -120,7 +56,7 @@ def build_tiny_pegasus(out_dir: Path, shape: TinyPegasusShape = TinyPegasusShape
     )
     torch.manual_seed(seed)
     model = PegasusForConditionalGeneration(config).eval()
-    _make_outputs_input_dependent(model, shape.eos_logit_bias)
+    make_outputs_input_dependent(model, shape.eos_logit_bias)
     model.generation_config = GenerationConfig(num_beams=4, max_length=32, length_penalty=0.6, **PEGASUS_TOKEN_IDS)
     save_pegasus_checkpoint(model, tokenizer, spiece, out_dir)
     return out_dir
@@ -163,7 +99,7 @@ def save_pegasus_checkpoint(model, tokenizer, spiece: Path, out_dir: Path) -> No
     shutil.rmtree(spiece.parent)
 
 
-def _make_outputs_input_dependent(model, eos_logit_bias: float) -> None:
+def make_outputs_input_dependent(model, eos_logit_bias: float) -> None:
     """Random init makes a tied-embedding decoder repeat its largest-norm token whatever the input.
 
     Equal-norm embedding rows and stronger cross-attention make the tokens depend on the input, so
@@ -181,7 +117,7 @@ def _make_outputs_input_dependent(model, eos_logit_bias: float) -> None:
         model.final_logits_bias[0, model.config.eos_token_id] += eos_logit_bias
 
 
-def _pegasus_tokenizer_from_spiece(spiece: Path, model_max_length: int):
+def pegasus_tokenizer_from_spiece(spiece: Path, model_max_length: int):
     """transformers 5.x builds Pegasus' tokenizer from a folder with spiece.model and a config naming it."""
     import json
 

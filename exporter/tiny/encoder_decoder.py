@@ -8,13 +8,16 @@ it goes through exactly the same export path as a hub checkpoint.
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from ortseq.exporter.progress import log
-from ortseq.exporter.tiny import _synthetic_corpus, train_unigram_sentencepiece
+from ortseq.exporter.tiny.text import (
+    load_saved_tokenizer,
+    tokenizer_corpus,
+    train_byte_level_bpe_vocab,
+    train_unigram_sentencepiece,
+)
 
 KINDS = ("bert2bert", "roberta2roberta", "bertgeneration")
 
@@ -51,7 +54,9 @@ DEFAULT_SHAPES = {
 }
 
 
-def build(kind: str, out_dir: Path, shape: TinyEncoderDecoderShape | None = None, seed: int = 0) -> Path:
+def build_tiny_encoder_decoder(
+    kind: str, out_dir: Path, shape: TinyEncoderDecoderShape | None = None, seed: int = 0
+) -> Path:
     """Save a small random EncoderDecoderModel of kind (see KINDS) and its tokenizer to out_dir."""
     if kind not in KINDS:
         raise ValueError(f"no tiny encoder-decoder called {kind!r}; known: {list(KINDS)}")
@@ -66,13 +71,6 @@ def build(kind: str, out_dir: Path, shape: TinyEncoderDecoderShape | None = None
 
 
 # ---------------------------------------------------------------- tokenizers
-
-
-def _tokenizer_corpus(seed: int) -> list[str]:
-    """Synthetic sentences plus every printable ASCII character, so that casing, digits and
-    punctuation runs have pieces of their own (a tokenizer of nothing but <unk> tests little)."""
-    alphabet = "".join(chr(c) for c in range(33, 127))
-    return _synthetic_corpus(4000, seed) + [" ".join(alphabet)] * 20 + [alphabet] * 20
 
 
 def train_wordpiece(out_dir: Path, vocab_size: int, seed: int):
@@ -90,7 +88,7 @@ def train_wordpiece(out_dir: Path, vocab_size: int, seed: int):
     normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     words = Counter(
         word
-        for line in _tokenizer_corpus(seed)
+        for line in tokenizer_corpus(seed)
         for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line))
     )
     chars = sorted({char for word in words for char in word})
@@ -98,39 +96,19 @@ def train_wordpiece(out_dir: Path, vocab_size: int, seed: int):
     frequent = sorted((word for word in words if len(word) > 1), key=lambda word: (-words[word], word))
     vocab += frequent[: max(0, vocab_size - len(vocab))]
     (out_dir / "vocab.txt").write_text("".join(f"{token}\n" for token in vocab))
-    return _load_saved(out_dir, {"tokenizer_class": "BertTokenizer", "do_lower_case": True})
+    return load_saved_tokenizer(out_dir, {"tokenizer_class": "BertTokenizer", "do_lower_case": True})
 
 
 def train_byte_level_bpe(out_dir: Path, vocab_size: int, seed: int):
     """Byte-level BPE in roberta-base's layout; loads as transformers' RobertaTokenizer."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    tokenizer = ByteLevelBPETokenizer()
-    tokenizer.train_from_iterator(
-        _tokenizer_corpus(seed), vocab_size=vocab_size, special_tokens=ROBERTA_SPECIALS, show_progress=False
-    )
-    tokenizer.save_model(str(out_dir))  # vocab.json, merges.txt
-    return _load_saved(out_dir, {"tokenizer_class": "RobertaTokenizer"})
+    train_byte_level_bpe_vocab(out_dir, tokenizer_corpus(seed), vocab_size, ROBERTA_SPECIALS)
+    return load_saved_tokenizer(out_dir, {"tokenizer_class": "RobertaTokenizer"})
 
 
 def train_sentencepiece(out_dir: Path, vocab_size: int, seed: int):
     """Unigram sentencepiece in bert_for_seq_generation's layout (pad 0, eos 1, bos 2, unk 3)."""
-    train_unigram_sentencepiece(out_dir, _tokenizer_corpus(seed), vocab_size, pad_id=0, eos_id=1, bos_id=2, unk_id=3)
-    return _load_saved(out_dir, {"tokenizer_class": "BertGenerationTokenizer"})
-
-
-def _load_saved(out_dir: Path, tokenizer_config: dict):
-    """Load the vocabulary files through AutoTokenizer and save the result as transformers writes it."""
-    from transformers import AutoTokenizer
-
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
-    staging = out_dir / "_tokenizer"
-    tokenizer.save_pretrained(str(staging))
-    for path in staging.iterdir():
-        shutil.copy(path, out_dir / path.name)
-    shutil.rmtree(staging)
-    return AutoTokenizer.from_pretrained(str(out_dir))
+    train_unigram_sentencepiece(out_dir, tokenizer_corpus(seed), vocab_size, pad_id=0, eos_id=1, bos_id=2, unk_id=3)
+    return load_saved_tokenizer(out_dir, {"tokenizer_class": "BertGenerationTokenizer"})
 
 
 TOKENIZER_BUILDERS = {
@@ -189,7 +167,7 @@ def _random_model(kind: str, tokenizer, shape: TinyEncoderDecoderShape, seed: in
     )  # fmt: skip
     torch.manual_seed(seed)
     model = EncoderDecoderModel(config=config).eval()
-    _make_outputs_input_dependent(model, eos, shape)
+    make_outputs_input_dependent(model, eos, shape)
     if shape.tie_encoder_decoder:
         tie_decoder_to_encoder(model)
     model.generation_config = GenerationConfig(
@@ -199,7 +177,7 @@ def _random_model(kind: str, tokenizer, shape: TinyEncoderDecoderShape, seed: in
     return model
 
 
-def _make_outputs_input_dependent(model, eos: int, shape: TinyEncoderDecoderShape) -> None:
+def make_outputs_input_dependent(model, eos: int, shape: TinyEncoderDecoderShape) -> None:
     """Random init makes a tied-embedding decoder repeat one token whatever the input.
 
     Equal-norm embedding rows and stronger cross-attention make the tokens depend on the input, so

@@ -1,6 +1,6 @@
 """tiny-lsg-pegasus: a small random LSG-Pegasus checkpoint, built locally and offline.
 
-It is tiny-pegasus (exporter/tiny.py: same sentencepiece tokenizer trained on the spot) with a
+It is tiny-pegasus (exporter/tiny/pegasus.py: same sentencepiece tokenizer trained on the spot) with a
 1024-token position table, the LSG config keys and the two tensors an LSG checkpoint adds, laid
 out as lsg-converter saves them: ``model.encoder.global_embeddings.weight`` (512 rows) and the
 encoder's ``model.encoder.embed_positions.weight``.
@@ -12,9 +12,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from ortseq.exporter.families.lsg_pegasus import GLOBALS_KEY, POSITIONS_KEY
 from ortseq.exporter.progress import log
-from ortseq.exporter.tiny import TinyPegasusShape, build_tiny_pegasus
+from ortseq.exporter.tiny.pegasus import TinyPegasusShape, build_tiny_pegasus
+from ortseq.graphs.lsg import GLOBALS_KEY, POSITIONS_KEY
 
 TINY_LSG_SHAPE = replace(TinyPegasusShape(), max_position_embeddings=1024)
 # ccdv/lsg-pegasus-large-4096's LSG keys, with blocks small enough for a tiny model.

@@ -1,0 +1,204 @@
+"""BART, and the base of its relatives: an encoder-decoder of attention + feed-forward layers.
+
+BartFamily holds what BART-like models share (loading, dims, special tokens, and the two export
+modules built from the transformers model's own weights, graph I/O as graphs/contract.py says);
+`Layout` holds where relatives differ inside the layers. BART itself: learned positions whose table
+starts 2 rows in, `layernorm_embedding` after the embeddings, post-LayerNorm layers (LayerNorm after
+each residual add), no final LayerNorm, embeddings scaled inside the embedding module when
+`scale_embedding` is set, `final_logits_bias` added to the (tied or untied) LM head.
+PegasusFamily(BartFamily) states Pegasus' differences (exporter/families/pegasus.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ortseq.exporter.attention import additive_mask, attend, cross_attend_shared, merge_heads, split_heads
+from ortseq.exporter.families.base import Family
+from ortseq.exporter.tiny.bart import build_tiny_bart
+from ortseq.graphs.manifest import ModelDims, SpecialTokens
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where BART's relatives differ inside the stacks."""
+
+    position_offset: int  # rows of the position table before position 0 (BART's learned table: 2)
+    embedding_layer_norm: bool  # layernorm_embedding after token + position embeddings
+    pre_layer_norm: bool  # LayerNorm before each sublayer (x + f(norm(x))) or after the add (norm(x + f(x)))
+    final_layer_norm: bool  # encoder.layer_norm / decoder.layer_norm after the last layer
+    scale_outside_embedding: bool  # token embeddings * side.embed_scale (else the embedding module scales)
+
+
+BART_LAYOUT = Layout(
+    position_offset=2,
+    embedding_layer_norm=True,
+    pre_layer_norm=False,
+    final_layer_norm=False,
+    scale_outside_embedding=False,
+)
+
+
+class BartFamily(Family):
+    """BART (BartForConditionalGeneration): bart-large-cnn, distilbart, any local folder."""
+
+    name: ClassVar[str] = "bart"
+    aliases: ClassVar[dict[str, str]] = {
+        "bart-large-cnn": "facebook/bart-large-cnn",
+        "distilbart-cnn": "sshleifer/distilbart-cnn-12-6",
+        "tiny-bart": "tiny:bart",
+    }
+    model_type: ClassVar[str] = "bart"
+    model_class: ClassVar[str] = "BartForConditionalGeneration"
+    layout: ClassVar[Layout] = BART_LAYOUT
+
+    def handles(self, config: dict) -> bool:
+        return config.get("model_type") == self.model_type
+
+    def load_model(self, source_dir: str) -> nn.Module:
+        import transformers
+
+        model_class = getattr(transformers, self.model_class)
+        return model_class.from_pretrained(source_dir, attn_implementation="eager").eval()
+
+    def dims(self, model: nn.Module) -> ModelDims:
+        config = model.config
+        return ModelDims(
+            d_model=config.d_model,
+            encoder_layers=config.encoder_layers,
+            decoder_layers=config.decoder_layers,
+            decoder_heads=config.decoder_attention_heads,
+            head_dim=config.d_model // config.decoder_attention_heads,
+            vocab_size=model.lm_head.out_features,
+            max_position_embeddings=config.max_position_embeddings,
+        )
+
+    def special_tokens(self, model: nn.Module) -> SpecialTokens:
+        gen = model.generation_config
+        return SpecialTokens(
+            pad_token_id=gen.pad_token_id if gen.pad_token_id is not None else model.config.pad_token_id,
+            eos_token_id=_first(gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id),
+            decoder_start_token_id=gen.decoder_start_token_id
+            if gen.decoder_start_token_id is not None
+            else model.config.decoder_start_token_id,
+        )
+
+    def encoder_export(self, model: nn.Module) -> nn.Module:
+        return EncoderExport(model, self.layout)
+
+    def decoder_export(self, model: nn.Module) -> nn.Module:
+        return DecoderExport(model, self.layout)
+
+    def tiny_builders(self) -> dict[str, Callable[[Path], Path]]:
+        return {"bart": build_tiny_bart}
+
+
+def _first(token_id):
+    return token_id[0] if isinstance(token_id, (list, tuple)) else token_id
+
+
+def embed(side: nn.Module, layout: Layout, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Token + position embeddings of one stack (encoder or decoder), as its layout combines them."""
+    x = side.embed_tokens(input_ids)
+    if layout.scale_outside_embedding:
+        x = x * side.embed_scale
+    x = x + side.embed_positions.weight[positions + layout.position_offset]
+    return side.layernorm_embedding(x) if layout.embedding_layer_norm else x
+
+
+def residual(layout: Layout, norm: nn.Module, x: torch.Tensor, sublayer: Callable) -> torch.Tensor:
+    """One residual block: pre-LN x + f(norm(x)), or post-LN norm(x + f(x))."""
+    if layout.pre_layer_norm:
+        return x + sublayer(norm(x))
+    return norm(x + sublayer(x))
+
+
+def _self_attention(attn: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    q, k, v = (split_heads(proj(x), attn.num_heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    return attn.out_proj(merge_heads(attend(q, k, v, mask, attn.scaling)))
+
+
+def _feed_forward(layer: nn.Module) -> Callable:
+    return lambda h: layer.fc2(layer.activation_fn(layer.fc1(h)))
+
+
+def cross_key_values(cross_attentions: nn.ModuleList, memory: torch.Tensor) -> list[torch.Tensor]:
+    """[k_0, v_0, k_1, v_1, ...]: every decoder layer's cross-attention K/V of the encoder output."""
+    cross = []
+    for attn in cross_attentions:
+        cross += [split_heads(attn.k_proj(memory), attn.num_heads), split_heads(attn.v_proj(memory), attn.num_heads)]
+    return cross
+
+
+class EncoderExport(nn.Module):
+    """input_ids, attention_mask -> last_hidden_state, cross-attention mask, cross K/V of every decoder layer."""
+
+    def __init__(self, model: nn.Module, layout: Layout):
+        super().__init__()
+        self.encoder = model.model.encoder
+        self.cross_attentions = nn.ModuleList(layer.encoder_attn for layer in model.model.decoder.layers)
+        self.layout = layout
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        enc, layout = self.encoder, self.layout
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = embed(enc, layout, input_ids, positions)
+        mask = additive_mask(attention_mask, x.dtype)
+        for layer in enc.layers:
+            attention = functools.partial(_self_attention, layer.self_attn, mask=mask)
+            x = residual(layout, layer.self_attn_layer_norm, x, attention)
+            x = residual(layout, layer.final_layer_norm, x, _feed_forward(layer))
+        if layout.final_layer_norm:
+            x = enc.layer_norm(x)
+        return (x, attention_mask.clone(), *cross_key_values(self.cross_attentions, x))
+
+
+class DecoderExport(nn.Module):
+    """One decoder step for every row; reorders the past by beam_idx itself (see graphs/contract.py)."""
+
+    def __init__(self, model: nn.Module, layout: Layout):
+        super().__init__()
+        self.decoder = model.model.decoder
+        self.lm_head = model.lm_head
+        self.register_buffer("final_logits_bias", model.final_logits_bias.detach().clone(), persistent=False)
+        self.num_layers = len(self.decoder.layers)
+        self.layout = layout
+
+    def forward(self, input_ids, encoder_attention_mask, beam_idx, *past_and_cross):
+        dec, layout = self.decoder, self.layout
+        n = self.num_layers
+        past, cross = past_and_cross[: 2 * n], past_and_cross[2 * n :]
+        past_len = past[0].shape[2]
+        positions = torch.arange(past_len, past_len + 1, device=input_ids.device)
+        x = embed(dec, layout, input_ids, positions)  # [rows, 1, D]
+        cross_mask = additive_mask(encoder_attention_mask, x.dtype)
+        presents = []
+        for i, layer in enumerate(dec.layers):
+
+            def self_attention(h, attn=layer.self_attn, i=i):
+                q, k, v = (split_heads(proj(h), attn.num_heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+                k = torch.cat([past[2 * i].index_select(0, beam_idx), k], dim=2)
+                v = torch.cat([past[2 * i + 1].index_select(0, beam_idx), v], dim=2)
+                presents.extend([k, v])
+                return attn.out_proj(merge_heads(attend(q, k, v, None, attn.scaling)))
+
+            def cross_attention(h, attn=layer.encoder_attn, i=i):
+                q = split_heads(attn.q_proj(h), attn.num_heads)
+                return attn.out_proj(
+                    merge_heads(cross_attend_shared(q, cross[2 * i], cross[2 * i + 1], cross_mask, attn.scaling))
+                )
+
+            x = residual(layout, layer.self_attn_layer_norm, x, self_attention)
+            x = residual(layout, layer.encoder_attn_layer_norm, x, cross_attention)
+            x = residual(layout, layer.final_layer_norm, x, _feed_forward(layer))
+        if layout.final_layer_norm:
+            x = dec.layer_norm(x)
+        logits = nn.functional.linear(x[:, 0, :], self.lm_head.weight) + self.final_logits_bias
+        return (logits, *presents)

@@ -1,0 +1,90 @@
+"""tiny-bart: a small random BART with bart-large-cnn's layout, built locally and offline.
+
+Byte-level BPE in BART's token layout (<s> 0, <pad> 1, </s> 2, <unk> 3) trained on the spot, loaded
+as transformers' BartTokenizer; the model starts decoding with </s>, forces <s> next (bart-large-cnn's
+forced_bos_token_id; `forced_bos=False` leaves it out) and </s> last, and searches with
+bart-large-cnn's generation settings at tiny lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ortseq.exporter.progress import log
+from ortseq.exporter.tiny.text import load_saved_tokenizer, tokenizer_corpus, train_byte_level_bpe_vocab
+
+BART_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+
+
+@dataclass(frozen=True)
+class TinyBartShape:
+    """Sizes and layout choices of a small random BART; the defaults are tiny-bart."""
+
+    d_model: int = 64
+    heads: int = 4
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    ffn_dim: int = 128
+    max_position_embeddings: int = 64
+    vocab_size: int = 400  # what the tokenizer is trained to
+    scale_embedding: bool = False  # bart-large-cnn: False
+    tie_embeddings: bool = True  # bart-large-cnn ties the LM head to the embeddings
+    forced_bos: bool = True  # bart-large-cnn forces <s> after the decoder start
+    init_std: float = 0.3  # larger than 0.02 so that outputs depend on the input
+    eos_logit_bias: float = (
+        9.0  # a tied random decoder repeats a token: a strong EOS bias ends hypotheses at varied lengths
+    )
+    cross_attention_gain: float = 3.0  # sharper cross-attention: tokens depend on the input
+
+
+def train_bart_tokenizer(out_dir: Path, vocab_size: int, seed: int):
+    """Byte-level BPE in BART's layout; loads as transformers' BartTokenizer."""
+    train_byte_level_bpe_vocab(out_dir, tokenizer_corpus(seed), vocab_size, BART_SPECIALS)
+    return load_saved_tokenizer(out_dir, {"tokenizer_class": "BartTokenizer"})
+
+
+def build_tiny_bart(out_dir: Path, shape: TinyBartShape = TinyBartShape(), seed: int = 0) -> Path:
+    """Save a small random BartForConditionalGeneration and its tokenizer to out_dir."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration, GenerationConfig
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"building tiny-bart in {out_dir} (tokenizer trained on the spot)")
+    tokenizer = train_bart_tokenizer(out_dir, shape.vocab_size, seed)
+    token_ids = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)
+    forced_bos = dict(forced_bos_token_id=0) if shape.forced_bos else {}
+    config = BartConfig(
+        vocab_size=len(tokenizer), d_model=shape.d_model, encoder_layers=shape.encoder_layers,
+        decoder_layers=shape.decoder_layers, encoder_attention_heads=shape.heads, decoder_attention_heads=shape.heads,
+        encoder_ffn_dim=shape.ffn_dim, decoder_ffn_dim=shape.ffn_dim,
+        max_position_embeddings=shape.max_position_embeddings, scale_embedding=shape.scale_embedding,
+        tie_word_embeddings=shape.tie_embeddings, init_std=shape.init_std, activation_function="gelu",
+        **token_ids, **forced_bos,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = BartForConditionalGeneration(config).eval()
+    make_outputs_input_dependent(model, shape)
+    # bart-large-cnn's search (4 beams, length penalty 2, no 3-gram repeats, early stopping) at tiny lengths
+    model.generation_config = GenerationConfig(
+        num_beams=4, max_length=32, min_length=6, length_penalty=2.0, no_repeat_ngram_size=3, early_stopping=True,
+        **token_ids, **forced_bos,
+    )  # fmt: skip
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_outputs_input_dependent(model, shape: TinyBartShape) -> None:
+    """Equal-norm embedding rows and sharper cross-attention make the tokens depend on the input (a
+    wrong mask, position or cache entry then changes the output); an EOS bias ends hypotheses early."""
+    import torch
+
+    with torch.no_grad():
+        embeddings = model.model.shared.weight
+        norms = embeddings.norm(dim=1, keepdim=True)
+        embeddings.mul_(norms.mean() / norms.clamp_min(1e-6))  # the pad row stays zero
+        for layer in model.model.decoder.layers:
+            layer.encoder_attn.q_proj.weight.mul_(shape.cross_attention_gain)
+            layer.encoder_attn.k_proj.weight.mul_(shape.cross_attention_gain)
+        model.final_logits_bias[0, model.config.eos_token_id] += shape.eos_logit_bias

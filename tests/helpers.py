@@ -1,0 +1,105 @@
+"""Helpers the test modules share (pyproject's pytest `pythonpath = ["tests"]` makes `import helpers` work
+under plain `pytest` as under `python -m pytest`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ortseq.exporter.tiny.pegasus import TinyPegasusShape
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ortseq(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ortseq.runtime.cli", *args],
+        input=stdin, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300,
+    )  # fmt: skip
+
+
+# Shapes chosen to break shape assumptions: odd head counts, head_dim not a power of two,
+# asymmetric encoder/decoder depth, vocab sizes that are not multiples of 8, short position tables.
+SHAPES = {
+    "base": TinyPegasusShape(),
+    "odd_heads": TinyPegasusShape(
+        d_model=60, heads=3, encoder_layers=3, decoder_layers=1, ffn_dim=72, extra_vocab=6,
+        max_position_embeddings=64, eos_logit_bias=2.5,
+    ),
+    "deep_decoder": TinyPegasusShape(
+        d_model=32, heads=2, encoder_layers=1, decoder_layers=3, ffn_dim=48, extra_vocab=1,
+        max_position_embeddings=40, eos_logit_bias=1.5, tie_embeddings=True,
+    ),
+}  # fmt: skip
+
+
+SETTINGS = {
+    "greedy": dict(num_beams=1, max_new_tokens=12),
+    "greedy_min_new_tokens": dict(num_beams=1, max_new_tokens=15, min_new_tokens=6),
+    "greedy_no_repeat_2": dict(num_beams=1, max_new_tokens=20, no_repeat_ngram_size=2),
+    "beam2_lp1": dict(num_beams=2, max_new_tokens=14, length_penalty=1.0),
+    "beam4_lp06": dict(num_beams=4, max_new_tokens=14, length_penalty=0.6),
+    "beam8_lp2": dict(num_beams=8, max_new_tokens=14, length_penalty=2.0),
+    "beam4_no_repeat_3": dict(num_beams=4, max_new_tokens=20, no_repeat_ngram_size=3),
+    "beam4_early_stopping": dict(num_beams=4, max_new_tokens=16, early_stopping=True),
+    "beam4_early_stopping_never": dict(num_beams=4, max_new_tokens=16, early_stopping="never", length_penalty=2.0),
+    "beam4_return4": dict(num_beams=4, max_new_tokens=12, num_return_sequences=4),
+    "beam8_return3_early": dict(num_beams=8, max_new_tokens=12, num_return_sequences=3, early_stopping=True),
+    "beam2_min_new_tokens": dict(num_beams=2, max_new_tokens=10, min_new_tokens=7),
+    "model_defaults": dict(),  # the checkpoint's generation config: 4 beams, length penalty 0.6, max length 32
+}
+
+
+def padded_batch(vocab: int, lengths: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random ids right-padded with the pad id 0, one row per length."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), max(lengths)), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = rng.integers(3, vocab, size=length)
+        mask[row, :length] = 1
+    return ids, mask
+
+
+def torch_generate(model, ids: np.ndarray, mask: np.ndarray, settings: dict) -> np.ndarray:
+    with torch.no_grad():
+        out = model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **settings)
+    return out.numpy()
+
+
+def assert_disagreements_are_fp32_ties(ours, torch_model, batches, settings: dict, max_ties: int) -> None:
+    """For each (ids, mask): our tokens equal transformers' fp32 tokens, or else its float64 tokens;
+    and the float64 tie-breaks stay rare (at most max_ties)."""
+    import copy
+
+    torch64, disagreements = None, []
+    for index, (ids, mask) in enumerate(batches):
+        got = ours.generate(ids, mask, **settings)
+        if np.array_equal(got, torch_generate(torch_model, ids, mask, settings)):
+            continue
+        torch64 = torch64 or copy.deepcopy(torch_model).double()
+        disagreements.append(index)
+        np.testing.assert_array_equal(got, torch_generate(torch64, ids, mask, settings), f"batch {index}")
+    assert len(disagreements) <= max_ties, f"too many fp32 ties to be chance: batches {disagreements}"
+
+
+CORPUS = [
+    "The city council said the bridge will open next year.",
+    "",
+    "   ",
+    "a  b\t\tc\n\nd   e",
+    "  leading and trailing spaces  ",
+    "café naïve Zürich São Paulo — €5, 100% «quoted» „text“",
+    "Ünïcödé ÀÉÎÕÜ ß ﬁ ligature ＦＵＬＬＷＩＤＴＨ",
+    "日本語のテキストと中文",
+    "emoji 🙂🚀 and symbols ∑∫√",
+    "tabs\tand\u00a0non-breaking\u2009spaces",
+    "special-looking <pad> </s> <mask_1> <unk_5> tokens",
+    "river " * 700,
+    "x" * 3000,
+]
