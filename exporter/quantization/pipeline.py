@@ -18,7 +18,7 @@ from ortseq.exporter.progress import log
 from ortseq.exporter.quantization import formats, fp16
 from ortseq.exporter.quantization.quality import ReportSettings, default_texts, lowest_agreement, quality_report
 from ortseq.graphs import contract
-from ortseq.graphs.directories import replace_dir
+from ortseq.graphs.directories import check_out_dir, replace_dir
 from ortseq.graphs.manifest import LOOP_ENGINE, Manifest, Quantization, sha256_of
 
 FORMATS = ("int8", "int4", "fp16")
@@ -45,11 +45,13 @@ def quantize(
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     texts: list[str] | None = None,
     report_settings: ReportSettings | None = None,
+    force: bool = False,
 ) -> Manifest:
     """Write the `to` version of the fp32 export at source_dir to out_dir; returns its manifest.
 
     settings: formats.Int8Settings / formats.Int4Settings / fp16.Fp16Settings (default: the format's
     defaults). Raises QualityGateError, writing nothing, when token agreement < min_agreement.
+    force: replace an existing export at out_dir (a directory ortseq did not write is never replaced).
     """
     from ortseq.runtime.model import Seq2SeqModel
 
@@ -60,6 +62,7 @@ def quantize(
     if source.precision != "fp32":
         raise QuantizationError(f"{source_dir} is already {source.precision}: quantize the fp32 export instead")
     source.verify_files(source_dir)
+    check_out_dir(out_dir, force, [source_dir])
     settings = settings or default_settings(to)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent) as tmp:
