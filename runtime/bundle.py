@@ -69,9 +69,9 @@ def make_bundle(export_dir: str | Path, out_dir: str | Path, force: bool = False
     """Write the bundle to a temporary folder beside out_dir and rename it into place when complete.
     force: replace an existing bundle at out_dir (a directory ortseq did not write is never replaced)."""
     export_dir, out_dir = Path(export_dir), Path(out_dir).absolute()
+    check_out_dir(out_dir, force, [export_dir])
     manifest = Manifest.read(export_dir)
     manifest.verify_files(export_dir)  # a bundle must not carry a corrupted export elsewhere
-    check_out_dir(out_dir, force, [export_dir])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent) as tmp:
         staging = Path(tmp) / "bundle"

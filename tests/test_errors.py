@@ -285,6 +285,16 @@ def test_help_shows_defaults_and_the_aliases_and_version_answers(tmp_path):
     assert version.returncode == 0 and version.stdout.decode().startswith("ortseq ")
 
 
+def test_quantize_prints_only_its_own_progress_unless_verbose(exported, tmp_path):
+    """fp16 conversion is the noisiest (onnxruntime's float16 tools dump protobufs and warn)."""
+    result = ortseq("quantize", str(exported("base").export_dir), "--to", "fp16", "--out", "fp16",
+                    "--min-agreement", "0", cwd=tmp_path, timeout=300)  # fmt: skip
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert all(line.startswith("ortseq: ") for line in stderr.splitlines()), stderr
+    assert "quantized export complete" in stderr
+
+
 def test_serve_on_a_taken_port_says_so_in_one_line_without_a_ready_log(exported, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -58,11 +58,11 @@ def quantize(
     source_dir, out_dir = Path(source_dir).absolute(), Path(out_dir).absolute()
     if to not in FORMATS:
         raise QuantizationError(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
+    check_out_dir(out_dir, force, [source_dir])
     source = Manifest.read(source_dir)
     if source.precision != "fp32":
         raise QuantizationError(f"{source_dir} is already {source.precision}: quantize the fp32 export instead")
     source.verify_files(source_dir)
-    check_out_dir(out_dir, force, [source_dir])
     settings = settings or default_settings(to)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent) as tmp:
