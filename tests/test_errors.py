@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -29,13 +31,15 @@ from ortseq.runtime import ManifestError, Seq2SeqModel
 from ortseq.runtime.bundle import make_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
+# As a user's shell runs it: stdout to a pipe is block-buffered unless ortseq flushes (no PYTHONUNBUFFERED)
+ENV = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
 TEXT = "The council said the bridge will open next year."
 
 
 def ortseq(*args: str, cwd: Path, stdin: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ortseq.runtime.cli", *args],
-        input=stdin or b"", capture_output=True, cwd=cwd, timeout=timeout,
+        input=stdin or b"", capture_output=True, cwd=cwd, timeout=timeout, env=ENV,
     )  # fmt: skip
 
 
@@ -255,12 +259,14 @@ def test_each_batch_is_printed_before_the_next_input_is_read(exported, tmp_path)
     process = subprocess.Popen(
         [sys.executable, "-m", "ortseq.runtime.cli", "generate", str(exported("base").export_dir),
          "--batch-size", "1", "--max-new-tokens", "4"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, text=True, env=ENV,
     )  # fmt: skip
     try:
         process.stdin.write(TEXT + "\n")
         process.stdin.flush()
-        first = process.stdout.readline()  # stdin is still open: only streaming can answer now
+        # stdin is still open: only a summary printed (and flushed) per batch can arrive now
+        assert select.select([process.stdout], [], [], 60)[0], "no output within 60 s while input was pending"
+        first = process.stdout.readline()
         assert first.strip(), process.stderr.read()
         process.stdin.write(TEXT + "\n")
         process.stdin.close()
@@ -313,7 +319,7 @@ def server(exported, tmp_path):
         port = probe.getsockname()[1]
     process = subprocess.Popen(
         [sys.executable, "-m", "ortseq.runtime.cli", "serve", str(exported("base").export_dir), "--port", str(port)],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -330,7 +336,7 @@ def server(exported, tmp_path):
 
 
 def test_an_oversized_body_from_an_ordinary_client_gets_the_413_json(server):
-    body = json.dumps({"inputs": ["x" * (2 << 20)]}).encode()
+    body = json.dumps({"inputs": ["x" * (8 << 20)]}).encode()  # more than loopback's socket buffers take
     request = urllib.request.Request(server + "/v1/summarize", data=body, headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=30)
