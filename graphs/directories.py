@@ -55,11 +55,23 @@ def written_by_ortseq(directory: Path) -> bool:
 
 
 def replace_dir(staging: Path, out_dir: Path) -> None:
-    """Move staging to out_dir; an existing out_dir is replaced only once the new one is complete."""
-    if out_dir.exists():
+    """Move staging to out_dir; an existing out_dir is replaced only once the new one is complete.
+    An existing empty out_dir is filled in place (it may be someone's working directory)."""
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        _fill(staging, out_dir)
+    elif out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         out_dir.rename(old)
         staging.rename(out_dir)
         shutil.rmtree(old)
     else:
         staging.rename(out_dir)
+
+
+def _fill(staging: Path, out_dir: Path) -> None:
+    """Move staging's entries into out_dir, the files that mark it as ortseq's last: until they arrive,
+    readers see no export."""
+    markers = (MANIFEST_FILE, BUNDLE_LAUNCHER)
+    for entry in sorted(staging.iterdir(), key=lambda path: path.name in markers):
+        entry.rename(out_dir / entry.name)
+    staging.rmdir()

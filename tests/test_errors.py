@@ -228,7 +228,9 @@ def test_bundle_api_refuses_a_user_directory_and_replaces_a_bundle_only_with_for
     make_bundle(export, tmp_path / "bundle", force=True)
     assert (tmp_path / "bundle" / "README.md").read_text() != "old"
     (tmp_path / "empty").mkdir()
+    inode = (tmp_path / "empty").stat().st_ino  # filled in place: a shell sitting in it keeps working
     assert make_bundle(export, tmp_path / "empty") == tmp_path / "empty"
+    assert (tmp_path / "empty").stat().st_ino == inode and (tmp_path / "empty" / "summarize").is_file()
 
 
 def test_an_export_of_symlinks_into_a_blob_store_loads_and_bundles(exported, tmp_path):
