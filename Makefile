@@ -27,18 +27,18 @@ setup: .venv/.installed .venv-hf4/.installed
 # the main job: export the trained tiny model (trained once per user, cached in ~/.cache/ortseq/), quantize it
 # to int8 with its quality report, and summarize two documents with the int8 export
 demo: setup
-	$(ORTSEQ) export $(DEMO) --out $(EXPORTS)/$(DEMO)
-	$(ORTSEQ) quantize $(EXPORTS)/$(DEMO) --to int8 --out $(EXPORTS)/$(DEMO)-int8
+	$(ORTSEQ) export $(DEMO) --out $(EXPORTS)/$(DEMO) --force
+	$(ORTSEQ) quantize $(EXPORTS)/$(DEMO) --to int8 --out $(EXPORTS)/$(DEMO)-int8 --force
 	printf '%s\n' \
 	  "The city council approved a new bridge by the river after the election. About 40 people attended the meeting. Critics said the plan came too late." \
 	  "Police closed the village library in the old town on Sunday. A spokesperson said more details would follow. Residents were asked to send comments by email." \
 	  | $(ORTSEQ) generate $(EXPORTS)/$(DEMO)-int8
 
 export: setup
-	$(ORTSEQ) export $(MODEL) --out $(EXPORTS)/$(MODEL)
+	$(ORTSEQ) export $(MODEL) --out $(EXPORTS)/$(MODEL) --force
 
 quantize: setup  ## make quantize MODEL=tiny-pegasus-trained TO=int8|int4|fp16 (the fp32 export must exist)
-	$(ORTSEQ) quantize $(EXPORTS)/$(MODEL) --to $(TO) --out $(EXPORTS)/$(MODEL)-$(TO)
+	$(ORTSEQ) quantize $(EXPORTS)/$(MODEL) --to $(TO) --out $(EXPORTS)/$(MODEL)-$(TO) --force
 
 # HTTP server (README "Serving"): make serve MODEL=tiny-pegasus PORT=8080
 PORT    ?= 8080
@@ -53,7 +53,7 @@ loadtest: setup
 # edge bundle (README "Edge bundle"): make bundle MODEL=tiny-pegasus -> bundles/tiny-pegasus
 bundle: setup
 	test -f $(EXPORTS)/$(MODEL)/manifest.json || $(ORTSEQ) export $(MODEL) --out $(EXPORTS)/$(MODEL)
-	$(ORTSEQ) bundle $(EXPORTS)/$(MODEL) --out bundles/$(MODEL)
+	$(ORTSEQ) bundle $(EXPORTS)/$(MODEL) --out bundles/$(MODEL) --force
 
 # bundle size and peak RSS of one summarize call, for any export dir: make bench-bundle EXPORT=exports/x
 EXPORT  ?= $(EXPORTS)/$(MODEL)

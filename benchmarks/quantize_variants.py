@@ -47,7 +47,7 @@ def main() -> None:
     print(f"| fp32 | {graph_megabytes(args.export_dir):.2f} | – | – | – |")
     for index, (name, (to, settings)) in enumerate(VARIANTS.items()):
         out = args.out / f"{index:02d}-{to}"
-        report = quantize(args.export_dir, out, to, settings, min_agreement=0.0).quantization.quality
+        report = quantize(args.export_dir, out, to, settings, min_agreement=0.0, force=True).quantization.quality
         greedy, beam, logits = report["greedy"], report["beam4"], report["logits"]
         print(
             f"| {name} | {graph_megabytes(out):.2f} | {greedy['token_agreement']:.3f} / {greedy['exact_match']:.3f} "

@@ -19,7 +19,7 @@ from ortseq.exporter.progress import log
 from ortseq.exporter.sources import ALIASES, resolved_source
 from ortseq.exporter.tokenizer_files import save_tokenizer
 from ortseq.graphs import contract
-from ortseq.graphs.directories import replace_dir
+from ortseq.graphs.directories import check_out_dir, replace_dir
 from ortseq.graphs.generation import settings_from_generation_config
 from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, Manifest, sha256_of
 
@@ -34,13 +34,17 @@ def export(
     add_special_tokens: bool | None = None,
     beam_search_op: bool = False,
     ignore_generation_fields: bool = False,
+    force: bool = False,
 ) -> Manifest:
     """add_special_tokens: whether the runtime tokenizes inputs with the tokenizer's special tokens;
     None follows the model family's knowledge of the source's model card (default True).
     beam_search_op: also write beam_search.onnx (the "beam-search-op" engine), checked against the loop.
     ignore_generation_fields: export even when the generation config sets fields that change the tokens
-    and that ortseq does not honour (graphs/generation.py's REFUSED); the manifest records them."""
+    and that ortseq does not honour (graphs/generation.py's REFUSED); the manifest records them.
+    force: replace an existing export at out_dir (a directory ortseq did not write is never replaced)."""
     out_dir = Path(out_dir).absolute()
+    local_source = Path(os.path.expanduser(source))
+    check_out_dir(out_dir, force, [local_source] if local_source.is_dir() else [])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent) as tmp:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,15 @@ READABLE_SCHEMA_VERSIONS = (1, 2)
 # How an export can generate (runtime/engines.py): the loop always; the BeamSearch op when exported with it.
 LOOP_ENGINE = "loop"
 BEAM_SEARCH_OP_ENGINE = "beam-search-op"
+# What the runtime knows how to run; a manifest naming anything else was not written by this ortseq.
+# The families whose exports this runtime reads (each exporter family's `name`; tests/test_architecture.py
+# checks that every registered family is listed). Their graphs all follow graphs/contract.py.
+FAMILIES = ("pegasus", "lsg_pegasus", "encoder-decoder", "bart")
+PRECISIONS = ("fp32", "int8", "int4", "fp16")
+# The graphs the runtime opens (graphs/contract.py's file names, repeated here to keep manifest.py standalone)
+GRAPH_FILES = ("encoder.onnx", "decoder.onnx")
+ENGINE_GRAPH_FILES = {BEAM_SEARCH_OP_ENGINE: "beam_search.onnx"}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ManifestError(ValueError):
@@ -106,12 +116,14 @@ class Manifest:
             raise ManifestError(f"{path} is missing: {directory} is not an ortseq export directory")
         try:
             raw = json.loads(path.read_text())
+            if not isinstance(raw, dict):
+                raise ManifestError(f"{path} holds a JSON {type(raw).__name__}, not an object; export the model again")
             if raw.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
                 raise ManifestError(
                     f"{path} has schema version {raw.get('schema_version')}, this ortseq reads "
                     f"{list(READABLE_SCHEMA_VERSIONS)}: export the model again with this ortseq"
                 )
-            return cls(
+            manifest = cls(
                 family=raw["family"],
                 dims=ModelDims(**raw["dims"]),
                 special_tokens=SpecialTokens(**raw["special_tokens"]),
@@ -127,13 +139,29 @@ class Manifest:
                 quantization=Quantization(**raw["quantization"]) if raw.get("quantization") else None,
                 ignored_generation_fields=raw.get("ignored_generation_fields", {}),
             )
-        except (json.JSONDecodeError, KeyError, TypeError, GenerationSettingError) as exc:
-            raise ManifestError(f"{path} is corrupted or incomplete ({exc}); export the model again") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, GenerationSettingError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            raise ManifestError(f"{path} is corrupted or incomplete ({reason}); export the model again") from exc
+        try:
+            manifest.check()
+        except ManifestError as exc:
+            raise ManifestError(f"{path}: {exc}; export the model again") from exc
+        return manifest
+
+    def check(self) -> None:
+        """Types and ranges of every field, and the files it names: ManifestError saying which is wrong."""
+        _check_fields(self)
+        _check_files(self)
+
+    def runtime_files(self) -> list[str]:
+        """Every file the runtime opens: the graphs of its engines and the tokenizer."""
+        graphs = [*GRAPH_FILES, *(ENGINE_GRAPH_FILES[e] for e in self.engines if e in ENGINE_GRAPH_FILES)]
+        return [*graphs, self.tokenizer.file]
 
     def verify_files(self, directory: Path) -> None:
         """Check that every listed file is present and has the recorded sha256."""
         for name, expected in self.files.items():
-            path = Path(directory) / name
+            path = Path(directory) / plain_file_name(name)
             if not path.is_file():
                 raise ManifestError(f"{path} is missing from the export directory; export the model again")
             if sha256_of(path) != expected:
@@ -146,3 +174,67 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def plain_file_name(name) -> str:
+    """name if it names a file directly inside the export directory; ManifestError for a path."""
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or any(c in name for c in "/\\\0:")
+        or Path(name).is_absolute()
+    ):
+        raise ManifestError(f"file name {name!r} is not a plain file name inside the export directory")
+    return name
+
+
+def _check_fields(m: Manifest) -> None:
+    _one_of("family", m.family, FAMILIES)
+    _one_of("precision", m.precision, PRECISIONS)
+    _check_int("opset", m.opset, 1)
+    for name, value in vars(m.dims).items():
+        _check_int(f"dims.{name}", value, 1)
+    vocab = m.dims.vocab_size
+    for name, value in vars(m.special_tokens).items():
+        _check_int(f"special_tokens.{name}", value, 0, below=vocab)
+    try:  # graphs/generation.py checks every generation setting, token ids against the vocabulary
+        m.generation.checked(vocab)
+    except GenerationSettingError as exc:
+        raise ManifestError(f"generation: {exc}") from exc
+    _check_int("tokenizer.model_max_length", m.tokenizer.model_max_length, 1)
+    for name in ("add_special_tokens", "clean_up_tokenization_spaces", "strip_decoded_text"):
+        if not isinstance(getattr(m.tokenizer, name), bool):
+            raise ManifestError(f"tokenizer.{name} must be true or false, got {getattr(m.tokenizer, name)!r}")
+    if not isinstance(m.engines, list) or not m.engines:
+        raise ManifestError(f"engines must be a non-empty list, got {m.engines!r}")
+    for engine in m.engines:
+        _one_of("engines[]", engine, (LOOP_ENGINE, BEAM_SEARCH_OP_ENGINE))
+    for name in ("versions", "files"):
+        if not isinstance(getattr(m, name), dict):
+            raise ManifestError(f"{name} must be an object, got {getattr(m, name)!r}")
+    if not isinstance(m.source, str):
+        raise ManifestError(f"source must be a string, got {m.source!r}")
+
+
+def _check_files(m: Manifest) -> None:
+    """Plain names with sha256 digests, and every file the runtime opens among them (so it is hashed)."""
+    for name, digest in m.files.items():
+        plain_file_name(name)
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise ManifestError(f"files[{name!r}] must be a sha256 hex digest, got {digest!r}")
+    plain_file_name(m.tokenizer.file)
+    unlisted = [name for name in m.runtime_files() if name not in m.files]
+    if unlisted:
+        raise ManifestError(f"the runtime loads {unlisted}, which files does not list with a sha256")
+
+
+def _check_int(name: str, value, minimum: int, below: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ManifestError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+    if below is not None and value >= below:
+        raise ManifestError(f"{name} must be below the vocabulary size {below}, got {value}")
+
+
+def _one_of(name: str, value, allowed: tuple) -> None:
+    if isinstance(value, (dict, list)) or value not in allowed:
+        raise ManifestError(f"{name} must be one of {list(allowed)}, got {value!r}")

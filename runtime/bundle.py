@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 import ortseq
-from ortseq.graphs.directories import replace_dir
+from ortseq.graphs.directories import check_out_dir, replace_dir
 from ortseq.graphs.manifest import MANIFEST_FILE, Manifest
 
 logger = logging.getLogger("ortseq")
@@ -65,9 +65,11 @@ on load).
 """
 
 
-def make_bundle(export_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the bundle to a temporary folder beside out_dir and rename it into place when complete."""
+def make_bundle(export_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+    """Write the bundle to a temporary folder beside out_dir and rename it into place when complete.
+    force: replace an existing bundle at out_dir (a directory ortseq did not write is never replaced)."""
     export_dir, out_dir = Path(export_dir), Path(out_dir).absolute()
+    check_out_dir(out_dir, force, [export_dir])
     manifest = Manifest.read(export_dir)
     manifest.verify_files(export_dir)  # a bundle must not carry a corrupted export elsewhere
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -1,24 +1,30 @@
-"""The `ortseq` command line: export (needs the [export] extra), quantize (needs onnx), generate and bundle
-(runtime only), serve (needs the [serve] extra), batch and serve --replicas (need the [ray] extra)."""
+"""The `ortseq` command line: generate and bundle (runtime only), serve (needs the [serve] extra), batch and
+serve --replicas (need the [ray] extra). export and quantize come from the exporter (exporter/cli.py),
+registered through the `ortseq.commands` entry-point group: the runtime never imports the exporter."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from contextlib import contextmanager
-from dataclasses import replace
+from importlib.metadata import entry_points
 from pathlib import Path
 
+from ortseq.graphs import __version__
+from ortseq.graphs.directories import OutputDirError
 from ortseq.graphs.generation import add_generation_arguments, generation_overrides
 from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE
 from ortseq.runtime.errors import InvalidInputError, ManifestError
+from ortseq.runtime.texts import DEFAULT_BATCH_SIZE, read_lines, summarize_stream
 
 EXIT_USAGE = 2
+USER_ERRORS = (InvalidInputError, ManifestError, OutputDirError)
 
 
 @contextmanager
-def _needs(command: str, what: str, install: str):
+def needs_extra(command: str, what: str, install: str):
     """Imports of an optional extra: a missing package becomes a usage error that says how to install it."""
     try:
         yield
@@ -26,69 +32,48 @@ def _needs(command: str, what: str, install: str):
         raise InvalidInputError(f"`ortseq {command}` needs {what} ({exc.name} is missing): {install}") from exc
 
 
-def _export(args: argparse.Namespace) -> int:
-    with _needs("export", "the exporter dependencies", "pip install torch==2.13.0 -e '.[export]'"):
-        from ortseq.exporter.pipeline import export
-    from ortseq.exporter.families import UnsupportedModelError
-    from ortseq.exporter.sources import SourceError
-    from ortseq.exporter.verify import GraphMismatchError
-
-    try:
-        export(
-            args.source,
-            args.out,
-            external_data=args.external_data,
-            add_special_tokens=args.add_special_tokens,
-            beam_search_op=args.beam_search_op,
-            ignore_generation_fields=args.ignore_generation_fields,
-        )
-    except (SourceError, UnsupportedModelError) as exc:
-        raise InvalidInputError(str(exc)) from exc
-    except GraphMismatchError as exc:
-        raise InvalidInputError(f"export failed verification, nothing was written: {exc}") from exc
-    return 0
-
-
-def _quantize(args: argparse.Namespace) -> int:
-    with _needs("quantize", "onnx and onnxruntime's quantization tools", "pip install -e '.[quantize]'"):
-        from ortseq.exporter.quantization import formats
-        from ortseq.exporter.quantization.pipeline import QuantizationError, default_settings, quantize
-        from ortseq.exporter.quantization.quality import format_report
-    settings = default_settings(args.to)
-    overrides = {
-        "lm_head": args.lm_head,
-        "embeddings": args.embeddings,
-        "block_size": args.block_size,
-        "accuracy_level": args.accuracy_level,
-    }
-    overrides = {key: value for key, value in overrides.items() if value is not None}
-    if overrides and not isinstance(settings, (formats.Int8Settings, formats.Int4Settings)):
-        raise InvalidInputError(f"{sorted(overrides)} apply to int8/int4 only, not {args.to}")
-    if {"block_size", "accuracy_level"} & set(overrides) and not isinstance(settings, formats.Int4Settings):
-        raise InvalidInputError("--block-size and --accuracy-level apply to int4 only")
-    settings = replace(settings, **overrides)
-    texts = None
-    if args.texts:
-        texts = [line for line in Path(args.texts).read_text().splitlines() if line.strip()]
-    try:
-        manifest = quantize(args.export_dir, args.out, args.to, settings, args.min_agreement, texts)
-    except QuantizationError as exc:
-        raise InvalidInputError(str(exc)) from exc
-    print(format_report(manifest.quantization.quality))
-    return 0
-
-
 def _generate(args: argparse.Namespace) -> int:
     from ortseq.runtime.model import Seq2SeqModel
 
-    texts = args.texts if args.texts else [line.rstrip("\n") for line in sys.stdin]
-    if not texts:
-        raise InvalidInputError("no input: give texts as arguments or one per line on stdin")
+    _check_text_arguments(args.texts, args.input)
     model = Seq2SeqModel.load(args.export_dir, provider=args.provider, threads=args.threads, engine=args.engine)
-    summaries = model.summarize(texts, batch_size=args.batch_size, **generation_overrides(args))
-    for summary in summaries:
-        print(summary.replace("\n", " "), flush=True)
+    settings = generation_overrides(args)
+    model.settings(**settings)  # reject bad settings before reading any input
+    with _opened_input(args.input) as (source, name):
+        lines = enumerate(args.texts, 1) if args.texts else read_lines(source, name)
+        count = summarize_stream(model, lines, args.batch_size, settings, sys.stdout, sys.stderr)
+    if count == 0:
+        raise InvalidInputError(f"no input: {name} holds no line; give texts as arguments, --input FILE or stdin")
     return 0
+
+
+def _check_text_arguments(texts: list[str], input_file: str | None) -> None:
+    """Texts given as arguments: none blank, none that is only a file name, not together with --input."""
+    if texts and input_file:
+        raise InvalidInputError("give texts as arguments or --input FILE, not both")
+    for number, text in enumerate(texts, 1):
+        if not text.strip():
+            raise InvalidInputError(
+                f"text argument {number} is empty or only whitespace: there is nothing to summarize"
+            )
+        if not any(c.isspace() for c in text) and Path(text).is_file():
+            raise InvalidInputError(
+                f"{text!r} is a file: did you mean --input {text}? (texts to summarize have spaces)"
+            )
+
+
+@contextmanager
+def _opened_input(input_file: str | None):
+    """The binary stream to read texts from (--input FILE, else stdin) and its name for messages."""
+    if input_file is None or input_file == "-":
+        yield sys.stdin.buffer, "stdin"
+        return
+    try:
+        handle = open(input_file, "rb")
+    except OSError as exc:
+        raise InvalidInputError(f"--input {input_file}: {exc.strerror}") from exc
+    with handle:
+        yield handle, input_file
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -124,174 +109,234 @@ def _batch(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    with _needs("serve", "the serving dependencies", "pip install -e '.[serve]'"):
-        from ortseq.runtime.serving.server import ServerOptions, serve
+    with needs_extra("serve", "the serving dependencies", "pip install -e '.[serve]'"):
+        from ortseq.runtime.serving.server import ServerOptions, bound_socket, serve
     from ortseq.runtime.serving.batcher import BatchingConfig
     from ortseq.runtime.serving.schema import RequestLimits
 
-    options = ServerOptions(
-        args.host, args.port, args.provider, args.threads, args.graceful_timeout, args.max_connections
-    )
     limits = RequestLimits(args.max_inputs, args.max_input_tokens, args.max_num_beams)
     batching = BatchingConfig(args.max_batch_size, args.max_wait_ms, args.max_queue)
-    if args.replicas is None:
-        serve(args.export_dir, options, limits, batching)
-        return 0
+    if args.replicas is not None:
+        return _serve_on_ray(args, limits, batching)
+    if args.address is not None:
+        raise InvalidInputError("--address goes with --replicas (a Ray Serve deployment)")
+    socket = bound_socket(args.host, args.port)  # a taken port fails here, before the model loads
+    options = ServerOptions(
+        args.host,
+        args.port,
+        args.provider,
+        args.threads,
+        ServerOptions.graceful_timeout_s if args.graceful_timeout is None else args.graceful_timeout,
+        ServerOptions.max_connections if args.max_connections is None else args.max_connections,
+    )
+    serve(args.export_dir, options, limits, batching, socket)
+    return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, limits, batching) -> int:
     from ortseq.runtime.ray_batch import import_ray
 
     import_ray()
     from ortseq.runtime.serving.ray_serve import serve_on_ray
 
+    # uvicorn's connection limit and drain time are this process's; Ray Serve's proxy has its own
+    unsupported = [flag for flag, value in (("--max-connections", args.max_connections),
+                                            ("--graceful-timeout", args.graceful_timeout)) if value is not None]  # fmt: skip
+    if unsupported:
+        raise InvalidInputError(f"{' and '.join(unsupported)} do not apply with --replicas (Ray Serve's proxy)")
     serve_on_ray(
-        args.export_dir,
-        args.host,
-        args.port,
-        args.replicas,
-        args.provider,
-        args.threads,
-        limits,
-        batching,
+        args.export_dir, args.host, args.port, args.replicas, args.provider, args.threads, limits, batching,
         args.address,
-    )
+    )  # fmt: skip
     return 0
 
 
 def _bundle(args: argparse.Namespace) -> int:
     from ortseq.runtime.bundle import make_bundle
 
-    make_bundle(args.export_dir, args.out)
+    make_bundle(args.export_dir, args.out, force=args.force)
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the rule for every error), pointing at --help instead of printing usage."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after every option's help, except where the default is "not given" (None/False):
+    those helps say in words what happens then."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or isinstance(action.default, list):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def bounded(kind, low=None, high=None, what: str = ""):
+    """An argparse type: kind(text) within [low, high], else a one-line usage error saying the range."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
+        return value
+
+    return parse
+
+
+POSITIVE = bounded(int, 1, None, "at least 1")
+THREADS = bounded(int, 1, None, "at least 1 thread")
+PORT = bounded(int, 1, 65535, "a port lies in 1..65535")
+NON_NEGATIVE = bounded(float, 0.0, None, "at least 0")
+
+
+def common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="more log output, and the libraries' own warnings and progress"
+    )
+
+
+def out_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--out",
+        required=True,
+        help=f"{what} directory to write: a new or empty directory, or an existing ortseq {what} with --force "
+        "(written beside it and renamed into place only when complete)",
+    )
+    parser.add_argument("--force", action="store_true", help=f"replace an existing ortseq {what} at --out")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ortseq", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    parser = _Parser(prog="ortseq", description=__doc__, formatter_class=HelpFormatter)
+    common_options(parser)
+    parser.add_argument("--version", action="version", version=f"ortseq {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_plugin_commands(commands)
+    _add_generate(commands)
+    _add_serve(commands)
+    _add_batch(commands)
+    _add_bundle(commands)
+    return parser
 
-    export = commands.add_parser("export", help="export a checkpoint to an ONNX directory (needs torch)")
-    export.add_argument("-v", "--verbose", action="store_true", help="more log output")
-    export.add_argument("source", help="alias (see README), hub id or local directory")
-    export.add_argument("--out", required=True, help="export directory to create (replaced only when complete)")
-    export.add_argument(
-        "--external-data",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="store weights in a .data file beside each graph (default: only over 1 GiB)",
-    )
-    export.add_argument(
-        "--add-special-tokens",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="tokenize inputs with the tokenizer's special tokens (default: as the model card does; "
-        "google's roberta2roberta/bert2bert/bert_for_seq_generation cards do not)",
-    )
-    export.add_argument(
-        "--beam-search-op",
-        action="store_true",
-        help="also write beam_search.onnx, for `generate --engine beam-search-op` (Pegasus only)",
-    )
-    export.add_argument(
-        "--ignore-generation-fields",
-        action="store_true",
-        help="export even if the generation config sets fields ortseq does not apply (recorded in the manifest)",
-    )
-    export.set_defaults(run=_export)
 
-    quantize = commands.add_parser("quantize", help="make an int8/int4/fp16 copy of an export, with a quality report")
-    quantize.add_argument("-v", "--verbose", action="store_true", help="more log output")
-    quantize.add_argument("export_dir", help="an fp32 export directory")
-    quantize.add_argument("--to", required=True, choices=["int8", "int4", "fp16"])
-    quantize.add_argument("--out", required=True, help="directory to create (written only if the quality gate passes)")
-    quantize.add_argument(
-        "--min-agreement",
-        type=float,
-        default=0.9,
-        help="refuse (exit 2, nothing written) when greedy or beam token agreement with fp32 is lower (default 0.9)",
-    )
-    quantize.add_argument(
-        "--lm-head", action=argparse.BooleanOptionalAction, default=None, help="quantize the LM head (default: yes)"
-    )
-    quantize.add_argument(
-        "--embeddings",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="quantize the token embedding (default: yes)",
-    )
-    quantize.add_argument("--block-size", type=int, help="int4 block size (default 32)")
-    quantize.add_argument(
-        "--accuracy-level",
-        type=int,
-        choices=[0, 1, 2, 3, 4],
-        help="int4 MatMulNBits compute type: 4 int8 activations on CPU (default, faster), 0 float",
-    )
-    quantize.add_argument(
-        "--texts", help="file with one input text per line for the quality report (default: built-in)"
-    )
-    quantize.set_defaults(run=_quantize)
+def _add_plugin_commands(commands) -> None:
+    """Commands other installed parts of ortseq register (export and quantize, from the exporter). A bundle
+    ships without the exporter: its entry points, if a full install is also present, do not import."""
+    for entry_point in entry_points(group="ortseq.commands"):
+        try:
+            register = entry_point.load()
+        except ImportError:
+            continue
+        register(commands)
 
-    generate = commands.add_parser("generate", help="summarize texts with an export directory")
-    generate.add_argument("-v", "--verbose", action="store_true", help="more log output")
-    generate.add_argument("export_dir")
-    generate.add_argument("texts", nargs="*", help="texts to summarize; without any, one text per line on stdin")
+
+def _add_generate(commands) -> None:
+    generate = commands.add_parser(
+        "generate", help="summarize texts with an export directory", formatter_class=HelpFormatter
+    )
+    common_options(generate)
+    generate.add_argument("export_dir", help="an export directory (ortseq export / ortseq quantize)")
+    generate.add_argument(
+        "texts", nargs="*", help="texts to summarize; without any, one text per line from --input FILE or stdin"
+    )
+    generate.add_argument(
+        "--input",
+        metavar="FILE",
+        help="read one text per line from FILE (UTF-8; a blank line gets an empty output line) instead of stdin",
+    )
     add_generation_arguments(generate)
-    generate.add_argument("--batch-size", type=int, help="texts per generate call (default: all at once)")
-    generate.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
-    generate.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    generate.add_argument(
+        "--batch-size", type=POSITIVE, default=DEFAULT_BATCH_SIZE, help="texts per generate call; printed as each ends"
+    )
+    generate.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider")
+    generate.add_argument("--threads", type=THREADS, help="onnxruntime intra-op threads (default: all cores)")
     generate.add_argument(
         "--engine",
         default=LOOP_ENGINE,
         choices=[LOOP_ENGINE, BEAM_SEARCH_OP_ENGINE],
-        help="loop: ortseq's search (default); beam-search-op: ONNX Runtime's BeamSearch op "
-        "(export with --beam-search-op)",
+        help="loop: ortseq's search; beam-search-op: ONNX Runtime's BeamSearch op (export with --beam-search-op)",
     )
     generate.set_defaults(run=_generate)
 
-    serve = commands.add_parser("serve", help="serve an export directory over HTTP (needs the [serve] extra)")
-    serve.add_argument("-v", "--verbose", action="store_true", help="more log output")
-    serve.add_argument("export_dir")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--max-batch-size", type=int, default=16, help="most inputs merged into one generate call")
-    serve.add_argument("--max-wait-ms", type=float, default=10.0, help="longest a request waits for others to join")
-    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting; more get 503 + Retry-After")
-    serve.add_argument("--max-inputs", type=int, default=16, help="inputs per request (at most --max-batch-size)")
-    serve.add_argument("--max-input-tokens", type=int, help="tokens per input (default: the model's maximum)")
-    serve.add_argument("--max-num-beams", type=int, default=8, help="largest num_beams a request may ask for")
-    serve.add_argument("--max-connections", type=int, default=256, help="concurrent connections; more get 503")
-    serve.add_argument("--graceful-timeout", type=float, default=60.0, help="seconds to finish requests on SIGTERM")
-    serve.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
-    serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+
+def _add_serve(commands) -> None:
+    serve = commands.add_parser(
+        "serve", help="serve an export directory over HTTP (needs the [serve] extra)", formatter_class=HelpFormatter
+    )
+    common_options(serve)
+    serve.add_argument("export_dir", help="the export directory to serve (fixed for the server's life)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback: this machine only)")
+    serve.add_argument("--port", type=PORT, default=8080, help="TCP port to listen on")
+    serve.add_argument("--max-batch-size", type=POSITIVE, default=16, help="most inputs merged into one generate call")
     serve.add_argument(
-        "--replicas", type=int, help="run as a Ray Serve deployment with this many replicas (needs the [ray] extra)"
+        "--max-wait-ms", type=NON_NEGATIVE, default=10.0, help="longest a request waits for others to join"
+    )
+    serve.add_argument("--max-queue", type=POSITIVE, default=64, help="requests waiting; more get 503 + Retry-After")
+    serve.add_argument("--max-inputs", type=POSITIVE, default=16, help="inputs per request (at most --max-batch-size)")
+    serve.add_argument(
+        "--max-input-tokens", type=POSITIVE, help="tokens per input; longer get 422 (default: the model's maximum)"
+    )
+    serve.add_argument("--max-num-beams", type=POSITIVE, default=8, help="largest num_beams a request may ask for")
+    serve.add_argument(
+        "--max-connections",
+        type=POSITIVE,
+        help="concurrent connections; more get 503 (default: 256; not with --replicas)",
+    )
+    serve.add_argument(
+        "--graceful-timeout",
+        type=NON_NEGATIVE,
+        help="seconds to finish requests on SIGTERM (default: 60; not with --replicas)",
+    )
+    serve.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider")
+    serve.add_argument("--threads", type=THREADS, help="onnxruntime intra-op threads (default: all cores)")
+    serve.add_argument(
+        "--replicas",
+        type=POSITIVE,
+        help="run as a Ray Serve deployment with this many replicas (needs the [ray] extra)",
     )
     serve.add_argument("--address", help="with --replicas: Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     serve.set_defaults(run=_serve)
 
+
+def _add_batch(commands) -> None:
     batch = commands.add_parser(
-        "batch", help="summarize a corpus (JSON Lines or Parquet) on Ray Data; resumable (needs the [ray] extra)"
+        "batch",
+        help="summarize a corpus (JSON Lines or Parquet) on Ray Data; resumable (needs the [ray] extra)",
+        formatter_class=HelpFormatter,
     )
-    batch.add_argument("-v", "--verbose", action="store_true", help="more log output")
-    batch.add_argument("export_dir")
+    common_options(batch)
+    batch.add_argument("export_dir", help="an export directory (ortseq export / ortseq quantize)")
     batch.add_argument("--input", required=True, help="JSON Lines (or .parquet) with an id and a text per line")
     batch.add_argument("--output", required=True, help="JSON Lines of {id, summary, ...}; a rerun resumes it")
     batch.add_argument("--errors", help="refused inputs with line and reason (default: OUTPUT's stem + .errors.jsonl)")
-    batch.add_argument("--text-field", default="text")
-    batch.add_argument("--id-field", default="id")
-    batch.add_argument("--workers", type=int, help="actors, each with its own model (default: CPUs / --threads)")
-    batch.add_argument("--threads", type=int, default=1, help="onnxruntime threads (and CPUs) per worker")
-    batch.add_argument("--batch-size", type=int, default=16, help="documents per generate call (default 16)")
+    batch.add_argument("--text-field", default="text", help="the field holding each document's text")
+    batch.add_argument("--id-field", default="id", help="the field holding each document's id")
+    batch.add_argument("--workers", type=POSITIVE, help="actors, each with its own model (default: CPUs / --threads)")
+    batch.add_argument("--threads", type=THREADS, default=1, help="onnxruntime threads (and CPUs) per worker")
+    batch.add_argument("--batch-size", type=POSITIVE, default=16, help="documents per generate call")
     batch.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
     add_generation_arguments(batch)
-    batch.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
-    batch.add_argument("--engine", default=LOOP_ENGINE, choices=[LOOP_ENGINE, BEAM_SEARCH_OP_ENGINE])
+    batch.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider")
+    batch.add_argument(
+        "--engine", default=LOOP_ENGINE, choices=[LOOP_ENGINE, BEAM_SEARCH_OP_ENGINE], help="see `generate --help`"
+    )
     batch.set_defaults(run=_batch)
 
-    bundle = commands.add_parser("bundle", help="a self-contained folder to summarize with on another machine")
-    bundle.add_argument("-v", "--verbose", action="store_true", help="more log output")
-    bundle.add_argument("export_dir")
-    bundle.add_argument("--out", required=True, help="bundle directory to create (replaced only when complete)")
+
+def _add_bundle(commands) -> None:
+    bundle = commands.add_parser(
+        "bundle", help="a self-contained folder to summarize with on another machine", formatter_class=HelpFormatter
+    )
+    common_options(bundle)
+    bundle.add_argument("export_dir", help="the export directory to ship")
+    out_options(bundle, "bundle")
     bundle.set_defaults(run=_bundle)
-    return parser
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -304,14 +349,31 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     return parser.parse_args(argv)
 
 
+def _configure_logging(verbose: bool) -> None:
+    """ortseq's own messages as "ortseq: ..."; other libraries' log records only with -v, under their name."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("ortseq: %(message)s"))
+    ours = logging.getLogger("ortseq")
+    ours.handlers[:] = [handler]
+    ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+    ours.propagate = False
+    logging.captureWarnings(True)  # Python warnings (numpy's RuntimeWarning, ...) become log records: hidden
+    root = logging.getLogger()
+    if verbose:
+        others = logging.StreamHandler(sys.stderr)
+        others.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        root.handlers[:] = [others]
+        root.setLevel(logging.INFO)
+    else:
+        root.handlers[:] = [logging.NullHandler()]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(build_parser(), sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="ortseq: %(message)s", stream=sys.stderr
-    )
+    _configure_logging(args.verbose)
     try:
         return args.run(args)
-    except (InvalidInputError, ManifestError) as exc:
+    except USER_ERRORS as exc:
         print(f"ortseq: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

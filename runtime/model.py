@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ortseq.graphs.external_data import check_graph_data
 from ortseq.graphs.generation import SETTING_NAMES, GenerationSettingError, resolve_settings
 from ortseq.graphs.manifest import LOOP_ENGINE, Manifest
 from ortseq.runtime.engines import open_engine
@@ -40,8 +41,9 @@ class Seq2SeqModel:
         manifest = Manifest.read(directory)
         if verify:
             manifest.verify_files(directory)
-        search_engine = open_engine(engine, directory, manifest, provider, threads)
+        check_graph_data(directory, manifest)  # before onnxruntime opens any file a graph names
         tokenizer = TextTokenizer(directory, manifest.tokenizer, manifest.special_tokens.pad_token_id)
+        search_engine = open_engine(engine, directory, manifest, provider, threads)
         return cls(directory, manifest, search_engine, tokenizer)
 
     @property

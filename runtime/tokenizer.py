@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from ortseq.graphs.manifest import TokenizerInfo
+from ortseq.graphs.manifest import ManifestError, TokenizerInfo
 
 logger = logging.getLogger("ortseq")
 
@@ -24,7 +24,12 @@ class TextTokenizer:
     while another thread encodes or decodes fails ("Already borrowed"), so every use takes one lock."""
 
     def __init__(self, directory: Path, info: TokenizerInfo, pad_token_id: int):
-        self._tokenizer = Tokenizer.from_file(str(Path(directory) / info.file))
+        path = Path(directory) / info.file
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers library raises plain Exception for every malformed file
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ManifestError(f"{path} is not a tokenizer file tokenizers can read ({reason}); export again") from exc
         self._tokenizer.no_padding()
         self._lock = threading.Lock()
         self.info = info

@@ -12,6 +12,7 @@ def test_export_alias_then_generate_from_stdin(tmp_path):
     result = ortseq("export", "tiny-pegasus", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "verified decoder.onnx" in result.stderr
+    assert all(line.startswith("ortseq: ") for line in result.stderr.splitlines()), result.stderr  # no bars
     texts = "The council said the bridge will open.\nPolice closed the museum on Sunday.\nA third text.\n"
     result = ortseq("generate", str(out), "--num-beams", "2", "--max-new-tokens", "8", stdin=texts)
     assert result.returncode == 0, result.stderr

@@ -18,7 +18,7 @@ from ortseq.exporter.progress import log
 from ortseq.exporter.quantization import formats, fp16
 from ortseq.exporter.quantization.quality import ReportSettings, default_texts, lowest_agreement, quality_report
 from ortseq.graphs import contract
-from ortseq.graphs.directories import replace_dir
+from ortseq.graphs.directories import check_out_dir, replace_dir
 from ortseq.graphs.manifest import LOOP_ENGINE, Manifest, Quantization, sha256_of
 
 FORMATS = ("int8", "int4", "fp16")
@@ -45,17 +45,20 @@ def quantize(
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     texts: list[str] | None = None,
     report_settings: ReportSettings | None = None,
+    force: bool = False,
 ) -> Manifest:
     """Write the `to` version of the fp32 export at source_dir to out_dir; returns its manifest.
 
     settings: formats.Int8Settings / formats.Int4Settings / fp16.Fp16Settings (default: the format's
     defaults). Raises QualityGateError, writing nothing, when token agreement < min_agreement.
+    force: replace an existing export at out_dir (a directory ortseq did not write is never replaced).
     """
     from ortseq.runtime.model import Seq2SeqModel
 
     source_dir, out_dir = Path(source_dir).absolute(), Path(out_dir).absolute()
     if to not in FORMATS:
         raise QuantizationError(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
+    check_out_dir(out_dir, force, [source_dir])
     source = Manifest.read(source_dir)
     if source.precision != "fp32":
         raise QuantizationError(f"{source_dir} is already {source.precision}: quantize the fp32 export instead")

@@ -7,13 +7,15 @@ Requests cannot name files: the export directory is fixed when the server starts
 from __future__ import annotations
 
 import asyncio
+import html
+import json
 import logging
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from ortseq.runtime.errors import InvalidInputError
@@ -34,6 +36,9 @@ from ortseq.runtime.serving.schema import (
 logger = logging.getLogger("ortseq")
 
 MAX_BODY_BYTES = 1 << 20
+# A refused body is still read (and dropped) up to this many bytes, so that an ordinary client, which sends
+# the whole body before it reads the answer, gets the 413 JSON instead of a broken pipe. Above it: closed.
+DRAIN_LIMIT_FACTOR = 16
 RETRY_AFTER_S = 1
 SUMMARIZE_PATH = "/v1/summarize"
 KNOWN_PATHS = (SUMMARIZE_PATH, "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
@@ -81,6 +86,8 @@ def create_app(
         summary="Summarize texts with an exported seq2seq model (ONNX Runtime)",
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's Swagger and ReDoc pages load their scripts from a CDN: blank offline
+        redoc_url=None,
     )
     app.state.metrics, app.state.batcher, app.state.limits = metrics, batcher, limits
     _add_error_handlers(app, metrics)
@@ -94,6 +101,10 @@ def create_app(
     async def readyz() -> dict:
         check_ready()
         return {"status": "ready", "model": model.manifest.source, "family": model.manifest.family}
+
+    @app.get("/docs", summary="This API, as a self-contained page", response_class=HTMLResponse)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(api_page(app.openapi()))
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
@@ -121,6 +132,25 @@ def create_app(
         )
 
     return app
+
+
+def api_page(openapi: dict) -> str:
+    """An HTML page listing the endpoints and the request/response schemas: no script, nothing fetched."""
+    rows = "".join(
+        f"<tr><td>{method.upper()}</td><td><code>{html.escape(path)}</code></td>"
+        f"<td>{html.escape(operation.get('summary', ''))}</td></tr>"
+        for path, operations in openapi["paths"].items()
+        for method, operation in operations.items()
+    )
+    schemas = html.escape(json.dumps(openapi.get("components", {}).get("schemas", {}), indent=2))
+    title = html.escape(openapi["info"]["title"])
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title} API</title></head><body>"
+        f"<h1>{title} API</h1><p>{html.escape(openapi['info'].get('summary', ''))}. "
+        f"The machine-readable description is at <a href='/openapi.json'>/openapi.json</a>.</p>"
+        f"<table border='1' cellpadding='4'><tr><th>method</th><th>path</th><th>what</th></tr>{rows}</table>"
+        f"<h2>Schemas</h2><pre>{schemas}</pre></body></html>"
+    )
 
 
 def _warm_up(model: Seq2SeqModel) -> None:
@@ -203,7 +233,8 @@ def _describe(error: dict) -> str:
 
 class RequestAccounting:
     """ASGI middleware: counts requests by path and status, times summarize requests, and refuses
-    bodies over max_body_bytes (413) or without a Content-Length (411) before anything reads them."""
+    bodies over max_body_bytes (413) or without a Content-Length (411) before the app parses them
+    (the body is read and dropped first, up to a bound, so that the client can read the refusal)."""
 
     def __init__(self, app, metrics: ServingMetrics, max_body_bytes: int):
         self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
@@ -220,6 +251,7 @@ class RequestAccounting:
 
         refusal = self._refusal(scope)
         if refusal is not None:
+            await _drain(receive, DRAIN_LIMIT_FACTOR * self.max_body_bytes)
             await refusal(scope, receive, send_noting_status)
         else:
             await self.app(scope, receive, send_noting_status)
@@ -241,3 +273,15 @@ class RequestAccounting:
                 413, "too_large", f"the body is over {self.max_body_bytes} bytes: send fewer or shorter inputs"
             )
         return None
+
+
+async def _drain(receive, limit: int) -> None:
+    """Read and drop the request body, at most about limit bytes of it."""
+    received = 0
+    while received <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        received += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
 
+from ortseq.runtime.errors import InvalidInputError
 from ortseq.runtime.model import Seq2SeqModel
 from ortseq.runtime.serving.app import create_app
 from ortseq.runtime.serving.batcher import BatchingConfig
@@ -27,8 +30,36 @@ class ServerOptions:
     max_connections: int = 256  # more concurrent connections get uvicorn's plain 503: bounds unqueued bodies too
 
 
-def serve(export_dir: Path, options: ServerOptions, limits: RequestLimits, batching: BatchingConfig) -> None:
-    """Blocks until SIGTERM/SIGINT. Bad export dirs and settings raise before the port is opened."""
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready socket bound to host:port, or InvalidInputError in one line (port taken, bad host).
+
+    Bound before anything else so that a taken port is reported before the model loads and before any
+    "ready" log line, which uvicorn would otherwise print before failing to bind."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise InvalidInputError(f"cannot listen on {host}:{port}: {exc}") from exc
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart while old ones linger
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise InvalidInputError(f"cannot listen on {host}:{port}: {reason}; choose another --port") from exc
+    return sock
+
+
+def serve(
+    export_dir: Path,
+    options: ServerOptions,
+    limits: RequestLimits,
+    batching: BatchingConfig,
+    sock: socket.socket | None = None,
+) -> None:
+    """Blocks until SIGTERM/SIGINT. Bad export dirs and settings raise before the port is opened.
+    sock: from bound_socket(options.host, options.port), bound by the caller (default: bound here)."""
+    sock = sock or bound_socket(options.host, options.port)
     model = Seq2SeqModel.load(export_dir, provider=options.provider, threads=options.threads)
     app = create_app(model, limits, batching)
     config = uvicorn.Config(
@@ -45,7 +76,7 @@ def serve(export_dir: Path, options: ServerOptions, limits: RequestLimits, batch
     # This handler makes that re-raise a no-op, so a drained server exits 0 instead of dying by SIGTERM.
     signal.signal(signal.SIGTERM, _drained)
     logger.info("serving %s on http://%s:%d", export_dir, options.host, options.port)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def _drained(signum, frame) -> None:
