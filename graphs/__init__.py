@@ -3,4 +3,4 @@
 Nothing here imports torch: the runtime reads it too.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

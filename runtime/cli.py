@@ -134,16 +134,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_on_ray(args: argparse.Namespace, limits, batching) -> int:
-    from ortseq.runtime.ray_batch import import_ray
-
-    import_ray()
-    from ortseq.runtime.serving.ray_serve import serve_on_ray
-
     # uvicorn's connection limit and drain time are this process's; Ray Serve's proxy has its own
     unsupported = [flag for flag, value in (("--max-connections", args.max_connections),
                                             ("--graceful-timeout", args.graceful_timeout)) if value is not None]  # fmt: skip
     if unsupported:
         raise InvalidInputError(f"{' and '.join(unsupported)} do not apply with --replicas (Ray Serve's proxy)")
+    from ortseq.runtime.ray_batch import import_ray
+
+    import_ray()
+    from ortseq.runtime.serving.ray_serve import serve_on_ray
     serve_on_ray(
         args.export_dir, args.host, args.port, args.replicas, args.provider, args.threads, limits, batching,
         args.address,

@@ -135,7 +135,7 @@ CASES = [
          edit_manifest(lambda raw: raw.update(family="t5")), api=True),
     Case("special_token_outside_vocab", generate(), "special_tokens.eos_token_id",
          edit_manifest(lambda raw: raw["special_tokens"].update(eos_token_id=10**6)), api=True),
-    Case("early_stopping_unknown", generate(), "generation.early_stopping",
+    Case("early_stopping_unknown", generate(), "early_stopping must be true, false or 'never'",
          edit_manifest(lambda raw: raw["generation"].update(early_stopping="sometimes")), api=True),
     Case("engine_unknown", generate(), "engines[]", edit_manifest(lambda raw: raw.update(engines=["warp"])), api=True),
     Case("tokenizer_file_outside", generate(), "not a plain file name", point_tokenizer_outside, api=True),
@@ -170,6 +170,10 @@ CASES = [
     Case("quality_texts_missing", ("quantize", "{export}", "--to", "int8", "--out", "q", "--texts", "missing.txt"),
          "missing.txt is not a file"),
     Case("port_out_of_range", ("serve", "{export}", "--port", "99999"), "--port"),
+    Case("replicas_with_a_uvicorn_flag", ("serve", "{export}", "--replicas", "2", "--graceful-timeout", "5"),
+         "--graceful-timeout do not apply with --replicas"),
+    Case("address_without_replicas", ("serve", "{export}", "--address", "127.0.0.1:6379"),
+         "--address goes with --replicas"),
     # --out: never replace what ortseq did not write, never overlap the source
     Case("bundle_over_a_user_directory", ("bundle", "{export}", "--out", "mine"), "not an ortseq export or bundle",
          corrupt=lambda export: a_plain_directory(export.parent / "mine")(export), untouched=["mine/notes.txt"]),
@@ -284,7 +288,7 @@ def test_help_shows_defaults_and_the_aliases_and_version_answers(tmp_path):
         return " ".join(ortseq(command, "--help", cwd=tmp_path).stdout.decode().split())
 
     generate = help_of("generate")
-    assert "(default: 8)" in generate and "(default: the model's)" in generate
+    assert "(default: 8)" in generate and "(default: the model's generation config)" in generate
     serve = help_of("serve")
     assert "(default: 8080)" in serve and "requests waiting; more get 503 + Retry-After (default: 64)" in serve
     export = help_of("export")
