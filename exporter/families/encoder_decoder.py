@@ -84,6 +84,22 @@ def load_model(source_dir: str) -> nn.Module:
     return model.eval()
 
 
+# transformers' own model computes this family's encoder output (exporter/verify.py, verify_against_transformers)
+REFERENCE_ENCODER = True
+
+
+def reference_model(source_dir: str) -> nn.Module:
+    """The checkpoint as transformers itself loads and runs it, the export's reference. One repair is
+    ortseq's: transformers 5.x loads a tied checkpoint that stores the shared weights once with a
+    random decoder, which no one means (see _restore_tied_decoder_weights)."""
+    from transformers import EncoderDecoderModel
+
+    model, info = EncoderDecoderModel.from_pretrained(source_dir, output_loading_info=True)
+    if getattr(model.config, "tie_encoder_decoder", False):
+        _restore_tied_decoder_weights(model, set(info["missing_keys"]))
+    return model.eval()
+
+
 def _restore_tied_decoder_weights(model: nn.Module, missing: set[str]) -> None:
     """transformers 5.x ignores tie_encoder_decoder: a tied checkpoint whose file holds the shared
     weights once (under the encoder's names, as 4.x's safetensors saving keeps them) loads with a

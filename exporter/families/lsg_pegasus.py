@@ -78,6 +78,24 @@ def load_model(source_dir: str) -> nn.Module:
     return model.eval()
 
 
+# transformers has no LSG encoder: the export's encoder output is given to transformers' Pegasus decoder
+# (exporter/verify.py, verify_against_transformers); the encoder rests on graphs/lsg.py and the goldens.
+REFERENCE_ENCODER = False
+
+
+def reference_model(source_dir: str) -> nn.Module:
+    """transformers' own Pegasus loaded from the LSG checkpoint: its decoder and LM head are the reference."""
+    from transformers import PegasusForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the global embeddings are unexpected to it, and unused here
+    try:
+        return PegasusForConditionalGeneration.from_pretrained(source_dir).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def read_checkpoint_tensors(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
     """Tensors by name from model.safetensors (sharded or not) or pytorch_model.bin."""
     index = folder / "model.safetensors.index.json"

@@ -24,6 +24,18 @@ def load_model(source_dir: str) -> nn.Module:
     return PegasusForConditionalGeneration.from_pretrained(source_dir, attn_implementation="eager").eval()
 
 
+# transformers' own model computes this family's encoder output (exporter/verify.py, verify_against_transformers)
+REFERENCE_ENCODER = True
+
+
+def reference_model(source_dir: str) -> nn.Module:
+    """The checkpoint as transformers itself loads and runs it, the export's reference: its own
+    from_pretrained and defaults, none of ortseq's loading (load_model above may be wrong)."""
+    from transformers import PegasusForConditionalGeneration
+
+    return PegasusForConditionalGeneration.from_pretrained(source_dir).eval()
+
+
 def dims(model: nn.Module) -> ModelDims:
     config = model.config
     return ModelDims(
