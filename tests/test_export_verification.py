@@ -113,10 +113,17 @@ def test_bert2bert_rewrite_skipping_the_embedding_layer_norm_fails_export(bert2b
     assert_export_refused(bert2bert_checkpoint, tmp_path / "out", "logits differ")
 
 
+TOKENS_DIFFER = (
+    r"tokens differ from transformers' generate\(\) first at row \d+, position \d+ \(ours \d+, transformers \d+\)"
+)
+
+
 def test_wrong_generation_defaults_fail_export_at_the_first_differing_token(pegasus_checkpoint, tmp_path, monkeypatch):
-    """Right logits, wrong search settings in the manifest: transformers' generate() tokens tell."""
+    """Right logits, a wrong search setting in the manifest (an n-gram ban the model does not have): the tokens tell."""
     real = pipeline._generation_defaults
-    monkeypatch.setattr(pipeline, "_generation_defaults", lambda m: dataclasses.replace(real(m), length_penalty=2.0))
+    monkeypatch.setattr(
+        pipeline, "_generation_defaults", lambda m: dataclasses.replace(real(m), no_repeat_ngram_size=2)
+    )
     assert_export_refused(
         pegasus_checkpoint, tmp_path / "out", r"tokens differ from transformers' generate\(\) first at row"
     )
