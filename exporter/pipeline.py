@@ -14,7 +14,7 @@ import torch
 
 from ortseq.exporter import onnx_export, verify
 from ortseq.exporter.beam_search_op import beam_search_model_for, check_supported
-from ortseq.exporter.families import Family, UnsupportedModelError, family_for
+from ortseq.exporter.families import Family, UnsupportedModelError, family_for, family_named
 from ortseq.exporter.progress import log
 from ortseq.exporter.sources import ALIASES, resolved_source
 from ortseq.exporter.tokenizer_files import save_tokenizer
@@ -51,7 +51,8 @@ def export(
                 checkpoint, staging, external_data, source, add_special_tokens, beam_search_op, ignore_generation_fields
             )
             manifest.source = source
-        manifest.write(staging)
+            manifest.write(staging)
+            verify.verify_against_transformers(staging, family_named(manifest.family), checkpoint)
         if beam_search_op:
             verify.verify_beam_search_op(staging)
         replace_dir(staging, out_dir)

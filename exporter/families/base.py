@@ -38,6 +38,9 @@ class Family:
     aliases: ClassVar[dict[str, str]] = {}
     # Whether exporter/beam_search_op.py can build ORT's BeamSearch-op graph over this family's modules.
     supports_beam_search_op: ClassVar[bool] = False
+    # Whether `reference_model` computes the encoder output itself (exporter/verify.py,
+    # verify_against_transformers); false: the export's encoder output is given to its decoder.
+    reference_encoder: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ required
 
@@ -90,6 +93,14 @@ class Family:
 
     def finalize_encoder_graph(self, encoder: nn.Module, graph: onnx.ModelProto) -> None:
         """Edit the traced encoder graph before it is saved (e.g. add a custom op's ONNX function)."""
+
+    def reference_model(self, source_dir: str) -> nn.Module:
+        """The checkpoint as transformers itself loads and runs it: the reference the export is compared
+        with (exporter/verify.py). Default: transformers' AutoModelForSeq2SeqLM.from_pretrained, its own
+        defaults, none of ortseq's loading (load_model may be wrong)."""
+        from transformers import AutoModelForSeq2SeqLM
+
+        return AutoModelForSeq2SeqLM.from_pretrained(source_dir).eval()
 
 
 def most_specific(matching: list[Family]) -> Family:

@@ -147,6 +147,16 @@ class EncoderDecoderFamily(Family):
             _restore_tied_decoder_weights(model, set(info["missing_keys"]))
         return model.eval()
 
+    def reference_model(self, source_dir: str) -> nn.Module:
+        """transformers' own EncoderDecoderModel. One repair is ortseq's: transformers 5.x loads a tied
+        checkpoint that stores the shared weights once with a random decoder, which no one means."""
+        from transformers import EncoderDecoderModel
+
+        model, info = EncoderDecoderModel.from_pretrained(source_dir, output_loading_info=True)
+        if getattr(model.config, "tie_encoder_decoder", False):
+            _restore_tied_decoder_weights(model, set(info["missing_keys"]))
+        return model.eval()
+
     def dims(self, model: nn.Module) -> ModelDims:
         decoder = model.config.decoder
         encoder_vocab = model.encoder.get_input_embeddings().num_embeddings

@@ -44,6 +44,9 @@ class LSGPegasusFamily(PegasusFamily):
         "tiny-lsg-pegasus": "tiny:lsg-pegasus",
     }
     supports_beam_search_op: ClassVar[bool] = False  # its encoder's I/O differ from the op's subgraph (not done)
+    # transformers has no LSG encoder: the export's encoder output is given to transformers' Pegasus decoder;
+    # the encoder rests on graphs/lsg.py and the reference code's goldens
+    reference_encoder: ClassVar[bool] = False
 
     def handles(self, config: dict) -> bool:
         return config.get("model_type") == "pegasus" and "sparsity_type" in config
@@ -69,6 +72,18 @@ class LSGPegasusFamily(PegasusFamily):
 
     def encoder_export(self, model: nn.Module) -> nn.Module:
         return EncoderExport(model)
+
+    def reference_model(self, source_dir: str) -> nn.Module:
+        """transformers' own Pegasus loaded from the LSG checkpoint: its decoder and LM head are the reference."""
+        from transformers import PegasusForConditionalGeneration
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the global embeddings are unexpected to it, and unused here
+        try:
+            return PegasusForConditionalGeneration.from_pretrained(source_dir).eval()
+        finally:
+            hf_logging.set_verbosity(verbosity)
 
     def tiny_builders(self) -> dict[str, Callable[[Path], Path]]:
         return {"lsg-pegasus": build_tiny_lsg_pegasus}
