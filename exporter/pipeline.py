@@ -14,10 +14,11 @@ import torch
 
 from ortseq.exporter import onnx_export, verify
 from ortseq.exporter.beam_search_op import beam_search_model_for, check_supported
+from ortseq.exporter.checkpoint_check import load_checkpoint_tensors
 from ortseq.exporter.families import family_for
 from ortseq.exporter.progress import log
 from ortseq.exporter.sources import ALIASES, resolved_source
-from ortseq.exporter.tokenizer_files import save_tokenizer
+from ortseq.exporter.tokenizer_files import check_tokenizer_files, save_tokenizer
 from ortseq.graphs import contract
 from ortseq.graphs.directories import replace_dir
 from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, GenerationDefaults, Manifest, sha256_of
@@ -66,8 +67,10 @@ def _export_checkpoint(
     family_name, family = family_for(checkpoint)
     if add_special_tokens is None:  # a family may know model cards that tokenize without them
         add_special_tokens = getattr(family, "add_special_tokens", lambda _: True)(ALIASES.get(source, source))
+    check_tokenizer_files(checkpoint)  # before minutes of export work
     log(f"loading {family_name} checkpoint from {checkpoint}")
     model = family.load_model(str(checkpoint))
+    load_checkpoint_tensors(model, checkpoint, family.checkpoint_layout(model))
     dims = family.dims(model)
     if beam_search_op:
         check_supported(family_name)  # before minutes of export work

@@ -16,13 +16,14 @@ trimmed, keeping or folding the globals, with the cross-attention mask to match.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ortseq.exporter.attention import merge_heads, split_heads
+from ortseq.exporter.checkpoint_check import CheckpointLayout, read_checkpoint_tensors
 from ortseq.exporter.families import pegasus
 from ortseq.exporter.families.pegasus import cross_key_values
 from ortseq.exporter.lsg_attention import LSGAttentionCore, lsg_attention
@@ -78,21 +79,10 @@ def load_model(source_dir: str) -> nn.Module:
     return model.eval()
 
 
-def read_checkpoint_tensors(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """Tensors by name from model.safetensors (sharded or not) or pytorch_model.bin."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        from safetensors.torch import load_file
-
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: load_file(folder / weight_map[name])[name] for name in names}
-    if (folder / "model.safetensors").is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in names}
-    state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
-    return {name: state[name] for name in names}
+def checkpoint_layout(model: nn.Module) -> CheckpointLayout:
+    """Pegasus' layout, but the encoder's position table must come from the checkpoint (see above)."""
+    layout = pegasus.checkpoint_layout(model)
+    return replace(layout, computed={name: why for name, why in layout.computed.items() if name != POSITIONS_KEY})
 
 
 def encoder_trace_length(model) -> int:

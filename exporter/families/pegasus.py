@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ortseq.exporter.attention import additive_mask, attend, cross_attend_shared, merge_heads, split_heads
+from ortseq.exporter.checkpoint_check import CheckpointLayout
 from ortseq.graphs.manifest import ModelDims, SpecialTokens
 
 
@@ -22,6 +23,19 @@ def load_model(source_dir: str) -> nn.Module:
     from transformers import PegasusForConditionalGeneration
 
     return PegasusForConditionalGeneration.from_pretrained(source_dir, attn_implementation="eager").eval()
+
+
+def checkpoint_layout(model: nn.Module) -> CheckpointLayout:
+    """transformers 4.x: the encoder and decoder embed with the one `model.shared` module, tied or not
+    (so an untied checkpoint stores it once); the LM head is that module too when tie_word_embeddings."""
+    embeddings = {"model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"}
+    if model.config.tie_word_embeddings:
+        embeddings.add("lm_head.weight")
+    sinusoidal = "sinusoidal table computed from the config (4.x and 5.x alike)"
+    return CheckpointLayout(
+        tied=[frozenset(embeddings)],
+        computed={f"model.{side}.embed_positions.weight": sinusoidal for side in ("encoder", "decoder")},
+    )
 
 
 def dims(model: nn.Module) -> ModelDims:
