@@ -71,7 +71,9 @@ def load_model(source_dir: str) -> nn.Module:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # it would report the global embeddings as unexpected: we read them below
     try:
-        model = PegasusForConditionalGeneration.from_pretrained(source_dir, config=config, attn_implementation="eager")
+        model = PegasusForConditionalGeneration.from_pretrained(
+            source_dir, config=config, attn_implementation="eager", ignore_mismatched_sizes=True
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
     model.lsg_config = LSGEncoderConfig.from_config(config_dict)

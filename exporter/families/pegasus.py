@@ -22,7 +22,10 @@ def handles(config: dict) -> bool:
 def load_model(source_dir: str) -> nn.Module:
     from transformers import PegasusForConditionalGeneration
 
-    return PegasusForConditionalGeneration.from_pretrained(source_dir, attn_implementation="eager").eval()
+    # a tensor of another shape is refused by name afterwards (checkpoint_check), not by a torch traceback
+    return PegasusForConditionalGeneration.from_pretrained(
+        source_dir, attn_implementation="eager", ignore_mismatched_sizes=True
+    ).eval()
 
 
 def checkpoint_layout(model: nn.Module) -> CheckpointLayout:
