@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from ortseq.exporter.checkpoint_check import load_checkpoint_tensors
 from ortseq.exporter.progress import log
 from ortseq.graphs import contract
 from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE
@@ -168,8 +169,10 @@ def verify_against_transformers(directory: Path, family, checkpoint: Path) -> No
     What this does not take from ortseq: the reference side is transformers' from_pretrained, forward
     and generate(), so a wrong load (family.load_model), a wrong rewrite (EncoderExport/DecoderExport),
     wrong generation defaults in the manifest or a wrong search all show. What it does take: the inputs,
-    and for tied encoder-decoder checkpoints the weight repair transformers 5.x needs (see
-    encoder_decoder.reference_model).
+    and the checkpoint FILES: transformers' load is made to hold the files' tensors by the family's
+    checkpoint_layout (exporter/checkpoint_check.py), as ortseq's own load is, because 5.x leaves some
+    tensors of 4.x checkpoints random. The files are not ortseq's: a tensor ortseq's load or rewrite gets
+    wrong after that check still differs from the reference.
 
     LSG-Pegasus (family.reference_encoder false): transformers has no LSG encoder, so the export's
     encoder output (memory and its mask, globals included) is given to transformers' own Pegasus
@@ -186,6 +189,10 @@ def verify_against_transformers(directory: Path, family, checkpoint: Path) -> No
     ours = Seq2SeqModel.load(directory, verify=False)
     gc.collect()  # the model the graphs were built from is released by now: free it before loading another copy
     reference = family.reference_model(str(checkpoint))
+    # the files are the ground truth for both sides: what transformers 5.x leaves random in a 4.x checkpoint
+    # (untied Pegasus' embed_tokens, tie_encoder_decoder's decoder) is taken from them, the same repair
+    # the export's own load gets (pipeline.load_checked_model) but applied to transformers' own load
+    load_checkpoint_tensors(reference, Path(checkpoint), family.checkpoint_layout(reference))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # generate() warns about settings it overrides; they are the same on both sides
     try:

@@ -15,8 +15,6 @@ import torch
 
 from ortseq.exporter import pipeline
 from ortseq.exporter.families import bart, encoder_decoder, tiny_builder
-from ortseq.exporter.families.encoder_decoder import EncoderDecoderFamily
-from ortseq.exporter.families.lsg_pegasus import LSGPegasusFamily
 from ortseq.exporter.families.pegasus import PegasusFamily
 from ortseq.exporter.pipeline import export
 from ortseq.exporter.tiny.encoder_decoder import TinyEncoderDecoderShape, build_tiny_encoder_decoder
@@ -43,17 +41,18 @@ def bert2bert_checkpoint(tmp_path_factory):
     )
 
 
-def load_sign_flipped(monkeypatch, family: type, parameter) -> None:
-    """family's loader returns the model with one weight matrix negated (parameter: model -> tensor)."""
-    load_model = family.load_model
+def load_sign_flipped(monkeypatch, parameter) -> None:
+    """The export's load (after the check against the checkpoint files, which would restore the stored
+    value) returns the model with one weight matrix negated (parameter: model -> tensor)."""
+    load_checked_model = pipeline.load_checked_model
 
-    def load(self, source_dir: str):
-        model = load_model(self, source_dir)
+    def load(family, checkpoint):
+        model = load_checked_model(family, checkpoint)
         with torch.no_grad():
             parameter(model).neg_()
         return model
 
-    monkeypatch.setattr(family, "load_model", load)
+    monkeypatch.setattr(pipeline, "load_checked_model", load)
 
 
 def assert_export_refused(checkpoint, out, match: str) -> None:
@@ -72,7 +71,7 @@ def test_honest_exports_are_verified_against_transformers(pegasus_checkpoint, be
 
 
 def test_pegasus_loaded_with_a_sign_flipped_weight_fails_export(pegasus_checkpoint, tmp_path, monkeypatch):
-    load_sign_flipped(monkeypatch, PegasusFamily, lambda model: model.model.encoder.layers[0].fc2.weight)
+    load_sign_flipped(monkeypatch, lambda model: model.model.encoder.layers[0].fc2.weight)
     assert_export_refused(pegasus_checkpoint, tmp_path / "out", "logits differ from transformers' Pegasus")
 
 
@@ -96,9 +95,7 @@ def test_pegasus_rewrite_without_embedding_scale_fails_export(pegasus_checkpoint
 
 
 def test_bert2bert_loaded_with_a_sign_flipped_weight_fails_export(bert2bert_checkpoint, tmp_path, monkeypatch):
-    load_sign_flipped(
-        monkeypatch, EncoderDecoderFamily, lambda model: model.encoder.encoder.layer[0].output.dense.weight
-    )
+    load_sign_flipped(monkeypatch, lambda model: model.encoder.encoder.layer[0].output.dense.weight)
     assert_export_refused(
         bert2bert_checkpoint, tmp_path / "out", "logits differ from transformers' EncoderDecoderModel"
     )
@@ -141,15 +138,32 @@ def test_lsg_decoder_is_verified_against_transformers_pegasus_decoder(tmp_path, 
     """transformers has no LSG encoder, but its Pegasus decoder, given the export's encoder output, checks ours."""
     checkpoint = tiny_builder("lsg-pegasus")(tmp_path / "checkpoint")
     export(str(checkpoint), tmp_path / "exports" / "honest")
-    load_sign_flipped(monkeypatch, LSGPegasusFamily, lambda model: model.model.decoder.layers[0].fc2.weight)
+    load_sign_flipped(monkeypatch, lambda model: model.model.decoder.layers[0].fc2.weight)
     with pytest.raises(GraphMismatchError, match="logits differ from transformers' Pegasus"):
         export(str(checkpoint), tmp_path / "exports" / "flipped")
     assert not (tmp_path / "exports" / "flipped").exists()
 
 
 def test_cli_export_of_a_wrong_load_exits_2_with_one_line(pegasus_checkpoint, tmp_path, monkeypatch, capsys):
-    load_sign_flipped(monkeypatch, PegasusFamily, lambda model: model.model.decoder.layers[1].self_attn.v_proj.weight)
+    load_sign_flipped(monkeypatch, lambda model: model.model.decoder.layers[1].self_attn.v_proj.weight)
     assert main(["export", str(pegasus_checkpoint), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("ortseq: error: export failed verification, nothing was written: logits differ"), error
     assert not (tmp_path / "out").exists()
+
+
+def test_a_loader_that_gets_a_stored_tensor_wrong_is_corrected_from_the_checkpoint_files(
+    pegasus_checkpoint, tmp_path, monkeypatch
+):
+    """The export takes every tensor from the files (exporter/checkpoint_check.py) after the family's load."""
+    load_model = PegasusFamily.load_model
+
+    def load(self, source_dir):
+        model = load_model(self, source_dir)
+        with torch.no_grad():
+            model.model.encoder.layers[0].fc2.weight.neg_()
+        return model
+
+    monkeypatch.setattr(PegasusFamily, "load_model", load)
+    export(str(pegasus_checkpoint), tmp_path / "out")
+    assert (tmp_path / "out" / "manifest.json").is_file()
