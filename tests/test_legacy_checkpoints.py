@@ -49,9 +49,11 @@ def test_export_of_a_transformers_4x_checkpoint_generates_4x_tokens(legacy_expor
     model = Seq2SeqModel.load(legacy_exports[name])
     expected = case["sequences"]
     eos = model.manifest.special_tokens.eos_token_id
-    # the golden is not degenerate: several tokens in every row, not every row the same
-    assert min(_eos_end(row, eos) for row in expected) >= 4 and len({tuple(row) for row in expected}) > 1
     ids, mask = np.array(goldens["input_ids"]), np.array(goldens["attention_mask"])
+    # the golden is not degenerate: input rows of varied lengths, several tokens in every output row,
+    # not every row the same
+    assert len(set(mask.sum(axis=1).tolist())) == len(mask)
+    assert min(_eos_end(row, eos) for row in expected) >= 4 and len({tuple(row) for row in expected}) > 1
     assert np.array_equal(model.generate(ids, mask, **case["kwargs"]), np.array(expected))
 
 
@@ -63,6 +65,26 @@ def test_untied_checkpoint_exports_the_stored_embedding_not_a_random_one(legacy_
         tables = [onnx.numpy_helper.to_array(init) for init in model.graph.initializer]
         tables = [table for table in tables if table.shape == stored.shape]
         assert tables and all(np.array_equal(table, stored) for table in tables), graph
+
+
+def test_tie_encoder_decoder_checkpoint_exports_the_stored_weights_on_both_sides(legacy_exports):
+    """4.57 stores tie_encoder_decoder's shared weights once, under the decoder's names; transformers 5.x
+    leaves the encoder random. The export's encoder holds the stored word embeddings."""
+    stored = load_file(FIXTURES / "roberta2roberta_tied" / "model.safetensors")
+    table = stored["decoder.roberta.embeddings.word_embeddings.weight"].numpy()
+    assert "encoder.embeddings.word_embeddings.weight" not in stored
+    model = onnx.load(str(legacy_exports["roberta2roberta_tied"] / "encoder.onnx"))
+    tables = [onnx.numpy_helper.to_array(init) for init in model.graph.initializer]
+    assert any(t.shape == table.shape and np.array_equal(t, table) for t in tables)
+
+
+def test_fixtures_have_a_case_for_every_generation_field_that_changes_their_tokens():
+    """A field without a case is one the maker found to change nothing on that fixture (listed)."""
+    for name in NAMES:
+        goldens = _goldens(name)
+        cases = {case["name"] for case in goldens["cases"]}
+        assert {"greedy", "beams4", "defaults_max_length_unset"} <= cases, name
+        assert len(cases) + len(goldens.get("fields_without_effect", [])) == 11, name
 
 
 def _copy_with(tmp_path: Path, change) -> Path:

@@ -8,8 +8,11 @@ again here, so every committed file is written by the 4.x version.
 Each fixture folder holds the checkpoint (save_pretrained) and goldens.json: the inputs, and per case
 its transformers generate() kwargs and the sequences generate() returned. Every case is checked to be
 non-degenerate (input rows of varied lengths; every output row several tokens long, the rows not all
-equal), and a case of one generation field is checked to change the tokens against the same call
-without it. Beam cases set early_stopping=True: without it 4.x and 5.x stop beams by different rules.
+equal), and a case of one generation field is kept only where the field changes the tokens against the
+same call without it: a field that changes nothing on a fixture (min_new_tokens where no row ends
+early) would test nothing, and goldens.json lists it under fields_without_effect. Beam cases set
+early_stopping=True: without it 4.x and 5.x stop beams by different rules.
+Usage: make_fixtures.py TOKENIZERS OUT [NAME ...] (default: every fixture).
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("tokenizers", type=Path)
     parser.add_argument("out", type=Path)
+    parser.add_argument("names", nargs="*", help="fixtures to write (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    for name, build in FIXTURES.items():
+    for name in args.names or FIXTURES:
+        build = FIXTURES[name]
         folder = args.out / name
         shutil.rmtree(folder, ignore_errors=True)
         model, tokenizer, batch = build(args.tokenizers, folder)
@@ -175,10 +180,11 @@ def save_and_reload(model, tokenizer, folder: Path, model_class, **load_kwargs):
 FIXTURES = {
     "pegasus_tied": lambda tok, out: build_pegasus(tok, out, tied=True),
     "pegasus_untied": lambda tok, out: build_pegasus(tok, out, tied=False),
+    "bert2bert": lambda tok, out: build_encoder_decoder(tok, out, "bert2bert"),
+    # tie_encoder_decoder: 4.x stores the shared weights once, under the encoder's names
+    "roberta2roberta_tied": lambda tok, out: build_encoder_decoder(tok, out, "roberta2roberta", True),
+    "bertgeneration": lambda tok, out: build_encoder_decoder(tok, out, "bertgeneration"),
 }
-# Not yet written: the encoder-decoders (build_encoder_decoder: bert2bert, roberta2roberta with
-# tie_encoder_decoder, bertgeneration) fail the maker's own check that min_new_tokens changes their
-# tokens (their greedy and beam runs never end early at an EOS bias that keeps rows >= 3 tokens).
 
 # ---------------------------------------------------------------- inputs and goldens
 
@@ -205,12 +211,13 @@ def write_goldens(model, tokenizer, folder: Path, lengths) -> None:
     gen = model.generation_config
     ids, mask = fixture_batch(model, tokenizer, lengths or BATCH_LENGTHS)
     seed_generated_tokens(model, ids, mask, gen)
-    cases = build_cases(model, ids, mask, gen)
+    cases, without_effect = build_cases(model, ids, mask, gen)
     goldens = {
         "writer": {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]},
         "input_ids": ids.tolist(),
         "attention_mask": mask.tolist(),
         "cases": cases,
+        "fields_without_effect": without_effect,
     }
     (folder / "goldens.json").write_text(json.dumps(goldens, indent=1) + "\n")
 
@@ -237,7 +244,8 @@ def run(model, ids, mask, kwargs: dict) -> torch.Tensor:
         return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kwargs)
 
 
-def build_cases(model, ids, mask, gen) -> list[dict]:
+def build_cases(model, ids, mask, gen) -> tuple[list[dict], list[str]]:
+    """(cases, the generation fields that change nothing on this model and so have no case)."""
     eos = gen.eos_token_id
     greedy = {"num_beams": 1, "max_new_tokens": MAX_NEW}
     base = run(model, ids, mask, greedy)
@@ -250,6 +258,7 @@ def build_cases(model, ids, mask, gen) -> list[dict]:
     assert defaults.shape[1] == 21, f"the defaults should run to 20 new tokens: {defaults.tolist()}"
     cases.append(case("defaults_max_length_unset", {}, defaults, eos))
     beams = {"num_beams": 4, "max_new_tokens": MAX_NEW, "early_stopping": True}
+    without_effect = []
     for name, candidates in field_candidates(base, ids, gen).items():
         # min_new_tokens acts only where EOS would come early: the beams' hypotheses, or runs kept from
         # repeating one token forever (random models do) by an n-gram ban
@@ -258,8 +267,12 @@ def build_cases(model, ids, mask, gen) -> list[dict]:
             if name == "min_new_tokens"
             else [greedy]
         )
-        cases.append(field_case(model, ids, mask, bases, name, candidates, eos))
-    return cases
+        field = field_case(model, ids, mask, bases, name, candidates, eos)
+        if field is None:
+            without_effect.append(name)
+        else:
+            cases.append(field)
+    return cases, without_effect
 
 
 def field_candidates(base: torch.Tensor, ids: torch.Tensor, gen) -> dict[str, list[dict]]:
@@ -280,7 +293,8 @@ def field_candidates(base: torch.Tensor, ids: torch.Tensor, gen) -> dict[str, li
     }
 
 
-def field_case(model, ids, mask, bases: list[dict], name: str, candidates: list[dict], eos: int):
+def field_case(model, ids, mask, bases: list[dict], name: str, candidates: list[dict], eos: int) -> dict | None:
+    """The case of the first value that changes the tokens of one of bases; None if none does."""
     for base_kwargs in bases:
         base = run(model, ids, mask, base_kwargs)
         for extra in candidates:
@@ -288,7 +302,8 @@ def field_case(model, ids, mask, bases: list[dict], name: str, candidates: list[
             out = run(model, ids, mask, kwargs)
             if out.shape != base.shape or not torch.equal(out, base):
                 return case(name, kwargs, out, eos)
-    raise AssertionError(f"{name}: no value in {candidates} changes the tokens of {bases}: {base.tolist()}")
+    print(f"{name}: no value in {candidates} changes the tokens: no case", file=sys.stderr)
+    return None
 
 
 def case(name: str, kwargs: dict, sequences: torch.Tensor, eos: int) -> dict:

@@ -11,8 +11,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from ortseq.exporter.tiny import _pegasus_tokenizer_from_spiece, _synthetic_corpus, train_unigram_sentencepiece
-from ortseq.exporter.tiny_encoder_decoder import _load_saved, _tokenizer_corpus, train_byte_level_bpe, train_wordpiece
+from ortseq.exporter.tiny.encoder_decoder import train_byte_level_bpe, train_wordpiece
+from ortseq.exporter.tiny.pegasus import pegasus_tokenizer_from_spiece
+from ortseq.exporter.tiny.text import (
+    load_saved_tokenizer,
+    synthetic_corpus,
+    tokenizer_corpus,
+    train_unigram_sentencepiece,
+)
 
 VOCAB_SIZE = 300  # small vocabularies keep the committed fixtures small
 # no normalizer table in the sentencepiece models: it alone is ~240 KB per tokenizer file
@@ -22,16 +28,16 @@ SMALL = dict(normalization_rule_name="identity")
 def main(out: Path) -> None:
     spm = out / "_spm"
     spm.mkdir(parents=True)
-    lines = _synthetic_corpus(4000, 0)
+    lines = synthetic_corpus(4000, 0)
     spiece = train_unigram_sentencepiece(spm, lines, VOCAB_SIZE, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, **SMALL)
-    _pegasus_tokenizer_from_spiece(spiece, 64).save_pretrained(out / "pegasus")
+    pegasus_tokenizer_from_spiece(spiece, 64).save_pretrained(out / "pegasus")
     shutil.copy(spiece, out / "pegasus" / "spiece.model")
     shutil.rmtree(spm)
     generation = out / "bertgeneration"
     generation.mkdir()
     ids = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3)
-    train_unigram_sentencepiece(generation, _tokenizer_corpus(0), VOCAB_SIZE, **ids, **SMALL)
-    _load_saved(generation, {"tokenizer_class": "BertGenerationTokenizer"})
+    train_unigram_sentencepiece(generation, tokenizer_corpus(0), VOCAB_SIZE, **ids, **SMALL)
+    load_saved_tokenizer(generation, {"tokenizer_class": "BertGenerationTokenizer"})
     for kind, train in (("bert2bert", train_wordpiece), ("roberta2roberta", train_byte_level_bpe)):
         (out / kind).mkdir()
         train(out / kind, VOCAB_SIZE, 0)
