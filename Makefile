@@ -98,11 +98,14 @@ lsg-golden:
 	.venv-lsg-ref/bin/python scripts/lsg_golden/make_goldens.py
 
 # checkpoints written by transformers 4.57.6, with its own generate() outputs (tests/fixtures/legacy/):
-# tokenizer vocabularies from ortseq's venv, then checkpoints and goldens from a pinned 4.57.6 venv
+# tokenizer vocabularies from ortseq's venv, then checkpoints and goldens from a pinned 4.57.6 venv, and the
+# untied LSG-Pegasus ones from the LSG reference venv (transformers 4.47.1 + lsg-converter)
 legacy-golden: setup .venv-hf457/.installed
 	rm -rf .cache/legacy-tokenizers
 	$(PY) scripts/legacy_golden/tokenizer_files.py .cache/legacy-tokenizers
 	.venv-hf457/bin/python scripts/legacy_golden/make_fixtures.py .cache/legacy-tokenizers tests/fixtures/legacy
+	bash scripts/lsg_golden/setup_env.sh
+	.venv-lsg-ref/bin/python scripts/lsg_golden/make_legacy_fixtures.py .cache/legacy-tokenizers tests/fixtures/legacy
 
 # torch pinned in the same pip call, or pip pulls the multi-GB CUDA build
 .venv-hf457/.installed:
