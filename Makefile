@@ -6,7 +6,7 @@ EXPORTS ?= exports
 TO      ?= int8
 DEMO    := tiny-pegasus-trained
 
-.PHONY: all demo setup export quantize generate serve loadtest bundle bench-bundle test test-full test-ray bench-ray bench bench-lsg lint lsg-golden clean
+.PHONY: all demo setup export quantize generate serve loadtest bundle bench-bundle test test-full test-ray bench-ray bench bench-lsg lint lsg-golden legacy-golden clean
 
 all: demo
 
@@ -96,6 +96,22 @@ lint: setup
 lsg-golden:
 	bash scripts/lsg_golden/setup_env.sh
 	.venv-lsg-ref/bin/python scripts/lsg_golden/make_goldens.py
+
+# checkpoints written by transformers 4.57.6, with its own generate() outputs (tests/fixtures/legacy/):
+# tokenizer vocabularies from ortseq's venv, then checkpoints and goldens from a pinned 4.57.6 venv, and the
+# untied LSG-Pegasus ones from the LSG reference venv (transformers 4.47.1 + lsg-converter)
+legacy-golden: setup .venv-hf457/.installed
+	rm -rf .cache/legacy-tokenizers
+	$(PY) scripts/legacy_golden/tokenizer_files.py .cache/legacy-tokenizers
+	.venv-hf457/bin/python scripts/legacy_golden/make_fixtures.py .cache/legacy-tokenizers tests/fixtures/legacy
+	bash scripts/lsg_golden/setup_env.sh
+	.venv-lsg-ref/bin/python scripts/lsg_golden/make_legacy_fixtures.py .cache/legacy-tokenizers tests/fixtures/legacy
+
+# torch pinned in the same pip call, or pip pulls the multi-GB CUDA build
+.venv-hf457/.installed:
+	python3 -m venv .venv-hf457
+	.venv-hf457/bin/pip install -q "torch==2.13.0" "transformers==4.57.6" sentencepiece protobuf safetensors
+	touch $@
 
 clean:
 	rm -rf $(EXPORTS) .cache .pytest_cache

@@ -14,10 +14,11 @@ import torch
 
 from ortseq.exporter import onnx_export, verify
 from ortseq.exporter.beam_search_op import beam_search_model_for, check_supported
-from ortseq.exporter.families import Family, UnsupportedModelError, family_for
+from ortseq.exporter.checkpoint_check import load_checkpoint_tensors
+from ortseq.exporter.families import Family, UnsupportedModelError, family_for, family_named
 from ortseq.exporter.progress import log
 from ortseq.exporter.sources import ALIASES, resolved_source
-from ortseq.exporter.tokenizer_files import save_tokenizer
+from ortseq.exporter.tokenizer_files import check_tokenizer_files, save_tokenizer
 from ortseq.graphs import contract
 from ortseq.graphs.directories import check_out_dir, replace_dir
 from ortseq.graphs.generation import settings_from_generation_config
@@ -55,7 +56,8 @@ def export(
                 checkpoint, staging, external_data, source, add_special_tokens, beam_search_op, ignore_generation_fields
             )
             manifest.source = source
-        manifest.write(staging)
+            manifest.write(staging)
+            verify.verify_against_transformers(staging, family_named(manifest.family), checkpoint)
         if beam_search_op:
             verify.verify_beam_search_op(staging)
         replace_dir(staging, out_dir)
@@ -75,8 +77,9 @@ def _export_checkpoint(
     family = family_for(checkpoint)
     if add_special_tokens is None:  # a family may know model cards that tokenize without them
         add_special_tokens = family.add_special_tokens(ALIASES.get(source, source))
+    check_tokenizer_files(checkpoint)  # before minutes of export work
     log(f"loading {family.name} checkpoint from {checkpoint}")
-    model = family.load_model(str(checkpoint))
+    model = load_checked_model(family, checkpoint)
     generation, ignored = generation_defaults(model, checkpoint, ignore_generation_fields)  # before minutes of work
     dims = family.dims(model)
     if beam_search_op:
@@ -132,6 +135,14 @@ def _export_checkpoint(
         engines=engines,
         ignored_generation_fields=ignored,
     )
+
+
+def load_checked_model(family: Family, checkpoint: Path):
+    """family.load_model, then every tensor made the checkpoint files' own (exporter/checkpoint_check.py):
+    what transformers 5.x left different from the files is taken from them, the unexplained refused."""
+    model = family.load_model(str(checkpoint))
+    load_checkpoint_tensors(model, checkpoint, family.checkpoint_layout(model))
+    return model
 
 
 def _export_encoder(family: Family, model, dims, staging: Path, external_data: bool | None, files: list[str]) -> None:

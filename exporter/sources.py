@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ortseq.exporter import families
+from ortseq.exporter.errors import SourceError
 from ortseq.exporter.progress import log
 
 # Short names for `make export MODEL=...`, declared by each family. A value starting with "tiny:" is built
@@ -16,10 +17,6 @@ ALIASES = families.aliases()
 
 # Files a checkpoint needs; hub downloads skip the rest (other frameworks' weights, etc.).
 _CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "pytorch_model.bin", "*.py"]
-
-
-class SourceError(ValueError):
-    """The source cannot be found or downloaded; the message says what to do instead."""
 
 
 @contextmanager

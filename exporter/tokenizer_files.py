@@ -14,9 +14,36 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ortseq.exporter.errors import SourceError
 from ortseq.graphs.manifest import TokenizerInfo
 
 TOKENIZER_FILE = "tokenizer.json"
+# Files any one of which holds a vocabulary transformers can build a tokenizer from (tokenizers'
+# own file; sentencepiece models; WordPiece; byte-level BPE, which also needs merges.txt).
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+)
+
+
+class MissingTokenizerError(SourceError):
+    """The checkpoint folder holds no tokenizer files: the export would have no tokenizer to ship."""
+
+
+def check_tokenizer_files(checkpoint: Path) -> None:
+    """Refuse a checkpoint without tokenizer files by name (transformers fails deep inside a tokenizer class)."""
+    present = [name for name in VOCABULARY_FILES if (Path(checkpoint) / name).is_file()]
+    if present == ["vocab.json"] and not (Path(checkpoint) / "merges.txt").is_file():
+        present = []
+    if not present:
+        raise MissingTokenizerError(
+            f"{checkpoint} has no tokenizer files (one of {', '.join(VOCABULARY_FILES)}; vocab.json with "
+            f"merges.txt): save the tokenizer there too (tokenizer.save_pretrained(DIR))"
+        )
 
 
 def save_tokenizer(

@@ -6,6 +6,8 @@ batch sizes, lengths and past lengths, so those are what we run. Export fails on
 
 from __future__ import annotations
 
+import copy
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from ortseq.exporter.checkpoint_check import load_checkpoint_tensors
 from ortseq.exporter.progress import log
 from ortseq.graphs import contract
 from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE
@@ -136,3 +139,162 @@ def verify_beam_search_op(directory: Path) -> None:
         if got.shape != expected.shape or not np.array_equal(got, expected):
             raise GraphMismatchError(f"{contract.BEAM_SEARCH_FILE}, {name}: tokens differ from ortseq's search loop")
     log(f"verified {contract.BEAM_SEARCH_FILE}: the loop's tokens in {len(searches)} searches")
+
+
+# ---------------------------------------------------------------- against transformers' own model
+#
+# The checks above compare each graph with the module it was traced from: ortseq's own rewrite of the
+# forward pass, built on ortseq's own load. They catch what tracing got wrong, not what the rewrite or
+# the load got wrong. The check below compares the export, run by the runtime, with transformers.
+
+# Logits, as a fraction of the largest |logit|: two fp32 computations of the same math in another order
+# differ by rounding (unit roundoff 6e-8) amplified through the layers and the sums over d_model. On the
+# tiny test models (strong random weights, which amplify rounding most) transformers' own fp32 logits
+# differ from its float64 ones by up to 3.5e-5 (BertGeneration), ours from transformers' fp32 by up to
+# 1.9e-5; two correct fp32 implementations may differ by the sum of their rounding. 1e-3 leaves deeper
+# real models thirty times that; a sign-flipped weight matrix, a skipped LayerNorm or a missing embedding
+# scale moved the tiny models' logits by 0.5 to 1.6. The tokens are compared exactly.
+LOGITS_RTOL = 1e-3
+REFERENCE_DECODER_PREFIX = 4  # teacher-forced decoder tokens: the prefixes of length 1 to 4 are checked
+REFERENCE_NEW_TOKENS = 8
+REFERENCE_MAX_SOURCE = 16
+
+
+def verify_against_transformers(directory: Path, family, checkpoint: Path) -> None:
+    """The export in `directory`, run by ortseq's runtime, against the checkpoint as transformers loads
+    and runs it (`family.reference_model`): the logits of the model class's own forward for a few
+    decoder prefixes, on a padded batch of three source lengths; then the tokens of transformers' own
+    generate(), greedy and 4 beams, on the padded batch, exactly. A mismatch raises GraphMismatchError.
+
+    What this does not take from ortseq: the reference side is transformers' from_pretrained, forward
+    and generate(), so a wrong load (family.load_model), a wrong rewrite (EncoderExport/DecoderExport),
+    wrong generation defaults in the manifest or a wrong search all show. What it does take: the inputs,
+    and the checkpoint FILES: transformers' load is made to hold the files' tensors by the family's
+    checkpoint_layout (exporter/checkpoint_check.py), as ortseq's own load is, because 5.x leaves some
+    tensors of 4.x checkpoints random. The files are not ortseq's: a tensor ortseq's load or rewrite gets
+    wrong after that check still differs from the reference.
+
+    LSG-Pegasus (family.reference_encoder false): transformers has no LSG encoder, so the export's
+    encoder output (memory and its mask, globals included) is given to transformers' own Pegasus
+    decoder as `encoder_outputs`. That checks, against transformers, the decoder graph, the cross K/V
+    the encoder graph computes from the memory, the LM head and the search; it cannot check the memory
+    itself. The encoder rests on the LSG spec (graphs/lsg.py, the op tested against it) and on the
+    reference code's goldens (tests/fixtures/lsg: states, logits, tokens), checked in the test suite
+    for the fixtures' configurations, not at export for the checkpoint being exported.
+    """
+    from transformers.utils import logging as hf_logging
+
+    from ortseq.runtime import Seq2SeqModel
+
+    ours = Seq2SeqModel.load(directory, verify=False)
+    gc.collect()  # the model the graphs were built from is released by now: free it before loading another copy
+    reference = family.reference_model(str(checkpoint))
+    # the files are the ground truth for both sides: what transformers 5.x leaves random in a 4.x checkpoint
+    # (untied Pegasus' embed_tokens, tie_encoder_decoder's decoder) is taken from them, the same repair
+    # the export's own load gets (pipeline.load_checked_model) but applied to transformers' own load
+    load_checkpoint_tensors(reference, Path(checkpoint), family.checkpoint_layout(reference))
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # generate() warns about settings it overrides; they are the same on both sides
+    try:
+        ids, mask, decoder_ids = _reference_batch(ours.manifest)
+        error = _check_logits(ours, reference, family, ids, mask, decoder_ids)
+        searches = _check_generate(ours, reference, family, ids, mask)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    log(
+        f"verified against transformers' {type(reference).__name__}: logits (error {error:.2g} of the largest "
+        f"logit) and the tokens of {searches} searches on a padded batch"
+    )
+
+
+def _reference_batch(manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask, decoder_ids): three rows, right-padded, of the longest source we try,
+    about half of it, and one token; decoder rows start with the decoder start token."""
+    dims, special = manifest.dims, manifest.special_tokens
+    rng = np.random.default_rng(5)
+    specials = [special.pad_token_id, special.eos_token_id, special.decoder_start_token_id]
+    ordinary = np.setdiff1d(np.arange(dims.vocab_size), specials)
+    longest = min(REFERENCE_MAX_SOURCE, dims.max_position_embeddings)
+    lengths = [longest, longest // 2 + 1, 1]
+    ids = np.full((len(lengths), longest), special.pad_token_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, :length], mask[row, :length] = rng.choice(ordinary, size=length), 1
+    decoder_ids = rng.choice(ordinary, size=(len(lengths), REFERENCE_DECODER_PREFIX)).astype(np.int64)
+    decoder_ids[:, 0] = special.decoder_start_token_id
+    return ids, mask, decoder_ids
+
+
+def _reference_inputs(ours, family, ids: np.ndarray, mask: np.ndarray, dtype=torch.float32) -> dict:
+    """transformers' inputs: the ids, or (LSG) the export's encoder output in their place."""
+    if family.reference_encoder:
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    from transformers.modeling_outputs import BaseModelOutput
+
+    memory, memory_mask = ours.sessions.encoder.run(
+        ["last_hidden_state", "encoder_attention_mask"], {"input_ids": ids, "attention_mask": mask}
+    )
+    memory = BaseModelOutput(last_hidden_state=torch.from_numpy(memory).to(dtype))
+    return {"encoder_outputs": memory, "attention_mask": torch.from_numpy(memory_mask)}
+
+
+def _check_logits(ours, reference, family, ids: np.ndarray, mask: np.ndarray, decoder_ids: np.ndarray) -> float:
+    """Largest |ours - transformers| over the largest |logit| (at least 1); raises above LOGITS_RTOL."""
+    got = ours.sessions.teacher_forced_logits(ids, mask, decoder_ids)
+    with torch.no_grad():
+        inputs = _reference_inputs(ours, family, ids, mask)
+        want = reference(**inputs, decoder_input_ids=torch.from_numpy(decoder_ids)).logits.numpy()
+    if got.shape != want.shape:
+        raise GraphMismatchError(f"logits have shape {got.shape}, transformers' {want.shape}")
+    error = float(np.max(np.abs(got - want))) / max(1.0, float(np.max(np.abs(want))))
+    if not error <= LOGITS_RTOL:  # `not <=`: a NaN fails too
+        raise GraphMismatchError(
+            f"logits differ from transformers' {type(reference).__name__}.forward by {error:.3g} of the largest "
+            f"logit (tolerance {LOGITS_RTOL:g}) on a batch of source lengths {mask.sum(axis=1).tolist()}"
+        )
+    return error
+
+
+def _check_generate(ours, reference, family, ids: np.ndarray, mask: np.ndarray) -> int:
+    """Greedy and 4 beams at the model's other defaults: ours must equal transformers' tokens. Where they
+    differ, transformers in float64 must give ours: an fp32 near-tie that rounding breaks either way."""
+    searches = {"greedy": {"num_beams": 1}, "4 beams": {"num_beams": 4}}
+    for name, settings in searches.items():
+        # at least half the steps run: random inputs may make a model end at once, and then nothing is compared
+        settings |= {"max_new_tokens": REFERENCE_NEW_TOKENS, "min_new_tokens": REFERENCE_NEW_TOKENS // 2}
+        got = ours.generate(ids, mask, **settings)
+        want = _reference_generate(reference, _reference_inputs(ours, family, ids, mask), settings)
+        if _same(got, want):
+            continue
+        wide = copy.deepcopy(reference).double()
+        if _same(got, _reference_generate(wide, _reference_inputs(ours, family, ids, mask, torch.float64), settings)):
+            continue
+        raise GraphMismatchError(
+            f"{name}: tokens differ from transformers' generate() {_first_difference(got, want)} "
+            f"(source lengths {mask.sum(axis=1).tolist()}, settings {settings})"
+        )
+    return len(searches)
+
+
+def _reference_generate(reference, inputs: dict, settings: dict) -> np.ndarray:
+    with torch.no_grad():
+        return reference.generate(**inputs, **settings).numpy()
+
+
+def _same(got: np.ndarray, want: np.ndarray) -> bool:
+    return got.shape == want.shape and np.array_equal(got, want)
+
+
+def _first_difference(got: np.ndarray, want: np.ndarray) -> str:
+    """'at row r, position p (ours x, transformers y)'; an end of sequence reads as 'none'."""
+    rows, steps = max(got.shape[0], want.shape[0]), max(got.shape[1], want.shape[1])
+    for position in range(steps):
+        for row in range(rows):
+            mine, theirs = (_token(a, row, position) for a in (got, want))
+            if mine != theirs:
+                return f"first at row {row}, position {position} (ours {mine}, transformers {theirs})"
+    return "in shape"
+
+
+def _token(tokens: np.ndarray, row: int, position: int) -> str:
+    return str(tokens[row, position]) if row < tokens.shape[0] and position < tokens.shape[1] else "none"

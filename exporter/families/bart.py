@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ortseq.exporter.attention import additive_mask, attend, cross_attend_shared, merge_heads, split_heads
+from ortseq.exporter.checkpoint_check import CheckpointLayout
 from ortseq.exporter.families.base import Family
 from ortseq.exporter.tiny.bart import build_tiny_bart
 from ortseq.graphs.manifest import ModelDims, SpecialTokens
@@ -66,7 +67,17 @@ class BartFamily(Family):
         import transformers
 
         model_class = getattr(transformers, self.model_class)
-        return model_class.from_pretrained(source_dir, attn_implementation="eager").eval()
+        # a tensor of another shape is refused by name afterwards (checkpoint_check), not by a torch traceback
+        return model_class.from_pretrained(source_dir, attn_implementation="eager", ignore_mismatched_sizes=True).eval()
+
+    def checkpoint_layout(self, model: nn.Module) -> CheckpointLayout:
+        """transformers 4.x: the encoder and decoder embed with the one `model.shared` module, tied or not
+        (so a checkpoint may store it once, as bart-large-cnn does); the LM head is that module too when
+        tie_word_embeddings."""
+        embeddings = {"model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"}
+        if model.config.tie_word_embeddings:
+            embeddings.add("lm_head.weight")
+        return CheckpointLayout(tied=[frozenset(embeddings)])
 
     def dims(self, model: nn.Module) -> ModelDims:
         config = model.config

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import onnx
     from torch import nn
 
+    from ortseq.exporter.checkpoint_check import CheckpointLayout
     from ortseq.graphs.manifest import ModelDims, SpecialTokens
 
 # The encoder is traced at a short, odd length by default; verify.py then checks it at many others.
@@ -38,6 +39,9 @@ class Family:
     aliases: ClassVar[dict[str, str]] = {}
     # Whether exporter/beam_search_op.py can build ORT's BeamSearch-op graph over this family's modules.
     supports_beam_search_op: ClassVar[bool] = False
+    # Whether `reference_model` computes the encoder output itself (exporter/verify.py,
+    # verify_against_transformers); false: the export's encoder output is given to its decoder.
+    reference_encoder: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ required
 
@@ -90,6 +94,26 @@ class Family:
 
     def finalize_encoder_graph(self, encoder: nn.Module, graph: onnx.ModelProto) -> None:
         """Edit the traced encoder graph before it is saved (e.g. add a custom op's ONNX function)."""
+
+    def checkpoint_layout(self, model: nn.Module) -> CheckpointLayout:
+        """What the transformers version that wrote a checkpoint meant by its tensor names: which names it
+        held as one tensor (stored once) and which it computes from the config (may be absent).
+        exporter/checkpoint_check.py takes every tensor of the model from the files by this layout, for
+        the export (after load_model) and for the reference (after reference_model). Default: no ties
+        beyond the model's own shared parameters, nothing computed."""
+        from ortseq.exporter.checkpoint_check import CheckpointLayout
+
+        return CheckpointLayout()
+
+    def reference_model(self, source_dir: str) -> nn.Module:
+        """The checkpoint as transformers itself loads and runs it: the reference the export is compared
+        with (exporter/verify.py). Default: transformers' AutoModelForSeq2SeqLM.from_pretrained, its own
+        defaults, none of ortseq's loading (load_model may be wrong). verify.py then makes its tensors
+        the checkpoint files' own by checkpoint_layout, as for the export: transformers 5.x leaves some
+        tensors of 4.x checkpoints random, and the files, not either loader, are the ground truth."""
+        from transformers import AutoModelForSeq2SeqLM
+
+        return AutoModelForSeq2SeqLM.from_pretrained(source_dir).eval()
 
 
 def most_specific(matching: list[Family]) -> Family:

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ortseq.exporter.attention import additive_mask, attend, cross_attend_shared, merge_heads, split_heads
+from ortseq.exporter.checkpoint_check import CheckpointLayout
 from ortseq.exporter.families.base import Family, UnsupportedModelError
-from ortseq.exporter.progress import log
 from ortseq.exporter.tiny.encoder_decoder import KINDS, build_tiny_encoder_decoder
 from ortseq.graphs.manifest import ModelDims, SpecialTokens
 
@@ -67,22 +67,6 @@ def _stack(config) -> Stack:
             f"supported: {sorted(STACKS)}"
         )
     return STACKS[config.model_type]
-
-
-def _restore_tied_decoder_weights(model: nn.Module, missing: set[str]) -> None:
-    """transformers 5.x ignores tie_encoder_decoder: a tied checkpoint whose file holds the shared
-    weights once (under the encoder's names, as 4.x's safetensors saving keeps them) loads with a
-    randomly initialised decoder. The checkpoint means the encoder's weights: copy them back."""
-    prefix = f"decoder.{model.decoder.base_model_prefix}."
-    encoder = dict(model.encoder.named_parameters())
-    restored = 0
-    with torch.no_grad():
-        for name, param in model.decoder.base_model.named_parameters():
-            if prefix + name in missing and name in encoder:
-                param.copy_(encoder[name])
-                restored += 1
-    if restored:
-        log(f"tie_encoder_decoder: {restored} decoder weights missing from the checkpoint taken from the encoder")
 
 
 def embed(embeddings: nn.Module, stack: Stack, input_ids: torch.Tensor, past: int) -> torch.Tensor:
@@ -141,11 +125,19 @@ class EncoderDecoderFamily(Family):
     def load_model(self, source_dir: str) -> nn.Module:
         from transformers import EncoderDecoderModel
 
-        model, info = EncoderDecoderModel.from_pretrained(source_dir, output_loading_info=True)
+        model = EncoderDecoderModel.from_pretrained(source_dir, ignore_mismatched_sizes=True)  # refused by name later
         _stack(model.config.encoder), _stack(model.config.decoder)  # fail early, with the supported list
-        if getattr(model.config, "tie_encoder_decoder", False):
-            _restore_tied_decoder_weights(model, set(info["missing_keys"]))
         return model.eval()
+
+    def checkpoint_layout(self, model: nn.Module) -> CheckpointLayout:
+        """transformers 4.x's tie_encoder_decoder made every decoder weight with an encoder counterpart of
+        the same name the encoder's own (one tensor, stored once); 5.x ignores the flag."""
+        if not getattr(model.config, "tie_encoder_decoder", False):
+            return CheckpointLayout()
+        prefix = f"decoder.{model.decoder.base_model_prefix}."
+        encoder = {name for name, _ in model.encoder.named_parameters()}
+        decoder = [name for name, _ in model.decoder.base_model.named_parameters() if name in encoder]
+        return CheckpointLayout(tied=[frozenset({prefix + name, f"encoder.{name}"}) for name in decoder])
 
     def dims(self, model: nn.Module) -> ModelDims:
         decoder = model.config.decoder

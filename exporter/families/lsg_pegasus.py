@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ortseq.exporter.attention import merge_heads, split_heads
+from ortseq.exporter.checkpoint_check import CheckpointLayout, read_checkpoint_tensors
 from ortseq.exporter.families.pegasus import PegasusFamily, cross_key_values
 from ortseq.exporter.lsg_attention import LSGAttentionCore, lsg_attention
 from ortseq.exporter.tiny.lsg_pegasus import build_tiny_lsg_pegasus
@@ -44,6 +45,9 @@ class LSGPegasusFamily(PegasusFamily):
         "tiny-lsg-pegasus": "tiny:lsg-pegasus",
     }
     supports_beam_search_op: ClassVar[bool] = False  # its encoder's I/O differ from the op's subgraph (not done)
+    # transformers has no LSG encoder: the export's encoder output is given to transformers' Pegasus decoder;
+    # the encoder rests on graphs/lsg.py and the reference code's goldens
+    reference_encoder: ClassVar[bool] = False
 
     def handles(self, config: dict) -> bool:
         return config.get("model_type") == "pegasus" and "sparsity_type" in config
@@ -59,7 +63,7 @@ class LSGPegasusFamily(PegasusFamily):
         hf_logging.set_verbosity_error()  # it would report the global embeddings as unexpected: we read them below
         try:
             model = PegasusForConditionalGeneration.from_pretrained(
-                source_dir, config=config, attn_implementation="eager"
+                source_dir, config=config, attn_implementation="eager", ignore_mismatched_sizes=True
             )
         finally:
             hf_logging.set_verbosity(verbosity)
@@ -67,8 +71,25 @@ class LSGPegasusFamily(PegasusFamily):
         model.lsg_weights = read_checkpoint_tensors(Path(source_dir), [GLOBALS_KEY, POSITIONS_KEY])
         return model.eval()
 
+    def checkpoint_layout(self, model: nn.Module) -> CheckpointLayout:
+        """Pegasus' layout, but the encoder's position table must come from the checkpoint (see above)."""
+        layout = super().checkpoint_layout(model)
+        return replace(layout, computed={name: why for name, why in layout.computed.items() if name != POSITIONS_KEY})
+
     def encoder_export(self, model: nn.Module) -> nn.Module:
         return EncoderExport(model)
+
+    def reference_model(self, source_dir: str) -> nn.Module:
+        """transformers' own Pegasus loaded from the LSG checkpoint: its decoder and LM head are the reference."""
+        from transformers import PegasusForConditionalGeneration
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the global embeddings are unexpected to it, and unused here
+        try:
+            return PegasusForConditionalGeneration.from_pretrained(source_dir).eval()
+        finally:
+            hf_logging.set_verbosity(verbosity)
 
     def tiny_builders(self) -> dict[str, Callable[[Path], Path]]:
         return {"lsg-pegasus": build_tiny_lsg_pegasus}
@@ -104,23 +125,6 @@ class LSGEncoderConfig:
             pool_with_global=bool(config.get("pool_with_global", True)) or mask_first_token,
             mask_first_token=mask_first_token,
         )
-
-
-def read_checkpoint_tensors(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """Tensors by name from model.safetensors (sharded or not) or pytorch_model.bin."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        from safetensors.torch import load_file
-
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: load_file(folder / weight_map[name])[name] for name in names}
-    if (folder / "model.safetensors").is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in names}
-    state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
-    return {name: state[name] for name in names}
 
 
 def draw_lsh_planes(settings: LSGSettings, layers: int, heads: int, head_dim: int) -> list[torch.Tensor]:

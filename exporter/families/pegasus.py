@@ -10,9 +10,13 @@ family whose modules ORT's BeamSearch op is built over (exporter/beam_search_op.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
+from torch import nn
+
+from ortseq.exporter.checkpoint_check import CheckpointLayout
 from ortseq.exporter.families.bart import BartFamily, Layout, cross_key_values
 from ortseq.exporter.tiny.pegasus import build_tiny_pegasus
 from ortseq.exporter.tiny.trained import build_trained_tiny_pegasus
@@ -45,3 +49,9 @@ class PegasusFamily(BartFamily):
 
     def tiny_builders(self) -> dict[str, Callable[[Path], Path]]:
         return {"pegasus": build_tiny_pegasus, "pegasus-trained": build_trained_tiny_pegasus}
+
+    def checkpoint_layout(self, model: nn.Module) -> CheckpointLayout:
+        """BART's ties; the position tables are sinusoidal, computed from the config by 4.x and 5.x alike."""
+        sinusoidal = "sinusoidal table computed from the config (4.x and 5.x alike)"
+        computed = {f"model.{side}.embed_positions.weight": sinusoidal for side in ("encoder", "decoder")}
+        return replace(super().checkpoint_layout(model), computed=computed)
