@@ -54,6 +54,8 @@ def _export(args: argparse.Namespace) -> int:
     from ortseq.exporter.progress import third_party_output_hidden
     from ortseq.exporter.sources import SourceError
     from ortseq.exporter.verify import GraphMismatchError
+    from ortseq.graphs.generation import GenerationSettingError
+    from ortseq.graphs.lsg import LSGConfigError
 
     try:
         with third_party_output_hidden(not args.verbose):
@@ -66,7 +68,7 @@ def _export(args: argparse.Namespace) -> int:
                 ignore_generation_fields=args.ignore_generation_fields,
                 force=args.force,
             )
-    except (SourceError, UnsupportedModelError) as exc:
+    except (SourceError, UnsupportedModelError, GenerationSettingError, LSGConfigError) as exc:
         raise InvalidInputError(str(exc)) from exc
     except GraphMismatchError as exc:
         raise InvalidInputError(f"export failed verification, nothing was written: {exc}") from exc
