@@ -259,10 +259,12 @@ def _check_generate(ours, reference, family, ids: np.ndarray, mask: np.ndarray) 
     """Greedy and 4 beams at the model's other defaults: ours must equal transformers' tokens. Where they
     differ, transformers in float64 must give ours: an fp32 near-tie that rounding breaks either way."""
     searches = {"greedy": {"num_beams": 1}, "4 beams": {"num_beams": 4}}
+    ignored = _ignored_fields_switched_off(ours.manifest)
     for name, settings in searches.items():
         # at least half the steps run: random inputs may make a model end at once, and then nothing is compared
         settings |= {"max_new_tokens": REFERENCE_NEW_TOKENS, "min_new_tokens": REFERENCE_NEW_TOKENS // 2}
         got = ours.generate(ids, mask, **settings)
+        settings |= ignored
         want = _reference_generate(reference, _reference_inputs(ours, family, ids, mask), settings)
         if _same(got, want):
             continue
@@ -274,6 +276,16 @@ def _check_generate(ours, reference, family, ids: np.ndarray, mask: np.ndarray) 
             f"(source lengths {mask.sum(axis=1).tolist()}, settings {settings})"
         )
     return len(searches)
+
+
+def _ignored_fields_switched_off(manifest) -> dict:
+    """Fields exported with --ignore-generation-fields, at transformers' own defaults: transformers would
+    apply them from the checkpoint's generation config (do_sample=True samples), the export does not, and
+    the comparison is of the search the export runs."""
+    from transformers import GenerationConfig
+
+    defaults = GenerationConfig()
+    return {name: getattr(defaults, name) for name in manifest.ignored_generation_fields if hasattr(defaults, name)}
 
 
 def _reference_generate(reference, inputs: dict, settings: dict) -> np.ndarray:
