@@ -67,10 +67,34 @@ def vocab_weights(model: onnx.ModelProto, vocab_size: int) -> tuple[list[str], l
     return lm_heads, embeddings
 
 
+def lm_head_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn the LM head Gemm(x, W, transB=1) back into MatMul(x, Wᵀ), Wᵀ a copy of its own.
+
+    The LM head is the one bias-less Gemm with transB=1 and a constant weight that exports hold.
+    fp32 exports read the [vocab, d_model] embedding table in place (exporter/shared_weights.py); the
+    quantizers know the LM head only as a MatMul with a constant weight, so the quantized formats get
+    the layout they had before, with a transposed copy (sharing the table there is still to be done).
+    """
+    from onnx import helper, numpy_helper
+
+    weights = {init.name: init for init in model.graph.initializer}
+    for index, node in enumerate(list(model.graph.node)):  # a copy: nodes are replaced in place
+        attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+        weight = weights.get(node.input[1]) if len(node.input) == 2 else None
+        if node.op_type != "Gemm" or attributes != {"transB": 1} or weight is None:
+            continue
+        transposed = numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), f"{weight.name}.transposed")
+        model.graph.initializer.append(transposed)
+        matmul = helper.make_node("MatMul", [node.input[0], transposed.name], list(node.output), name=node.name)
+        model.graph.node.remove(node)
+        model.graph.node.insert(index, matmul)
+    return model
+
+
 def quantize_int8(source: Path, target: Path, settings: Int8Settings, vocab_size: int, external_data: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = name_nodes(onnx.load(str(source)))
+    model = name_nodes(lm_head_as_matmul(onnx.load(str(source))))
     excluded = excluded_nodes(model, vocab_size, settings.lm_head, settings.embeddings)
     with tempfile.TemporaryDirectory(prefix="ortseq-int8-") as scratch:
         named = Path(scratch) / source.name
@@ -92,7 +116,7 @@ def quantize_int8(source: Path, target: Path, settings: Int8Settings, vocab_size
 def quantize_int4(source: Path, target: Path, settings: Int4Settings, vocab_size: int, external_data: bool) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    model = name_nodes(onnx.load(str(source)))
+    model = name_nodes(lm_head_as_matmul(onnx.load(str(source))))
     excluded = excluded_nodes(model, vocab_size, settings.lm_head, settings.embeddings)
     op_types = ("MatMul", "Gather") if settings.embeddings else ("MatMul",)
     quantizer = MatMulNBitsQuantizer(
