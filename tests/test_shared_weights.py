@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 
 from ortseq.graphs import contract
-from ortseq.graphs.manifest import MANIFEST_FILE, sha256_of
+from ortseq.graphs.manifest import MANIFEST_FILE, ManifestError, sha256_of
 from ortseq.runtime.model import Seq2SeqModel
 
 GRAPHS = (contract.ENCODER_FILE, contract.DECODER_FILE)
@@ -76,3 +77,12 @@ def test_an_export_with_a_copy_of_the_table_in_each_graph_still_runs(exported, t
     settings = dict(num_beams=2, max_new_tokens=10)
     expected = Seq2SeqModel.load(export_dir).generate(INPUT_IDS, **settings)
     np.testing.assert_array_equal(Seq2SeqModel.load(old).generate(INPUT_IDS, **settings), expected)
+
+
+def test_a_shared_file_shorter_than_its_graphs_say_is_refused_by_name(exported, tmp_path):
+    export_dir = tmp_path / "truncated"
+    shutil.copytree(exported("deep_decoder").export_dir, export_dir)
+    shared = export_dir / contract.SHARED_WEIGHTS_FILE
+    shared.write_bytes(shared.read_bytes()[:-4096])
+    with pytest.raises(ManifestError, match=contract.SHARED_WEIGHTS_FILE):
+        Seq2SeqModel.load(export_dir, verify=False)  # unverified: the sha256 would catch it first
