@@ -33,7 +33,7 @@ VARIANTS = {
 
 
 def graph_megabytes(directory: Path) -> float:
-    return sum(f.stat().st_size for f in directory.iterdir() if f.name.endswith((".onnx", ".onnx.data"))) / 1e6
+    return sum(f.stat().st_size for f in directory.iterdir() if f.name.endswith((".onnx", ".data"))) / 1e6
 
 
 def main() -> None:

@@ -40,7 +40,9 @@ def export_graph(
 
 def save_proto(model: onnx.ModelProto, path: Path, external_data: bool | None = None) -> list[str]:
     """Save model to path; returns the names of the files written (graph, maybe `<name>.data`)."""
-    weight_bytes = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    # tensors already stored outside (the shared embeddings, exporter/shared_weights.py) stay where they are
+    inline = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    weight_bytes = sum(_tensor_bytes(t) for t in inline)
     if external_data is None:
         external_data = weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES
     if not external_data:

@@ -17,6 +17,7 @@ from ortseq.exporter.beam_search_op import beam_search_model_for, check_supporte
 from ortseq.exporter.checkpoint_check import load_checkpoint_tensors
 from ortseq.exporter.families import Family, UnsupportedModelError, family_for, family_named
 from ortseq.exporter.progress import log
+from ortseq.exporter.shared_weights import SharedWeights, embedding_tables
 from ortseq.exporter.sources import ALIASES, resolved_source
 from ortseq.exporter.tokenizer_files import check_tokenizer_files, save_tokenizer
 from ortseq.graphs import contract
@@ -85,9 +86,10 @@ def _export_checkpoint(
     if beam_search_op:
         check_supported(family)  # before minutes of export work
     files: list[str] = []
+    shared = SharedWeights(staging, embedding_tables(model))
 
     log("exporting encoder")
-    _export_encoder(family, model, dims, staging, external_data, files)
+    _export_encoder(family, model, dims, staging, external_data, files, shared)
 
     log("exporting decoder")
     decoder = family.decoder_export(model).eval()
@@ -99,6 +101,7 @@ def _export_checkpoint(
         contract.decoder_outputs(dims.decoder_layers),
         contract.decoder_dynamic_axes(dims.decoder_layers),
         external_data,
+        finalize=shared.point_at_shared,
     )
     verify.verify_decoder(
         staging / contract.DECODER_FILE,
@@ -119,6 +122,8 @@ def _export_checkpoint(
         files += onnx_export.save_proto(graph, staging / contract.BEAM_SEARCH_FILE, external_data)
         engines.append(BEAM_SEARCH_OP_ENGINE)
 
+    if shared.written():
+        files.append(contract.SHARED_WEIGHTS_FILE)
     tokenizer_info = save_tokenizer(
         checkpoint, staging, dims.max_position_embeddings, add_special_tokens, family.tokenizer_converters()
     )
@@ -145,7 +150,9 @@ def load_checked_model(family: Family, checkpoint: Path):
     return model
 
 
-def _export_encoder(family: Family, model, dims, staging: Path, external_data: bool | None, files: list[str]) -> None:
+def _export_encoder(
+    family: Family, model, dims, staging: Path, external_data: bool | None, files: list[str], shared: SharedWeights
+) -> None:
     encoder = family.encoder_export(model).eval()
     ids = torch.randint(3, dims.vocab_size, (TRACE_BATCH, family.encoder_trace_length(model)))
     mask = torch.ones_like(ids)
@@ -158,7 +165,7 @@ def _export_encoder(family: Family, model, dims, staging: Path, external_data: b
         contract.encoder_outputs(dims.decoder_layers),
         contract.encoder_dynamic_axes(dims.decoder_layers),
         external_data,
-        finalize=lambda graph: family.finalize_encoder_graph(encoder, graph),
+        finalize=lambda graph: (family.finalize_encoder_graph(encoder, graph), shared.point_at_shared(graph)),
     )
     verify.verify_encoder(
         staging / contract.ENCODER_FILE,

@@ -32,6 +32,11 @@ DECODER_FILE = "decoder.onnx"
 # Optional: ONNX Runtime's BeamSearch op over Pegasus subgraphs, the whole search in one graph
 # (exporter/beam_search_op.py documents its I/O; runtime/beam_search_op.py runs it).
 BEAM_SEARCH_FILE = "beam_search.onnx"
+# The token embeddings (and the LM head's weight), stored once for both graphs: their initializers name
+# this file as external data, and the runtime loads it once and hands it to both sessions
+# (exporter/shared_weights.py writes it, runtime/shared_weights.py reads it). Exports made before it
+# keep a copy in each graph and still run.
+SHARED_WEIGHTS_FILE = "embeddings.data"
 
 ENCODER_INPUTS = ("input_ids", "attention_mask")
 DECODER_STATIC_INPUTS = ("input_ids", "encoder_attention_mask", "beam_idx")

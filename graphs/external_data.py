@@ -9,6 +9,7 @@ skipping everything else (raw weights included) by length: a 2 GB graph is not r
 from __future__ import annotations
 
 import mmap
+from dataclasses import dataclass
 from pathlib import Path
 
 from ortseq.graphs.manifest import Manifest, ManifestError
@@ -111,3 +112,62 @@ def check_graph_data(directory: Path, manifest: Manifest) -> None:
             raise ManifestError(
                 f"{path} keeps tensor data in {unlisted}, which manifest.json does not list; export the model again"
             )
+
+
+@dataclass(frozen=True)
+class ExternalTensor:
+    """An initializer whose bytes are in another file: where, and what they hold."""
+
+    name: str
+    location: str
+    offset: int
+    length: int
+    dims: tuple[int, ...]
+    data_type: int  # onnx.TensorProto.DataType
+
+
+def external_initializers(path: Path) -> list[ExternalTensor]:
+    """The graph's initializers (top-level graph only) that keep their data in another file."""
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        found = []
+        for field, wire, start, end in _fields(data, 0, len(data)):
+            if field != 7 or wire != 2:  # ModelProto.graph
+                continue
+            for graph_field, graph_wire, a, b in _fields(data, start, end):
+                if graph_field == 5 and graph_wire == 2:  # GraphProto.initializer
+                    tensor = _external_tensor(data, a, b)
+                    if tensor is not None:
+                        found.append(tensor)
+        return found
+
+
+def _external_tensor(data, start: int, end: int) -> ExternalTensor | None:
+    """A TensorProto: dims (1), data_type (2), name (8), external_data (13), data_location (14, 1 = external)."""
+    dims: list[int] = []
+    scalars: dict[int, int] = {}
+    name, entries = "", {}
+    for field, wire, a, b in _fields(data, start, end):
+        if field == 1 and wire == 2:  # packed dims
+            position = a
+            while position < b:
+                value, position = _varint(data, position, b)
+                dims.append(value)
+        elif field in (1, 2, 14) and wire == 0:
+            value, _ = _varint(data, a, b)
+            if field == 1:
+                dims.append(value)
+            else:
+                scalars[field] = value
+        elif field == 8 and wire == 2:
+            name = bytes(data[a:b]).decode("utf-8", "replace")
+        elif field == 13 and wire == 2:
+            key, value = _entry(data, a, b)
+            entries[key] = value
+    if scalars.get(14) != 1 or "location" not in entries:
+        return None
+    try:
+        return ExternalTensor(
+            name, entries["location"], int(entries.get("offset", 0)), int(entries["length"]), tuple(dims), scalars[2]
+        )
+    except (KeyError, ValueError) as exc:
+        raise GraphFormatError(f"tensor {name!r} has incomplete external data ({exc})") from exc

@@ -139,7 +139,14 @@ class Manifest:
                 quantization=Quantization(**raw["quantization"]) if raw.get("quantization") else None,
                 ignored_generation_fields=raw.get("ignored_generation_fields", {}),
             )
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, GenerationSettingError) as exc:
+        except (
+            json.JSONDecodeError,
+            UnicodeDecodeError,
+            RecursionError,
+            KeyError,
+            TypeError,
+            GenerationSettingError,
+        ) as exc:
             reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
             raise ManifestError(f"{path} is corrupted or incomplete ({reason}); export the model again") from exc
         try:

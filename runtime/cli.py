@@ -143,6 +143,7 @@ def _serve_on_ray(args: argparse.Namespace, limits, batching) -> int:
 
     import_ray()
     from ortseq.runtime.serving.ray_serve import serve_on_ray
+
     serve_on_ray(
         args.export_dir, args.host, args.port, args.replicas, args.provider, args.threads, limits, batching,
         args.address,

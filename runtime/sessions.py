@@ -16,11 +16,15 @@ import onnxruntime as ort
 from ortseq.graphs import contract
 from ortseq.graphs.manifest import Manifest, ManifestError, ModelDims
 from ortseq.runtime.errors import InvalidInputError
+from ortseq.runtime.shared_weights import SharedWeights
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-def create_session(path: Path, provider: str, threads: int | None = None) -> ort.InferenceSession:
+def create_session(
+    path: Path, provider: str, threads: int | None = None, initializers: list[tuple[str, ort.OrtValue]] = ()
+) -> ort.InferenceSession:
+    """initializers: (name, value) that replace the graph's own (runtime/shared_weights.py); they must outlive it."""
     if provider not in PROVIDERS:
         raise InvalidInputError(f"unknown provider {provider!r}; choose one of {sorted(PROVIDERS)}")
     if PROVIDERS[provider] not in ort.get_available_providers():
@@ -34,6 +38,8 @@ def create_session(path: Path, provider: str, threads: int | None = None) -> ort
         options.intra_op_num_threads = threads
     _register_shared_cpu_arena()
     options.add_session_config_entry("session.use_env_allocators", "1")
+    for name, value in initializers:
+        options.add_initializer(name, value)
     try:
         return ort.InferenceSession(str(path), options, providers=[PROVIDERS[provider]])
     except Exception as exc:  # onnxruntime raises its own types: say which file is bad
@@ -80,9 +86,11 @@ class EncoderDecoderSessions:
     def __init__(self, directory: Path, manifest: Manifest, provider: str, threads: int | None = None):
         self.manifest = manifest
         self.layers = manifest.dims.decoder_layers
-        self.encoder = create_session(Path(directory) / contract.ENCODER_FILE, provider, threads)
+        self.shared_weights = SharedWeights(directory)  # kept: the sessions read its buffers
+        encoder, decoder = Path(directory) / contract.ENCODER_FILE, Path(directory) / contract.DECODER_FILE
+        self.encoder = create_session(encoder, provider, threads, self.shared_weights.initializers(encoder))
         self.decoder = create_session(
-            Path(directory) / contract.DECODER_FILE, provider, decoder_threads(manifest.dims, threads)
+            decoder, provider, decoder_threads(manifest.dims, threads), self.shared_weights.initializers(decoder)
         )
         self._memory_names = ["encoder_attention_mask", *contract.cross_names(self.layers)]
         self.past_names = contract.past_names(self.layers)

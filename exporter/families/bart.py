@@ -23,6 +23,7 @@ from torch import nn
 from ortseq.exporter.attention import additive_mask, attend, cross_attend_shared, merge_heads, split_heads
 from ortseq.exporter.checkpoint_check import CheckpointLayout
 from ortseq.exporter.families.base import Family
+from ortseq.exporter.shared_weights import lm_head_logits
 from ortseq.exporter.tiny.bart import build_tiny_bart
 from ortseq.graphs.manifest import ModelDims, SpecialTokens
 
@@ -211,5 +212,5 @@ class DecoderExport(nn.Module):
             x = residual(layout, layer.final_layer_norm, x, _feed_forward(layer))
         if layout.final_layer_norm:
             x = dec.layer_norm(x)
-        logits = nn.functional.linear(x[:, 0, :], self.lm_head.weight) + self.final_logits_bias
+        logits = lm_head_logits(x[:, 0, :], self.lm_head.weight) + self.final_logits_bias
         return (logits, *presents)

@@ -55,22 +55,55 @@ def excluded_nodes(model: onnx.ModelProto, vocab_size: int, lm_head: bool, embed
 
 
 def vocab_weights(model: onnx.ModelProto, vocab_size: int) -> tuple[list[str], list[str]]:
-    """(LM-head MatMul node names, token-embedding Gather node names): the nodes whose constant
-    weight has the vocabulary as one of its axes."""
+    """(LM-head node names, token-embedding Gather node names): the nodes whose constant weight has the
+    vocabulary as one of its axes. The LM head is a MatMul over [d_model, vocab], or in fp32 exports a
+    Gemm(transB=1) over the [vocab, d_model] table itself (exporter/shared_weights.py)."""
     shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
     lm_heads, embeddings = [], []
     for node in model.graph.node:
         if node.op_type == "MatMul" and shapes.get(node.input[1], ())[-1:] == (vocab_size,):
+            lm_heads.append(node.name)
+        if _is_lm_head_gemm(node) and shapes.get(node.input[1], ())[:1] == (vocab_size,):
             lm_heads.append(node.name)
         if node.op_type == "Gather" and shapes.get(node.input[0], ())[:1] == (vocab_size,):
             embeddings.append(node.name)
     return lm_heads, embeddings
 
 
+def lm_head_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn the LM head Gemm(x, W, transB=1) back into MatMul(x, Wᵀ), Wᵀ a copy of its own.
+
+    The LM head is the one bias-less Gemm with transB=1 and a constant weight that exports hold; the
+    MatMul keeps its node name (the quantizers select and exclude nodes by name).
+    fp32 exports read the [vocab, d_model] embedding table in place (exporter/shared_weights.py); the
+    quantizers know the LM head only as a MatMul with a constant weight, so the quantized formats get
+    the layout they had before, with a transposed copy (sharing the table there is still to be done).
+    """
+    from onnx import helper, numpy_helper
+
+    weights = {init.name: init for init in model.graph.initializer}
+    for index, node in enumerate(list(model.graph.node)):  # a copy: nodes are replaced in place
+        weight = weights.get(node.input[1]) if _is_lm_head_gemm(node) else None
+        if weight is None:
+            continue
+        transposed = numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), f"{weight.name}.transposed")
+        model.graph.initializer.append(transposed)
+        matmul = helper.make_node("MatMul", [node.input[0], transposed.name], list(node.output), name=node.name)
+        model.graph.node.remove(node)
+        model.graph.node.insert(index, matmul)
+    return model
+
+
+def _is_lm_head_gemm(node: onnx.NodeProto) -> bool:
+    """Gemm(x, W, transB=1) without bias, alpha or beta: the LM head as fp32 exports write it."""
+    attributes = {attribute.name: onnx.helper.get_attribute_value(attribute) for attribute in node.attribute}
+    return node.op_type == "Gemm" and len(node.input) == 2 and attributes == {"transB": 1}
+
+
 def quantize_int8(source: Path, target: Path, settings: Int8Settings, vocab_size: int, external_data: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = name_nodes(onnx.load(str(source)))
+    model = lm_head_as_matmul(name_nodes(onnx.load(str(source))))
     excluded = excluded_nodes(model, vocab_size, settings.lm_head, settings.embeddings)
     with tempfile.TemporaryDirectory(prefix="ortseq-int8-") as scratch:
         named = Path(scratch) / source.name
@@ -92,7 +125,7 @@ def quantize_int8(source: Path, target: Path, settings: Int8Settings, vocab_size
 def quantize_int4(source: Path, target: Path, settings: Int4Settings, vocab_size: int, external_data: bool) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    model = name_nodes(onnx.load(str(source)))
+    model = lm_head_as_matmul(name_nodes(onnx.load(str(source))))
     excluded = excluded_nodes(model, vocab_size, settings.lm_head, settings.embeddings)
     op_types = ("MatMul", "Gather") if settings.embeddings else ("MatMul",)
     quantizer = MatMulNBitsQuantizer(

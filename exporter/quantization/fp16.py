@@ -113,13 +113,13 @@ def _without_duplicate_casts(model: onnx.ModelProto) -> onnx.ModelProto:
 def convert_fp16(source: Path, target: Path, settings: Fp16Settings, external_data: bool) -> None:
     from onnx.external_data_helper import load_external_data_for_model
 
-    from ortseq.exporter.quantization.formats import save_graph
+    from ortseq.exporter.quantization.formats import lm_head_as_matmul, save_graph
 
     # The converter casts around a kept-fp32 node only where it knows the tensor types: infer them first,
     # on the graph without its weights (a model over 2 GB cannot be serialized for shape inference).
     model = onnx.shape_inference.infer_shapes(onnx.load(str(source), load_external_data=False))
     load_external_data_for_model(model, str(source.parent))
-    save_graph(to_fp16(model, settings), target, external_data)
+    save_graph(to_fp16(lm_head_as_matmul(model), settings), target, external_data)
 
 
 def _without_round_trip_casts(model: onnx.ModelProto) -> onnx.ModelProto:

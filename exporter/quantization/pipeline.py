@@ -89,7 +89,8 @@ def quantize(
 
 def _write_quantized(source_dir: Path, source: Manifest, staging: Path, to: str, settings) -> Manifest:
     """Transform both graphs into staging, copy the tokenizer, write the manifest (quality still empty)."""
-    external = any(name.endswith(".data") for name in source.files)
+    # a graph's own weights file (the shared embeddings file does not count: quantized graphs hold their tables)
+    external = any(graph + ".data" in source.files for graph in (contract.ENCODER_FILE, contract.DECODER_FILE))
     files: list[str] = []
     for graph in (contract.ENCODER_FILE, contract.DECODER_FILE):
         log(f"{to}: {graph}")
