@@ -216,6 +216,7 @@ def test_ray_serve_with_two_replicas_answers_as_ortseq_serve(local_ray, export_d
             {"inputs": [], "parameters": {}},
         ]
         with TestClient(create_app(Seq2SeqModel.load(export_dir, threads=1))) as single:
+            _wait_ready(single)  # the app warms its model up first and answers 503 until then
             wanted = [single.post("/v1/summarize", json=body) for body in requests]
         base = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=base, timeout=60) as client:
