@@ -11,6 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ortseq.graphs import contract
 from ortseq.graphs.generation import GenerationSettingError, GenerationSettings, from_json
 
 MANIFEST_FILE = "manifest.json"
@@ -26,9 +27,9 @@ BEAM_SEARCH_OP_ENGINE = "beam-search-op"
 # checks that every registered family is listed). Their graphs all follow graphs/contract.py.
 FAMILIES = ("pegasus", "lsg_pegasus", "encoder-decoder", "bart")
 PRECISIONS = ("fp32", "int8", "int4", "fp16")
-# The graphs the runtime opens (graphs/contract.py's file names, repeated here to keep manifest.py standalone)
-GRAPH_FILES = ("encoder.onnx", "decoder.onnx")
-ENGINE_GRAPH_FILES = {BEAM_SEARCH_OP_ENGINE: "beam_search.onnx"}
+# The graphs the runtime opens: always, and for an engine the manifest lists
+GRAPH_FILES = (contract.ENCODER_FILE, contract.DECODER_FILE)
+ENGINE_GRAPH_FILES = {BEAM_SEARCH_OP_ENGINE: contract.BEAM_SEARCH_FILE}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
