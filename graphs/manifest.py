@@ -55,9 +55,6 @@ class SpecialTokens:
     decoder_start_token_id: int
 
 
-GenerationDefaults = GenerationSettings  # the model's generation config, as declared in graphs/generation.py
-
-
 @dataclass
 class TokenizerInfo:
     """How the runtime tokenizes: which file, and what transformers' tokenizer does around it."""
@@ -88,7 +85,7 @@ class Manifest:
     family: str
     dims: ModelDims
     special_tokens: SpecialTokens
-    generation: GenerationDefaults
+    generation: GenerationSettings  # the model's generation config (graphs/generation.py)
     tokenizer: TokenizerInfo
     opset: int
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
