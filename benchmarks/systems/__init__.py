@@ -12,10 +12,15 @@ The registry below names each system, its module, its venv's python and its `loa
 
 from __future__ import annotations
 
+import io
+import subprocess
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# ortseq as it was before issue 14's decoder work (contract 0.2: a concatenated past), for "not slower than before"
+BASELINE_REF = "aa7d9f3"
 MAIN_PYTHON = ROOT / ".venv" / "bin" / "python"
 OPTIMUM_PYTHON = ROOT / ".venv-optimum" / "bin" / "python"
 
@@ -42,6 +47,11 @@ class System:
     kind: str = field(default="")  # what it is, for the README table
 
     @property
+    def source_ref(self) -> str | None:
+        """The git commit of an earlier ortseq this system runs (variant "int8@REF"), or None for this tree."""
+        return self.variant.partition("@")[2] or None
+
+    @property
     def available(self) -> str | None:
         """None when it can run here, else why not."""
         if not self.python.exists():
@@ -61,5 +71,24 @@ SYSTEMS = {
         System("ortseq-fp32", "ortseq_system", variant="fp32", kind="ortseq, fp32"),
         System("ortseq-int8", "ortseq_system", variant="int8", kind="ortseq quantize --to int8"),
         System("ortseq-int4", "ortseq_system", variant="int4", kind="ortseq quantize --to int4"),
+        System("ortseq-before-fp32", "ortseq_system", variant=f"fp32@{BASELINE_REF}", kind=f"ortseq at {BASELINE_REF}"),
+        System(
+            "ortseq-before-int8",
+            "ortseq_system",
+            variant=f"int8@{BASELINE_REF}",
+            kind=f"ortseq at {BASELINE_REF}, int8",
+        ),
     )
 }
+
+
+def baseline_tree(ref: str) -> Path:
+    """A folder holding `ortseq/` as committed at ref (extracted once with git archive): put it on PYTHONPATH."""
+    tree = ROOT / ".cache" / "bench" / f"baseline-{ref}"
+    if not (tree / "ortseq" / "__init__.py").is_file():
+        archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True).stdout
+        staging = tree.with_name(tree.name + ".partial")
+        (staging / "ortseq").mkdir(parents=True, exist_ok=True)
+        tarfile.open(fileobj=io.BytesIO(archive)).extractall(staging / "ortseq", filter="data")
+        staging.rename(tree)
+    return tree
