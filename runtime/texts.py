@@ -61,6 +61,17 @@ def summarize_stream(
 
 
 def _batches(lines: Iterable[tuple[int, str]], size: int) -> Iterator[list[tuple[int, str]]]:
+    """Batches of `size` lines. A line refused while a batch fills (not UTF-8) ends the stream only after
+    the lines read before it have been handed out as a last batch: their summaries are not lost."""
     iterator = iter(lines)
-    while batch := list(itertools.islice(iterator, size)):
+    while True:
+        batch: list[tuple[int, str]] = []
+        try:
+            batch.extend(itertools.islice(iterator, size))
+        except InvalidInputError:
+            if batch:
+                yield batch
+            raise
+        if not batch:
+            return
         yield batch

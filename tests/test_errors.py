@@ -355,3 +355,16 @@ def test_docs_page_is_self_contained(server):
         page = response.read().decode()
     assert "/v1/summarize" in page and "SummarizeRequest" in page
     assert "<script" not in page and "http://" not in page and "https://" not in page
+
+
+def test_a_line_that_is_not_utf8_comes_after_the_summaries_of_the_lines_before_it(exported, tmp_path):
+    """Nothing lost: the texts read before the bad line (in the same batch) are still summarized and printed."""
+    result = ortseq("generate", str(exported("base").export_dir), "--max-new-tokens", "4",
+                    cwd=tmp_path, stdin=f"{TEXT}\n{TEXT}\n".encode() + b"\xff\xfe\n")  # fmt: skip
+    assert result.returncode == 2
+    summaries = result.stdout.decode().splitlines()
+    assert len(summaries) == 2 and summaries[0] and summaries[0] == summaries[1]
+    assert result.stderr.decode().strip().splitlines() == [
+        "ortseq: error: stdin line 3 is not UTF-8 text (byte 0: invalid start byte); convert the file first, "
+        "e.g. iconv -f latin1 -t utf-8"
+    ]
