@@ -231,8 +231,8 @@ class DecoderStep:
             name: ort.OrtValue.ortvalue_from_shape_and_type(shape, sessions.past_dtype, self.device, 0)
             for name in sessions.past_names
         }
-        no_indirection = np.zeros((rows, max_len), dtype=np.int32)
-        self.indirection_values = [self._on_device(no_indirection) for _ in range(2)]
+        # two buffers (on CPU each wraps its own array): each step reads one and writes the other
+        self.indirection_values = [self._on_device(np.zeros((rows, max_len), dtype=np.int32)) for _ in range(2)]
         self._small = {
             "input_ids": self._on_device(np.zeros((rows, 1), dtype=np.int64)),
             "beam_idx": self._on_device(np.zeros(rows, dtype=np.int64)),
