@@ -81,9 +81,10 @@ class RecordingStep(sessions_module.DecoderStep):
 
 @pytest.mark.parametrize("shape", ["head32", "base"])
 def test_decoder_steps_write_only_into_buffers_allocated_before_the_first_step(exported, monkeypatch, shape):
+    export_dir = exported(shape).export_dir  # exported (and verified, which runs the driver) first
     monkeypatch.setattr(sessions_module, "DecoderStep", RecordingStep)
     RecordingStep.instances.clear()
-    model = Seq2SeqModel.load(exported(shape).export_dir)
+    model = Seq2SeqModel.load(export_dir)
     model.generate(*_batch(model), **SEARCH)
     (step,) = RecordingStep.instances
     assert len(step.written) == NEW_TOKENS
