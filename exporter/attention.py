@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ortseq.graphs import contract
+
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[n, t, D] -> [n, H, t, dh]"""
@@ -49,3 +51,131 @@ def cross_attend_shared(
     q = q_rows.reshape(batch, rows // batch, h, dh).transpose(1, 2)  # [batch, H, beams, dh]
     out = attend(q, cross_k, cross_v, mask, scaling)
     return out.transpose(1, 2).reshape(rows, h, 1, dh)
+
+
+# ---------------------------------------------------------------- decoder contract 0.3: the static cache
+#
+# Self-attention K/V live in buffers [rows, H, max_len, dh] the runtime allocates once per generate()
+# call and binds as both input and output of the step (graphs/contract.py): the new K/V is written at
+# slot past_sequence_length of the row's own buffer, and a row reads its past through the cache
+# indirection (which beam of its input holds slot t), so the beam reorder moves no K/V at all.
+
+# Head sizes onnxruntime's DecoderMaskedMultiHeadAttention kernels take (CPU and CUDA).
+DMMHA_HEAD_SIZES = (32, 64, 128)
+DMMHA, PLAIN = contract.DMMHA_BODY, contract.PLAIN_BODY
+
+
+def self_attention_body(head_dim: int, plain: bool = False) -> str:
+    """The body a static-cache decoder is exported with: DMMHA where its kernels take the head size."""
+    return DMMHA if head_dim in DMMHA_HEAD_SIZES and not plain else PLAIN
+
+
+class CacheStep:
+    """What every layer's static-cache self-attention needs about this step, computed once per step from
+    the step's *present* indirection [rows, max_len] int32 (which beam of its input holds each slot of a
+    row, this step's slot included) and past_sequence_length [1] int32."""
+
+    def __init__(self, indirection: torch.Tensor, past_sequence_length: torch.Tensor, beams):
+        rows = indirection.shape[0]
+        self.rows, self.beams, self.indirection = rows, beams, indirection
+        self.past_length = past_sequence_length
+        self.slot = past_sequence_length.long()
+        self.live_slots = torch.arange(self.slot[0] + 1)  # 0 .. past_sequence_length
+        # flat index of (slot t, source row) in the live cache laid out [t, rows]: slot-major
+        first_row = torch.arange(rows) - torch.arange(rows) % beams  # the row of beam 0 of r's input
+        sources = first_row[:, None] + indirection.index_select(1, self.live_slots).long()  # [rows, t]
+        self.flat_sources = (sources + self.live_slots[None, :] * rows).transpose(0, 1).reshape(-1)
+
+    @classmethod
+    def of_step(cls, beam_idx, past_sequence_length, cache_indirection, batch) -> CacheStep:
+        """From the step's inputs: the input indirection's rows gathered by beam_idx, then slot
+        past_sequence_length pointing at each row's own beam (graphs/contract.py)."""
+        rows, max_len = cache_indirection.shape
+        beams = rows // batch
+        own_beam = (torch.arange(rows) % beams).to(torch.int32)
+        is_new_slot = torch.arange(max_len)[None, :] == past_sequence_length.long()  # [1, max_len]
+        present = torch.where(is_new_slot, own_beam[:, None], cache_indirection.index_select(0, beam_idx))
+        return cls(present, past_sequence_length, beams)
+
+    def write_indices(self, heads: int) -> torch.Tensor:
+        """ScatterND indices [rows, H, 3] of slot past_sequence_length in every row and head."""
+        rows = self.rows
+        row = torch.arange(rows)[:, None].expand(rows, heads)
+        head = torch.arange(heads)[None, :].expand(rows, heads)
+        return torch.stack([row, head, self.slot.expand(rows, heads)], dim=-1)
+
+
+class _WriteSlot(torch.autograd.Function):
+    """cache with updates written at indices: one ScatterND, which onnxruntime runs in place when its
+    output is bound to its input's buffer (it copies the input only when the two differ)."""
+
+    @staticmethod
+    def forward(ctx, cache, indices, updates):
+        out = cache.clone()
+        out[indices[..., 0], indices[..., 1], indices[..., 2]] = updates
+        return out
+
+    @staticmethod
+    def symbolic(g, cache, indices, updates):
+        return g.op("ScatterND", cache, indices, updates)
+
+
+def write_slot(cache: torch.Tensor, new: torch.Tensor, step: CacheStep) -> torch.Tensor:
+    """cache [rows, H, max_len, dh] with new [rows, H, 1, dh] at slot past_sequence_length."""
+    return _WriteSlot.apply(cache, step.write_indices(cache.shape[1]), new[:, :, 0, :])
+
+
+def read_live(cache: torch.Tensor, step: CacheStep) -> torch.Tensor:
+    """Each row's K or V at slots 0 .. past_sequence_length, through the indirection: [rows, H, t, dh].
+    Transient copies (the live slots, slot-major, then the rows they come from) that DMMHA avoids."""
+    rows, heads, _, dh = cache.shape
+    live = cache.index_select(2, step.live_slots).permute(2, 0, 1, 3).reshape(-1, heads, dh)  # [t * rows, H, dh]
+    return live.index_select(0, step.flat_sources).reshape(-1, rows, heads, dh).permute(1, 2, 0, 3)
+
+
+def _plain_static_attention(q, k, v, cache_k, cache_v, step: CacheStep, heads: int, scaling: float):
+    """q, k, v [rows, 1, D] -> (context [rows, 1, D], present K, present V)."""
+    present_k = write_slot(cache_k, split_heads(k, heads), step)
+    present_v = write_slot(cache_v, split_heads(v, heads), step)
+    context = attend(split_heads(q, heads), read_live(present_k, step), read_live(present_v, step), None, scaling)
+    return merge_heads(context), present_k, present_v
+
+
+class _DecoderMaskedAttention(torch.autograd.Function):
+    """onnxruntime's com.microsoft DecoderMaskedMultiHeadAttention with past_present_share_buffer: in the
+    graph, one node; traced in torch, the plain body's math (the same numbers)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cache_k, cache_v, past_length, beam_width, indirection, heads, scaling):
+        batch, beams, max_len = indirection.shape
+        step = CacheStep(indirection.reshape(batch * beams, max_len), past_length, beams)
+        return _plain_static_attention(q, k, v, cache_k, cache_v, step, heads, scaling)
+
+    @staticmethod
+    def symbolic(g, q, k, v, cache_k, cache_v, past_length, beam_width, indirection, heads, scaling):
+        absent = g.op("prim::Constant").setType(torch._C.NoneType.get())
+        outputs = g.op(
+            "com.microsoft::DecoderMaskedMultiHeadAttention",
+            *(q, k, v, absent, absent, cache_k, cache_v, past_length, beam_width, indirection),
+            num_heads_i=heads,
+            past_present_share_buffer_i=1,
+            scale_f=scaling,
+            outputs=3,
+        )
+        for output, like in zip(outputs, (q, cache_k, cache_v)):  # the exporter cannot infer a contrib op's types
+            output.setType(like.type())
+        return outputs
+
+
+def static_self_attention(q, k, v, cache_k, cache_v, step: CacheStep, heads: int, scaling: float, body: str):
+    """Self-attention of one new token per row over the static cache.
+
+    q, k, v [rows, 1, D]; cache_k/v [rows, H, max_len, dh] -> (context [rows, 1, D], present K, present V),
+    the presents being the caches with this step's K/V at slot past_sequence_length."""
+    if body == PLAIN:
+        return _plain_static_attention(q, k, v, cache_k, cache_v, step, heads, scaling)
+    beam_width = (torch.zeros(1, dtype=torch.int32) + step.beams).to(torch.int32)
+    indirection = step.indirection.reshape(-1, step.beams, step.indirection.shape[1])  # [batch, beams, max_len]
+    return _DecoderMaskedAttention.apply(
+        q, k, v, cache_k, cache_v, step.past_length, beam_width, indirection, heads, scaling
+    )

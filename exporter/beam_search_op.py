@@ -59,7 +59,7 @@ class EncoderInitExport(nn.Module):
     def __init__(self, family: Family, model: nn.Module, dims: ModelDims):
         super().__init__()
         self.encoder = family.encoder_export(model)
-        self.decoder = family.decoder_export(model)
+        self.decoder = family.concat_decoder_export(model)
         self.dims = dims
 
     def forward(self, encoder_input_ids, encoder_attention_mask, decoder_input_ids):
@@ -78,7 +78,7 @@ class DecoderStepExport(nn.Module):
 
     def __init__(self, family: Family, model: nn.Module, dims: ModelDims, forced_eos_token_id: int | None):
         super().__init__()
-        self.decoder = family.decoder_export(model)
+        self.decoder = family.concat_decoder_export(model)
         self.layers = dims.decoder_layers
         self.forced_eos_token_id = forced_eos_token_id
 

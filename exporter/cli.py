@@ -65,6 +65,7 @@ def _export(args: argparse.Namespace) -> int:
                 external_data=args.external_data,
                 add_special_tokens=args.add_special_tokens,
                 beam_search_op=args.beam_search_op,
+                plain_attention=args.plain_attention,
                 ignore_generation_fields=args.ignore_generation_fields,
                 force=args.force,
             )
@@ -136,6 +137,12 @@ def add_export(commands) -> None:
         "--beam-search-op",
         action="store_true",
         help="also write beam_search.onnx, for `generate --engine beam-search-op` (Pegasus only)",
+    )
+    export.add_argument(
+        "--plain-attention",
+        action="store_true",
+        help="decoder self-attention in standard ONNX ops only, for runtimes without onnxruntime's "
+        "com.microsoft DecoderMaskedMultiHeadAttention (default: that op where the head size allows)",
     )
     export.add_argument(
         "--ignore-generation-fields",

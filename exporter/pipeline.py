@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ortseq.exporter import onnx_export, verify
+from ortseq.exporter.attention import self_attention_body
 from ortseq.exporter.beam_search_op import beam_search_model_for, check_supported
 from ortseq.exporter.checkpoint_check import load_checkpoint_tensors
 from ortseq.exporter.families import Family, UnsupportedModelError, family_for, family_named
@@ -26,7 +28,7 @@ from ortseq.graphs.generation import settings_from_generation_config
 from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, Manifest, sha256_of
 
 # Shapes used for tracing; verify.py checks the graphs at other ones.
-TRACE_BATCH, TRACE_SRC, TRACE_BEAMS, TRACE_PAST = 2, 9, 2, 3
+TRACE_BATCH, TRACE_SRC, TRACE_BEAMS, TRACE_PAST, TRACE_MAX_LEN = 2, 9, 2, 3, 7
 
 
 def export(
@@ -37,13 +39,16 @@ def export(
     beam_search_op: bool = False,
     ignore_generation_fields: bool = False,
     force: bool = False,
+    plain_attention: bool = False,
 ) -> Manifest:
     """add_special_tokens: whether the runtime tokenizes inputs with the tokenizer's special tokens;
     None follows the model family's knowledge of the source's model card (default True).
     beam_search_op: also write beam_search.onnx (the "beam-search-op" engine), checked against the loop.
     ignore_generation_fields: export even when the generation config sets fields that change the tokens
     and that ortseq does not honour (graphs/generation.py's REFUSED); the manifest records them.
-    force: replace an existing export at out_dir (a directory ortseq did not write is never replaced)."""
+    force: replace an existing export at out_dir (a directory ortseq did not write is never replaced).
+    plain_attention: the decoder's self-attention in standard ONNX ops even where onnxruntime's
+    DecoderMaskedMultiHeadAttention takes the head size (exporter/attention.py; the manifest records it)."""
     out_dir = Path(out_dir).absolute()
     local_source = Path(os.path.expanduser(source))
     check_out_dir(out_dir, force, [local_source] if local_source.is_dir() else [])
@@ -53,9 +58,10 @@ def export(
         staging = Path(tmp) / "export"
         staging.mkdir()
         with resolved_source(source, Path(tmp)) as checkpoint:
-            manifest = _export_checkpoint(
-                checkpoint, staging, external_data, source, add_special_tokens, beam_search_op, ignore_generation_fields
+            options = ExportOptions(
+                external_data, add_special_tokens, beam_search_op, ignore_generation_fields, plain_attention
             )
+            manifest = _export_checkpoint(checkpoint, staging, source, options)
             manifest.source = source
             manifest.write(staging)
             verify.verify_against_transformers(staging, family_named(manifest.family), checkpoint)
@@ -66,22 +72,32 @@ def export(
     return manifest
 
 
-def _export_checkpoint(
-    checkpoint: Path,
-    staging: Path,
-    external_data: bool | None,
-    source: str,
-    add_special_tokens: bool | None,
-    beam_search_op: bool,
-    ignore_generation_fields: bool,
-) -> Manifest:
+@dataclass(frozen=True)
+class ExportOptions:
+    """What export() was asked for, beyond the source and the output directory (see export())."""
+
+    external_data: bool | None
+    add_special_tokens: bool | None
+    beam_search_op: bool
+    ignore_generation_fields: bool
+    plain_attention: bool
+
+
+def _export_checkpoint(checkpoint: Path, staging: Path, source: str, options: ExportOptions) -> Manifest:
+    external_data, add_special_tokens, beam_search_op = (
+        options.external_data,
+        options.add_special_tokens,
+        options.beam_search_op,
+    )
     family = family_for(checkpoint)
     if add_special_tokens is None:  # a family may know model cards that tokenize without them
         add_special_tokens = family.add_special_tokens(ALIASES.get(source, source))
     check_tokenizer_files(checkpoint)  # before minutes of export work
     log(f"loading {family.name} checkpoint from {checkpoint}")
     model = load_checked_model(family, checkpoint)
-    generation, ignored = generation_defaults(model, checkpoint, ignore_generation_fields)  # before minutes of work
+    generation, ignored = generation_defaults(
+        model, checkpoint, options.ignore_generation_fields
+    )  # before minutes of work
     dims = family.dims(model)
     if beam_search_op:
         check_supported(family)  # before minutes of export work
@@ -91,8 +107,9 @@ def _export_checkpoint(
     log("exporting encoder")
     _export_encoder(family, model, dims, staging, external_data, files, shared)
 
-    log("exporting decoder")
-    decoder = family.decoder_export(model).eval()
+    body = self_attention_body(dims.head_dim, options.plain_attention)
+    log(f"exporting decoder (self-attention: {body})")
+    decoder = family.decoder_export(model, body).eval()
     files += onnx_export.export_graph(
         decoder,
         _decoder_trace_args(dims),
@@ -103,15 +120,7 @@ def _export_checkpoint(
         external_data,
         finalize=shared.point_at_shared,
     )
-    verify.verify_decoder(
-        staging / contract.DECODER_FILE,
-        decoder,
-        dims.decoder_layers,
-        dims.decoder_heads,
-        dims.head_dim,
-        dims.vocab_size,
-        dims.max_position_embeddings,
-    )
+    verify.verify_decoder(staging / contract.DECODER_FILE, decoder, dims)
 
     engines = [LOOP_ENGINE]
     if beam_search_op:
@@ -139,6 +148,8 @@ def _export_checkpoint(
         versions=_versions(),
         engines=engines,
         ignored_generation_fields=ignored,
+        decoder_contract=contract.STATIC_CACHE_CONTRACT,
+        decoder_self_attention=body,
     )
 
 
@@ -181,13 +192,18 @@ def _decoder_trace_args(dims) -> tuple:
     encoder_mask = torch.ones(TRACE_BATCH, TRACE_SRC, dtype=torch.int64)
     encoder_mask[1, -2:] = 0
     rows = TRACE_BATCH * TRACE_BEAMS
-    past = [torch.randn(rows, dims.decoder_heads, TRACE_PAST, dims.head_dim) for _ in range(2 * dims.decoder_layers)]
+    cache = [
+        torch.randn(rows, dims.decoder_heads, TRACE_MAX_LEN, dims.head_dim) for _ in range(2 * dims.decoder_layers)
+    ]
     cross = [
         torch.randn(TRACE_BATCH, dims.decoder_heads, TRACE_SRC, dims.head_dim) for _ in range(2 * dims.decoder_layers)
     ]
     input_ids = torch.randint(3, dims.vocab_size, (rows, 1))
     beam_idx = torch.tensor([1, 0, 3, 2])
-    return (input_ids, encoder_mask, beam_idx, *past, *cross)
+    positions = torch.full((rows,), TRACE_PAST, dtype=torch.int64)
+    past_length = torch.tensor([TRACE_PAST], dtype=torch.int32)
+    indirection = torch.randint(0, TRACE_BEAMS, (rows, TRACE_MAX_LEN), dtype=torch.int32)
+    return (input_ids, encoder_mask, beam_idx, positions, past_length, indirection, *cache, *cross)
 
 
 def generation_defaults(model, checkpoint: Path | None = None, ignore_refused: bool = False) -> tuple:

@@ -87,31 +87,56 @@ def verify_encoder(
     return worst
 
 
-def verify_decoder(
-    path: Path, module: torch.nn.Module, num_layers: int, heads: int, head_dim: int, vocab: int, max_len: int
-) -> float:
+def verify_decoder(path: Path, module: torch.nn.Module, dims) -> float:
+    """The static-cache decoder (graphs/contract.py) against its module, run as the runtime runs it: the
+    cache buffers bound as both input and output (DMMHA writes into the bound buffer only), beams
+    reordered within each input, rows of different positions, random indirection."""
     session, rng, worst = _session(path), np.random.default_rng(2), 0.0
-    names = contract.decoder_outputs(num_layers)
+    names = contract.decoder_outputs(dims.decoder_layers)
     for case in DECODER_CASES:
-        src = case.src or max_len
-        rows = case.batch * case.beams
-        _, mask = _random_batch(rng, case.batch, src, vocab)
-        feeds = {
-            "input_ids": rng.integers(3, vocab, size=(rows, 1), dtype=np.int64),
-            "encoder_attention_mask": mask,
-            "beam_idx": rng.permutation(rows).astype(np.int64),  # a real reorder, not the identity
-        }
-        for name in contract.past_names(num_layers):
-            feeds[name] = rng.standard_normal((rows, heads, case.past, head_dim), dtype=np.float32)
-        for name in contract.cross_names(num_layers):
-            feeds[name] = rng.standard_normal((case.batch, heads, src, head_dim), dtype=np.float32)
-        got = session.run(names, feeds)
-        ordered = [torch.from_numpy(feeds[name]) for name in contract.decoder_inputs(num_layers)]
+        feeds = _decoder_feeds(rng, case, dims)
+        cache = {name: feeds[name].copy() for name in contract.cache_names(dims.decoder_layers)}
+        ordered = [torch.from_numpy(feeds[name]) for name in contract.decoder_inputs(dims.decoder_layers)]
         with torch.no_grad():
             want = module(*ordered)
+        binding = session.io_binding()
+        values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in cache.items()}  # bound in place
+        for name, array in feeds.items():
+            if name in values:
+                binding.bind_ortvalue_input(name, values[name])
+            else:
+                binding.bind_cpu_input(name, array)
+        for name in names[:2]:
+            binding.bind_output(name, "cpu")
+        for cache_name, present in zip(contract.cache_names(dims.decoder_layers), names[2:]):
+            binding.bind_ortvalue_output(present, values[cache_name])
+        session.run_with_iobinding(binding)
+        got = [output.numpy() for output in binding.get_outputs()[:2]]  # in binding order: logits, indirection
+        got += [cache[name] for name in contract.cache_names(dims.decoder_layers)]
         worst = max(worst, _compare(f"decoder at {case}", got, list(want), names))
     log(f"verified {path.name} at {len(DECODER_CASES)} new shapes (max abs diff {worst:.2g})")
     return worst
+
+
+def _decoder_feeds(rng: np.random.Generator, case: DecoderCase, dims) -> dict[str, np.ndarray]:
+    src = case.src or dims.max_position_embeddings
+    rows, max_len = case.batch * case.beams, case.past + 3
+    _, mask = _random_batch(rng, case.batch, src, dims.vocab_size)
+    parents = rng.integers(0, case.beams, size=rows) + np.repeat(np.arange(case.batch) * case.beams, case.beams)
+    feeds = {
+        "input_ids": rng.integers(3, dims.vocab_size, size=(rows, 1), dtype=np.int64),
+        "encoder_attention_mask": mask,
+        "beam_idx": parents.astype(np.int64),  # a real reorder within each input, not the identity
+        "position_ids": rng.integers(0, dims.max_position_embeddings, size=rows, dtype=np.int64),
+        "past_sequence_length": np.array([case.past], dtype=np.int32),
+        "cache_indirection": rng.integers(0, case.beams, size=(rows, max_len), dtype=np.int32),
+    }
+    kv_shape = (dims.decoder_heads, dims.head_dim)
+    for name in contract.cache_names(dims.decoder_layers):
+        feeds[name] = rng.standard_normal((rows, kv_shape[0], max_len, kv_shape[1]), dtype=np.float32)
+    for name in contract.cross_names(dims.decoder_layers):
+        feeds[name] = rng.standard_normal((case.batch, kv_shape[0], src, kv_shape[1]), dtype=np.float32)
+    return feeds
 
 
 # Short searches keep the check cheap on real-size models; forced EOS and finished beams still occur.

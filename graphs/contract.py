@@ -13,13 +13,35 @@ Encoder (``encoder.onnx``)
        cross_key_{l}, cross_value_{l} [batch, H, mem, dh] float for every decoder layer l.
     The cross-attention K/V are computed once per input and shared by all beams.
 
-Decoder step (``decoder.onnx``), one new token per row, past may be empty (past = 0):
+Decoder step (``decoder.onnx``), contract 0.3 ("static-cache"), one new token per row:
     input_ids [rows, 1] int64, encoder_attention_mask [batch, mem] int64 (the encoder's output),
-    beam_idx [rows] int64 (which row of the past each row continues; applied inside the graph),
-    past_key_{l}, past_value_{l} [rows, H, past, dh], cross_key_{l}, cross_value_{l} as above
-    -> logits [rows, vocab] float, present_key_{l}, present_value_{l} [rows, H, past + 1, dh].
+    beam_idx [rows] int64 (which row of the previous step each row continues),
+    position_ids [rows] int64 (each row's position, for the position embedding: rows of different
+    ages may later share a batch), past_sequence_length [1] int32 (the cache slot this step writes =
+    the number of tokens already cached), cache_indirection [rows, max_len] int32 (for row r and slot
+    t < past_sequence_length: which beam of r's input holds r's K/V at slot t),
+    cache_key_{l}, cache_value_{l} [rows, H, max_len, dh] (allocated once per generate() call by the
+    runtime, for the call's max_length), cross_key_{l}, cross_value_{l} as above
+    -> logits [rows, vocab] float32,
+       present_cache_indirection [rows, max_len] int32 (the input's rows gathered by beam_idx, then
+       slot past_sequence_length set to r % beams: each row's own buffer),
+       present_key_{l}, present_value_{l}: the cache buffers themselves. The runtime binds each to
+       its input's buffer; the graph writes the new K/V in place at slot past_sequence_length of row
+       r's own buffer and copies nothing else of the cache. Beams are reordered by indirection only:
+       cache rows never move. The runtime ping-pongs two indirection buffers.
+    The self-attention body is recorded in the manifest (`decoder_self_attention`): "dmmha" (one
+    com.microsoft DecoderMaskedMultiHeadAttention node per layer, head sizes 32/64/128) or "plain"
+    (standard ONNX: ScatterND writes the slot in place, Gathers read the live slots through the
+    indirection into transient tensors).
     rows must be a multiple of batch: row r belongs to input r // (rows / batch). The cross
     attention folds the beams of an input into its query axis instead of copying K/V per beam.
+
+Decoder step, concat contract ("concat": ortseq 0.2's decoder.onnx, still run; and the decoder
+subgraph of ORT's BeamSearch op), past may be empty (past = 0):
+    input_ids, encoder_attention_mask, beam_idx as above,
+    past_key_{l}, past_value_{l} [rows, H, past, dh], cross_key_{l}, cross_value_{l} as above
+    -> logits [rows, vocab] float, present_key_{l}, present_value_{l} [rows, H, past + 1, dh]
+    (the past gathered by beam_idx, then concatenated with the new K/V: a new tensor every step).
 """
 
 from __future__ import annotations
@@ -40,10 +62,22 @@ SHARED_WEIGHTS_FILE = "embeddings.data"
 
 ENCODER_INPUTS = ("input_ids", "attention_mask")
 DECODER_STATIC_INPUTS = ("input_ids", "encoder_attention_mask", "beam_idx")
+DECODER_STEP_INPUTS = (*DECODER_STATIC_INPUTS, "position_ids", "past_sequence_length", "cache_indirection")
+PRESENT_INDIRECTION = "present_cache_indirection"
+
+# The decoder contracts (the manifest's `decoder_contract`); manifests written before it name none: concat.
+CONCAT_CONTRACT = "concat"
+STATIC_CACHE_CONTRACT = "static-cache"
+DECODER_CONTRACTS = (CONCAT_CONTRACT, STATIC_CACHE_CONTRACT)
+# The static-cache decoder's self-attention bodies (the manifest's `decoder_self_attention`)
+DMMHA_BODY = "dmmha"  # com.microsoft DecoderMaskedMultiHeadAttention: reads and writes the cache in place
+PLAIN_BODY = "plain"  # standard ONNX ops: ScatterND writes the slot in place, Gathers read the live slots
+SELF_ATTENTION_BODIES = (DMMHA_BODY, PLAIN_BODY)
 
 
-# Every K/V tensor name (past, present, cross) starts with one of these (see the names below).
-KV_NAME_PREFIXES = ("past_", "present_", "cross_")
+# Every K/V tensor name (past, cache, present, cross) starts with one of these (see the names below);
+# present_cache_indirection does too, but it is int32 (what reads these prefixes looks at float tensors).
+KV_NAME_PREFIXES = ("past_", "cache_key_", "cache_value_", "present_", "cross_")
 
 
 def cross_names(num_layers: int) -> list[str]:
@@ -55,6 +89,11 @@ def past_names(num_layers: int) -> list[str]:
     return [name for layer in range(num_layers) for name in (f"past_key_{layer}", f"past_value_{layer}")]
 
 
+def cache_names(num_layers: int) -> list[str]:
+    """The static cache's buffers (contract 0.3), bound as inputs and, as present_names, outputs."""
+    return [name for layer in range(num_layers) for name in (f"cache_key_{layer}", f"cache_value_{layer}")]
+
+
 def present_names(num_layers: int) -> list[str]:
     return [name for layer in range(num_layers) for name in (f"present_key_{layer}", f"present_value_{layer}")]
 
@@ -64,10 +103,18 @@ def encoder_outputs(num_layers: int) -> list[str]:
 
 
 def decoder_inputs(num_layers: int) -> list[str]:
-    return [*DECODER_STATIC_INPUTS, *past_names(num_layers), *cross_names(num_layers)]
+    return [*DECODER_STEP_INPUTS, *cache_names(num_layers), *cross_names(num_layers)]
 
 
 def decoder_outputs(num_layers: int) -> list[str]:
+    return ["logits", PRESENT_INDIRECTION, *present_names(num_layers)]
+
+
+def concat_decoder_inputs(num_layers: int) -> list[str]:
+    return [*DECODER_STATIC_INPUTS, *past_names(num_layers), *cross_names(num_layers)]
+
+
+def concat_decoder_outputs(num_layers: int) -> list[str]:
     return ["logits", *present_names(num_layers)]
 
 
@@ -81,6 +128,23 @@ def encoder_dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
 
 
 def decoder_dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {
+        "input_ids": {0: "rows"},
+        "encoder_attention_mask": {0: "batch", 1: "mem"},
+        "beam_idx": {0: "rows"},
+        "position_ids": {0: "rows"},
+        "cache_indirection": {0: "rows", 1: "max_len"},
+        "logits": {0: "rows"},
+        PRESENT_INDIRECTION: {0: "rows", 1: "max_len"},
+    }
+    for name in [*cache_names(num_layers), *present_names(num_layers)]:
+        axes[name] = {0: "rows", 2: "max_len"}
+    for name in cross_names(num_layers):
+        axes[name] = {0: "batch", 2: "mem"}
+    return axes
+
+
+def concat_decoder_dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
     axes: dict[str, dict[int, str]] = {
         "input_ids": {0: "rows"},
         "encoder_attention_mask": {0: "batch", 1: "mem"},

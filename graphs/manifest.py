@@ -15,10 +15,13 @@ from ortseq.graphs import contract
 from ortseq.graphs.generation import GenerationSettingError, GenerationSettings, from_json
 
 MANIFEST_FILE = "manifest.json"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # 1: the generation section held seven fields (max_length 20 recorded where the checkpoint left it
 # unset); still read, the fields it lacks taking transformers' defaults (graphs/generation.py).
-READABLE_SCHEMA_VERSIONS = (1, 2)
+# 2: no decoder_contract: the decoder is of the concat contract (graphs/contract.py); still read and run.
+# 3: decoder_contract and decoder_self_attention (an older runtime cannot run a static-cache decoder).
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+
 # How an export can generate (runtime/engines.py): the loop always; the BeamSearch op when exported with it.
 LOOP_ENGINE = "loop"
 BEAM_SEARCH_OP_ENGINE = "beam-search-op"
@@ -98,6 +101,10 @@ class Manifest:
     # generation config fields that change the tokens and that ortseq does not honour, kept only when
     # exported with --ignore-generation-fields: {field: value} (transformers would apply them)
     ignored_generation_fields: dict = field(default_factory=dict)
+    # graphs/contract.py's decoder contract; manifests older than the field hold a concat decoder
+    decoder_contract: str = contract.STATIC_CACHE_CONTRACT
+    # static-cache only: "dmmha" (onnxruntime's DecoderMaskedMultiHeadAttention) or "plain" (standard ONNX)
+    decoder_self_attention: str = contract.PLAIN_BODY
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -136,6 +143,8 @@ class Manifest:
                 schema_version=SCHEMA_VERSION,  # read as the current schema (older ones converted above)
                 quantization=Quantization(**raw["quantization"]) if raw.get("quantization") else None,
                 ignored_generation_fields=raw.get("ignored_generation_fields", {}),
+                decoder_contract=raw.get("decoder_contract", contract.CONCAT_CONTRACT),
+                decoder_self_attention=raw.get("decoder_self_attention", ""),
             )
         except (
             json.JSONDecodeError,
@@ -214,6 +223,9 @@ def _check_fields(m: Manifest) -> None:
         raise ManifestError(f"engines must be a non-empty list, got {m.engines!r}")
     for engine in m.engines:
         _one_of("engines[]", engine, (LOOP_ENGINE, BEAM_SEARCH_OP_ENGINE))
+    _one_of("decoder_contract", m.decoder_contract, contract.DECODER_CONTRACTS)
+    if m.decoder_contract == contract.STATIC_CACHE_CONTRACT:
+        _one_of("decoder_self_attention", m.decoder_self_attention, contract.SELF_ATTENTION_BODIES)
     for name in ("versions", "files"):
         if not isinstance(getattr(m, name), dict):
             raise ManifestError(f"{name} must be an object, got {getattr(m, name)!r}")

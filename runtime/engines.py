@@ -35,8 +35,9 @@ class LoopEngine:
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, settings: SearchSettings) -> np.ndarray:
         batch = input_ids.shape[0]
-        memory = self.sessions.encode(input_ids, attention_mask)
-        step = self.sessions.decoder_step(memory, rows=batch * settings.num_beams)
+        step = self.sessions.start(
+            input_ids, attention_mask, rows=batch * settings.num_beams, max_len=settings.max_length
+        )
         encoder = EncoderTokens(input_ids, settings.num_beams, settings)
         if settings.num_beams == 1:
             return greedy_search(step, batch, settings, encoder)

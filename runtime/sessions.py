@@ -1,8 +1,11 @@
-"""ONNX Runtime sessions for an export directory, and the CPU decoder-step driver.
+"""ONNX Runtime sessions for an export directory, and the decoder-step drivers.
 
-The driver keeps the decoder's past K/V between steps and hands the search core a `StepFn`. The
-encoder's cross K/V are computed once per input and fed unchanged to every step: the decoder
-graph shares them across beams (graphs/contract.py).
+A driver keeps the decoder's self-attention K/V between steps and hands the search core a `StepFn`.
+The encoder's cross K/V are computed once per input and fed unchanged to every step: the decoder
+graph shares them across beams (graphs/contract.py). Two drivers, chosen by the manifest's
+decoder_contract: `DecoderStep` for static-cache decoders (contract 0.3: every buffer that lives
+across steps is an OrtValue on the session's device, written in place; one code path for CPU and
+CUDA), `CpuDecoderStep` for concat decoders (exports made before it).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from ortseq.runtime.errors import InvalidInputError
 from ortseq.runtime.shared_weights import SharedWeights
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# onnxruntime's device name of each provider's memory (OrtValue.ortvalue_from_shape_and_type, bind_output)
+DEVICES = {"cpu": "cpu", "cuda": "cuda"}
+KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 def create_session(
@@ -86,6 +92,7 @@ class EncoderDecoderSessions:
     def __init__(self, directory: Path, manifest: Manifest, provider: str, threads: int | None = None):
         self.manifest = manifest
         self.layers = manifest.dims.decoder_layers
+        self.device = DEVICES.get(provider, "cpu")
         self.shared_weights = SharedWeights(directory)  # kept: the sessions read its buffers
         encoder, decoder = Path(directory) / contract.ENCODER_FILE, Path(directory) / contract.DECODER_FILE
         self.encoder = create_session(encoder, provider, threads, self.shared_weights.initializers(encoder))
@@ -93,10 +100,12 @@ class EncoderDecoderSessions:
             decoder, provider, decoder_threads(manifest.dims, threads), self.shared_weights.initializers(decoder)
         )
         self._memory_names = ["encoder_attention_mask", *contract.cross_names(self.layers)]
-        self.past_names = contract.past_names(self.layers)
+        self.static_cache = manifest.decoder_contract == contract.STATIC_CACHE_CONTRACT
+        self.past_names = (contract.cache_names if self.static_cache else contract.past_names)(self.layers)
+        _check_inputs(self.decoder, self.past_names, directory, manifest.decoder_contract)
         # float32, or float16 in fp16 exports (their K/V inputs and outputs are half precision)
         past_type = next(i.type for i in self.decoder.get_inputs() if i.name == self.past_names[0])
-        self.past_dtype = np.float16 if past_type == "tensor(float16)" else np.float32
+        self.past_dtype = KV_DTYPES.get(past_type, np.float32)
         _check_outputs(self.encoder, contract.encoder_outputs(self.layers), directory)
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -104,15 +113,45 @@ class EncoderDecoderSessions:
         outputs = self.encoder.run(self._memory_names, {"input_ids": input_ids, "attention_mask": attention_mask})
         return dict(zip(self._memory_names, outputs))
 
-    def decoder_step(self, memory: dict[str, np.ndarray], rows: int) -> CpuDecoderStep:
+    def encode_on_device(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, ort.OrtValue]:
+        """encode(), its outputs left on the session's device (never copied through numpy)."""
+        binding = self.encoder.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        for name in self._memory_names:
+            binding.bind_output(name, self.device)
+        self.encoder.run_with_iobinding(binding)
+        return dict(zip(self._memory_names, binding.get_outputs()))  # get_outputs() is in binding order
+
+    def start(self, input_ids: np.ndarray, attention_mask: np.ndarray, rows: int, max_len: int):
+        """Encode, then the StepFn of a search of `rows` rows and at most max_len decoder tokens."""
+        if self.static_cache:
+            return DecoderStep(self, self.encode_on_device(input_ids, attention_mask), rows, max_len)
+        return CpuDecoderStep(self, self.encode(input_ids, attention_mask), rows)
+
+    def decoder_step(self, memory: dict, rows: int, max_len: int):
+        """The StepFn over encode()'s (numpy) or encode_on_device()'s memory."""
+        if self.static_cache:
+            return DecoderStep(self, memory, rows, max_len)
         return CpuDecoderStep(self, memory, rows)
 
     def teacher_forced_logits(self, input_ids, attention_mask, decoder_ids: np.ndarray) -> np.ndarray:
         """[batch, steps, vocab] float32 logits when the decoder is fed decoder_ids [batch, steps] (no beams)."""
-        step = self.decoder_step(self.encode(input_ids, attention_mask), rows=decoder_ids.shape[0])
-        rows = np.arange(decoder_ids.shape[0], dtype=np.int64)
+        batch, steps = decoder_ids.shape
+        step = self.start(input_ids, attention_mask, rows=batch, max_len=steps)
+        rows = np.arange(batch, dtype=np.int64)
         # copy: a step returns its logits buffer, which the next step overwrites
-        return np.stack([step(decoder_ids[:, t], rows).astype(np.float32) for t in range(decoder_ids.shape[1])], axis=1)
+        return np.stack([step(decoder_ids[:, t], rows).astype(np.float32) for t in range(steps)], axis=1)
+
+
+def _check_inputs(session: ort.InferenceSession, kv_names: list[str], directory: Path, decoder_contract: str) -> None:
+    """The decoder graph must be of the contract the manifest says (a hand-edited manifest, a mixed directory)."""
+    inputs = {value.name for value in session.get_inputs()}
+    if not set(kv_names) <= inputs:
+        raise ManifestError(
+            f"{directory}: {contract.DECODER_FILE} lacks the inputs of the {decoder_contract!r} decoder contract "
+            "its manifest names; export the model again"
+        )
 
 
 def _check_outputs(session: ort.InferenceSession, expected: list[str], directory: Path) -> None:
@@ -165,3 +204,73 @@ class CpuDecoderStep:
         self._binding.bind_ortvalue_output("logits", self._logits_value)
         for name in self._present_names:
             self._binding.bind_output(name, "cpu")
+
+
+class DecoderStep:
+    """A StepFn over a static-cache decoder (graphs/contract.py, contract 0.3), for CPU and CUDA alike.
+
+    Every buffer that lives across steps is allocated once, on the session's device (`device`), before
+    the first step: the self-attention caches [rows, H, max_len, dh] (bound as each step's input AND
+    output: the graph writes the new K/V in place, and beams reorder by indirection only), two cache
+    indirection buffers (each step reads one and writes the other), the logits, and the step's small
+    inputs (updated in place). The cross K/V and mask stay bound as the encoder left them. Per step,
+    only the token ids, beam_idx, positions and the slot cross to the device, and the logits come back:
+    on CPU the returned array IS the logits buffer (no copy; the search owns it until the next call).
+    """
+
+    def __init__(self, sessions: EncoderDecoderSessions, memory: dict, rows: int, max_len: int):
+        dims = sessions.manifest.dims
+        self.device = sessions.device
+        self._session = sessions.decoder
+        self._binding = self._session.io_binding()
+        self._max_len = max_len
+        self._step = 0
+        self._memory = {name: self._on_device(value) for name, value in memory.items()}  # bound: kept alive
+        shape = (rows, dims.decoder_heads, max_len, dims.head_dim)
+        self.cache_values = {
+            name: ort.OrtValue.ortvalue_from_shape_and_type(shape, sessions.past_dtype, self.device, 0)
+            for name in sessions.past_names
+        }
+        # two buffers (on CPU each wraps its own array): each step reads one and writes the other
+        self.indirection_values = [self._on_device(np.zeros((rows, max_len), dtype=np.int32)) for _ in range(2)]
+        self._small = {
+            "input_ids": self._on_device(np.zeros((rows, 1), dtype=np.int64)),
+            "beam_idx": self._on_device(np.zeros(rows, dtype=np.int64)),
+            "position_ids": self._on_device(np.zeros(rows, dtype=np.int64)),
+            "past_sequence_length": self._on_device(np.zeros(1, dtype=np.int32)),
+        }
+        self._host_logits = np.empty((rows, dims.vocab_size), dtype=np.float32)
+        # on CPU the OrtValue wraps the host array (no copy back); on a GPU it is device memory
+        self.logits_value = self._on_device(self._host_logits)
+        self._bind(contract.present_names(sessions.layers))
+
+    def _on_device(self, value) -> ort.OrtValue:
+        """value (numpy or OrtValue) as an OrtValue on the device; a CPU numpy array is wrapped, not copied."""
+        if isinstance(value, ort.OrtValue):
+            return value
+        return ort.OrtValue.ortvalue_from_numpy(value, self.device, 0)
+
+    def _bind(self, present_names: list[str]) -> None:
+        """Everything but the indirection, once for the whole search."""
+        for name, value in [*self._memory.items(), *self._small.items(), *self.cache_values.items()]:
+            self._binding.bind_ortvalue_input(name, value)
+        for present, value in zip(present_names, self.cache_values.values()):
+            self._binding.bind_ortvalue_output(present, value)  # the same buffer: written in place
+        self._binding.bind_ortvalue_output("logits", self.logits_value)
+
+    def __call__(self, tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
+        if self._step >= self._max_len:
+            raise InvalidInputError(f"the search ran past the {self._max_len} decoder tokens this call allocated for")
+        rows = self._host_logits.shape[0]
+        self._small["input_ids"].update_inplace(np.ascontiguousarray(tokens, dtype=np.int64).reshape(rows, 1))
+        self._small["beam_idx"].update_inplace(np.ascontiguousarray(beam_idx, dtype=np.int64))
+        self._small["position_ids"].update_inplace(np.full(rows, self._step, dtype=np.int64))
+        self._small["past_sequence_length"].update_inplace(np.array([self._step], dtype=np.int32))
+        read, written = self.indirection_values[self._step % 2], self.indirection_values[1 - self._step % 2]
+        self._binding.bind_ortvalue_input("cache_indirection", read)
+        self._binding.bind_ortvalue_output(contract.PRESENT_INDIRECTION, written)
+        self._session.run_with_iobinding(self._binding)
+        self._step += 1
+        if self.device == "cpu":
+            return self._host_logits
+        return self.logits_value.numpy()

@@ -35,6 +35,12 @@ SHAPES = {
         d_model=32, heads=2, encoder_layers=1, decoder_layers=3, ffn_dim=48, extra_vocab=1,
         max_position_embeddings=40, eos_logit_bias=1.5, tie_embeddings=True,
     ),
+    # head_dim 32: the decoder's self-attention is onnxruntime's DecoderMaskedMultiHeadAttention (the
+    # others' head sizes, 16 and 20, get the plain-ONNX body): graphs/contract.py, exporter/attention.py
+    "head32": TinyPegasusShape(
+        d_model=64, heads=2, encoder_layers=1, decoder_layers=2, ffn_dim=96, extra_vocab=3,
+        max_position_embeddings=48, eos_logit_bias=2.0,
+    ),
 }  # fmt: skip
 
 

@@ -20,7 +20,16 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ortseq.exporter.attention import additive_mask, attend, cross_attend_shared, merge_heads, split_heads
+from ortseq.exporter.attention import (
+    DMMHA,
+    CacheStep,
+    additive_mask,
+    attend,
+    cross_attend_shared,
+    merge_heads,
+    split_heads,
+    static_self_attention,
+)
 from ortseq.exporter.checkpoint_check import CheckpointLayout
 from ortseq.exporter.families.base import Family
 from ortseq.exporter.shared_weights import lm_head_logits
@@ -105,8 +114,11 @@ class BartFamily(Family):
     def encoder_export(self, model: nn.Module) -> nn.Module:
         return EncoderExport(model, self.layout)
 
-    def decoder_export(self, model: nn.Module) -> nn.Module:
-        return DecoderExport(model, self.layout)
+    def decoder_export(self, model: nn.Module, body: str = DMMHA) -> nn.Module:
+        return DecoderExport(model, self.layout, body)
+
+    def concat_decoder_export(self, model: nn.Module) -> nn.Module:
+        return ConcatDecoderExport(model, self.layout)
 
     def tiny_builders(self) -> dict[str, Callable[[Path], Path]]:
         return {"bart": build_tiny_bart}
@@ -173,33 +185,51 @@ class EncoderExport(nn.Module):
 
 
 class DecoderExport(nn.Module):
-    """One decoder step for every row; reorders the past by beam_idx itself (see graphs/contract.py)."""
+    """One decoder step for every row, decoder contract 0.3 (graphs/contract.py): self-attention K/V in
+    the static cache, written in place at past_sequence_length and read through the cache indirection;
+    the self-attention is `body` (exporter/attention.py: DMMHA or plain ONNX)."""
 
-    def __init__(self, model: nn.Module, layout: Layout):
+    def __init__(self, model: nn.Module, layout: Layout, body: str = DMMHA):
         super().__init__()
         self.decoder = model.model.decoder
         self.lm_head = model.lm_head
         self.register_buffer("final_logits_bias", model.final_logits_bias.detach().clone(), persistent=False)
         self.num_layers = len(self.decoder.layers)
         self.layout = layout
+        self.body = body
 
-    def forward(self, input_ids, encoder_attention_mask, beam_idx, *past_and_cross):
-        dec, layout = self.decoder, self.layout
+    def forward(
+        self,
+        input_ids,
+        encoder_attention_mask,
+        beam_idx,
+        position_ids,
+        past_sequence_length,
+        cache_indirection,
+        *tensors,
+    ):
         n = self.num_layers
-        past, cross = past_and_cross[: 2 * n], past_and_cross[2 * n :]
-        past_len = past[0].shape[2]
-        positions = torch.arange(past_len, past_len + 1, device=input_ids.device)
+        cache, cross = tensors[: 2 * n], tensors[2 * n :]
+        step = CacheStep.of_step(beam_idx, past_sequence_length, cache_indirection, encoder_attention_mask.shape[0])
+        presents = []
+
+        def self_attention(i: int, attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            q, k, v = (proj(h) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+            context, *present = static_self_attention(
+                q, k, v, cache[2 * i], cache[2 * i + 1], step, attn.num_heads, attn.scaling, self.body
+            )
+            presents.extend(present)
+            return attn.out_proj(context)
+
+        logits = self.step(input_ids, position_ids[:, None], encoder_attention_mask, cross, self_attention)
+        return (logits, step.indirection, *presents)
+
+    def step(self, input_ids, positions, encoder_attention_mask, cross, self_attention: Callable) -> torch.Tensor:
+        """The logits of one step; self_attention(layer index, attention module, h) -> its output [rows, 1, D]."""
+        dec, layout = self.decoder, self.layout
         x = embed(dec, layout, input_ids, positions)  # [rows, 1, D]
         cross_mask = additive_mask(encoder_attention_mask, x.dtype)
-        presents = []
         for i, layer in enumerate(dec.layers):
-
-            def self_attention(h, attn=layer.self_attn, i=i):
-                q, k, v = (split_heads(proj(h), attn.num_heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-                k = torch.cat([past[2 * i].index_select(0, beam_idx), k], dim=2)
-                v = torch.cat([past[2 * i + 1].index_select(0, beam_idx), v], dim=2)
-                presents.extend([k, v])
-                return attn.out_proj(merge_heads(attend(q, k, v, None, attn.scaling)))
 
             def cross_attention(h, attn=layer.encoder_attn, i=i):
                 q = split_heads(attn.q_proj(h), attn.num_heads)
@@ -207,10 +237,31 @@ class DecoderExport(nn.Module):
                     merge_heads(cross_attend_shared(q, cross[2 * i], cross[2 * i + 1], cross_mask, attn.scaling))
                 )
 
-            x = residual(layout, layer.self_attn_layer_norm, x, self_attention)
+            x = residual(layout, layer.self_attn_layer_norm, x, functools.partial(self_attention, i, layer.self_attn))
             x = residual(layout, layer.encoder_attn_layer_norm, x, cross_attention)
             x = residual(layout, layer.final_layer_norm, x, _feed_forward(layer))
         if layout.final_layer_norm:
             x = dec.layer_norm(x)
-        logits = lm_head_logits(x[:, 0, :], self.lm_head.weight) + self.final_logits_bias
+        return lm_head_logits(x[:, 0, :], self.lm_head.weight) + self.final_logits_bias
+
+
+class ConcatDecoderExport(DecoderExport):
+    """One decoder step of the concat contract (ortseq 0.2's decoder.onnx, and what ORT's BeamSearch op
+    needs): the past is reordered by beam_idx and concatenated with the new K/V (graphs/contract.py)."""
+
+    def forward(self, input_ids, encoder_attention_mask, beam_idx, *past_and_cross):
+        n = self.num_layers
+        past, cross = past_and_cross[: 2 * n], past_and_cross[2 * n :]
+        past_len = past[0].shape[2]
+        positions = torch.arange(past_len, past_len + 1, device=input_ids.device)
+        presents = []
+
+        def self_attention(i: int, attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            q, k, v = (split_heads(proj(h), attn.num_heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+            k = torch.cat([past[2 * i].index_select(0, beam_idx), k], dim=2)
+            v = torch.cat([past[2 * i + 1].index_select(0, beam_idx), v], dim=2)
+            presents.extend([k, v])
+            return attn.out_proj(merge_heads(attend(q, k, v, None, attn.scaling)))
+
+        logits = self.step(input_ids, positions, encoder_attention_mask, cross, self_attention)
         return (logits, *presents)

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from ortseq.graphs import contract
+
 if TYPE_CHECKING:
     import onnx
     from torch import nn
@@ -65,8 +67,14 @@ class Family:
         """input_ids, attention_mask -> the encoder outputs of graphs/contract.py."""
         raise NotImplementedError
 
-    def decoder_export(self, model: nn.Module) -> nn.Module:
-        """One decoder step, with the inputs and outputs of graphs/contract.py."""
+    def decoder_export(self, model: nn.Module, body: str = contract.DMMHA_BODY) -> nn.Module:
+        """One decoder step of contract 0.3 (graphs/contract.py: static cache, cache indirection), its
+        self-attention exported as `body` (exporter/attention.py's DMMHA or PLAIN)."""
+        raise NotImplementedError
+
+    def concat_decoder_export(self, model: nn.Module) -> nn.Module:
+        """One decoder step of the concat contract (graphs/contract.py): the layout of ortseq 0.2's
+        decoder.onnx, and of the decoder subgraph ORT's BeamSearch op runs (exporter/beam_search_op.py)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ optional, with defaults

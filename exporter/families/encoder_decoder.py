@@ -22,7 +22,16 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ortseq.exporter.attention import additive_mask, attend, cross_attend_shared, merge_heads, split_heads
+from ortseq.exporter.attention import (
+    DMMHA,
+    CacheStep,
+    additive_mask,
+    attend,
+    cross_attend_shared,
+    merge_heads,
+    split_heads,
+    static_self_attention,
+)
 from ortseq.exporter.checkpoint_check import CheckpointLayout
 from ortseq.exporter.families.base import Family, UnsupportedModelError
 from ortseq.exporter.tiny.encoder_decoder import KINDS, build_tiny_encoder_decoder
@@ -181,8 +190,11 @@ class EncoderDecoderFamily(Family):
     def encoder_export(self, model: nn.Module) -> nn.Module:
         return EncoderExport(model)
 
-    def decoder_export(self, model: nn.Module) -> nn.Module:
-        return DecoderExport(model)
+    def decoder_export(self, model: nn.Module, body: str = DMMHA) -> nn.Module:
+        return DecoderExport(model, body)
+
+    def concat_decoder_export(self, model: nn.Module) -> nn.Module:
+        return ConcatDecoderExport(model)
 
     def tiny_builders(self) -> dict[str, Callable[[Path], Path]]:
         return {kind: functools.partial(build_tiny_encoder_decoder, kind) for kind in KINDS}
@@ -243,32 +255,75 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 class DecoderExport(nn.Module):
-    """One decoder step for every row; reorders the past by beam_idx itself (see graphs/contract.py)."""
+    """One decoder step for every row, decoder contract 0.3 (graphs/contract.py): self-attention K/V in
+    the static cache, written in place at past_sequence_length and read through the cache indirection;
+    the self-attention is `body` (exporter/attention.py: DMMHA or plain ONNX)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, body: str = DMMHA):
         super().__init__()
         self.stack = _stack(model.config.decoder)
         self.embeddings = model.decoder.base_model.embeddings
         self.layers = _decoder_layers(model)
         self.lm_head = getattr(model.decoder, self.stack.lm_head)  # transform (if any) + projection + bias
+        self.body = body
 
-    def forward(self, input_ids, encoder_attention_mask, beam_idx, *past_and_cross):
+    def forward(
+        self,
+        input_ids,
+        encoder_attention_mask,
+        beam_idx,
+        position_ids,
+        past_sequence_length,
+        cache_indirection,
+        *tensors,
+    ):
         n = len(self.layers)
-        past, cross = past_and_cross[: 2 * n], past_and_cross[2 * n :]
-        x = embed(self.embeddings, self.stack, input_ids, past[0].shape[2])  # [rows, 1, D]
-        cross_mask = additive_mask(encoder_attention_mask, x.dtype)
+        cache, cross = tensors[: 2 * n], tensors[2 * n :]
+        step = CacheStep.of_step(beam_idx, past_sequence_length, cache_indirection, encoder_attention_mask.shape[0])
         presents = []
-        for i, layer in enumerate(self.layers):
-            attn = layer.attention.self
-            q, k, v = (split_heads(proj(x), attn.num_attention_heads) for proj in (attn.query, attn.key, attn.value))
-            k = torch.cat([past[2 * i].index_select(0, beam_idx), k], dim=2)
-            v = torch.cat([past[2 * i + 1].index_select(0, beam_idx), v], dim=2)
-            presents += [k, v]
-            x = _post_ln_attention(layer.attention, x, attend(q, k, v, None, attn.scaling))
 
+        def self_attention(i: int, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = (proj(x) for proj in (attn.query, attn.key, attn.value))
+            context, *present = static_self_attention(
+                q, k, v, cache[2 * i], cache[2 * i + 1], step, attn.num_attention_heads, attn.scaling, self.body
+            )
+            presents.extend(present)
+            return context
+
+        logits = self.step(input_ids, position_ids[:, None], encoder_attention_mask, cross, self_attention)
+        return (logits, step.indirection, *presents)
+
+    def step(self, input_ids, past, encoder_attention_mask, cross, self_attention: Callable) -> torch.Tensor:
+        """The logits of one step; past: the position of the new token (int or [rows, 1]);
+        self_attention(layer index, attention module, x) -> its context [rows, 1, D] (heads merged)."""
+        x = embed(self.embeddings, self.stack, input_ids, past)  # [rows, 1, D]
+        cross_mask = additive_mask(encoder_attention_mask, x.dtype)
+        for i, layer in enumerate(self.layers):
+            block = layer.attention
+            x = block.output.LayerNorm(block.output.dense(self_attention(i, block.self, x)) + x)
             cross_attn = layer.crossattention.self
             q = split_heads(cross_attn.query(x), cross_attn.num_attention_heads)
             context = cross_attend_shared(q, cross[2 * i], cross[2 * i + 1], cross_mask, cross_attn.scaling)
             x = _feed_forward(layer, _post_ln_attention(layer.crossattention, x, context))
-        logits = self.lm_head(x[:, 0, :])  # [rows, vocab]
+        return self.lm_head(x[:, 0, :])  # [rows, vocab]
+
+
+class ConcatDecoderExport(DecoderExport):
+    """One decoder step of the concat contract (ortseq 0.2's decoder.onnx): the past is reordered by
+    beam_idx and concatenated with the new K/V (graphs/contract.py)."""
+
+    def forward(self, input_ids, encoder_attention_mask, beam_idx, *past_and_cross):
+        n = len(self.layers)
+        past, cross = past_and_cross[: 2 * n], past_and_cross[2 * n :]
+        presents = []
+
+        def self_attention(i: int, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            heads = attn.num_attention_heads
+            q, k, v = (split_heads(proj(x), heads) for proj in (attn.query, attn.key, attn.value))
+            k = torch.cat([past[2 * i].index_select(0, beam_idx), k], dim=2)
+            v = torch.cat([past[2 * i + 1].index_select(0, beam_idx), v], dim=2)
+            presents.extend([k, v])
+            return merge_heads(attend(q, k, v, None, attn.scaling))
+
+        logits = self.step(input_ids, past[0].shape[2], encoder_attention_mask, cross, self_attention)
         return (logits, *presents)
