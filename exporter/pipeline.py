@@ -17,6 +17,7 @@ from ortseq.exporter.beam_search_op import beam_search_model_for, check_supporte
 from ortseq.exporter.checkpoint_check import load_checkpoint_tensors
 from ortseq.exporter.families import Family, UnsupportedModelError, family_for, family_named
 from ortseq.exporter.progress import log
+from ortseq.exporter.search_step import write_search_step
 from ortseq.exporter.shared_weights import SharedWeights, embedding_tables
 from ortseq.exporter.sources import ALIASES, resolved_source
 from ortseq.exporter.tokenizer_files import check_tokenizer_files, save_tokenizer
@@ -112,6 +113,8 @@ def _export_checkpoint(
         dims.vocab_size,
         dims.max_position_embeddings,
     )
+
+    files += write_search_step(staging)  # the same small graph for every family (no torch, no weights)
 
     engines = [LOOP_ENGINE]
     if beam_search_op:

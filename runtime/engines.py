@@ -18,7 +18,8 @@ import numpy as np
 from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, Manifest
 from ortseq.runtime.beam_search_op import BeamSearchOpModel
 from ortseq.runtime.errors import InvalidInputError
-from ortseq.runtime.search import EncoderTokens, SearchSettings, beam_search, greedy_search
+from ortseq.runtime.search import EncoderTokens, HostCandidates, SearchSettings, beam_search, greedy_search
+from ortseq.runtime.search_step import DeviceCandidates
 from ortseq.runtime.sessions import EncoderDecoderSessions
 
 ENGINES = (LOOP_ENGINE, BEAM_SEARCH_OP_ENGINE)
@@ -38,9 +39,16 @@ class LoopEngine:
         memory = self.sessions.encode(input_ids, attention_mask)
         step = self.sessions.decoder_step(memory, rows=batch * settings.num_beams)
         encoder = EncoderTokens(input_ids, settings.num_beams, settings)
+        candidates = self.candidates(step, settings, encoder)
         if settings.num_beams == 1:
-            return greedy_search(step, batch, settings, encoder)
-        return beam_search(step, batch, settings, encoder)
+            return greedy_search(step, batch, settings, encoder, candidates)
+        return beam_search(step, batch, settings, encoder, candidates)
+
+    def candidates(self, step, settings: SearchSettings, encoder: EncoderTokens):
+        """On the decoder's device where the export has search_step.onnx, else on the host."""
+        if self.sessions.search_step is None:
+            return HostCandidates(settings, encoder)
+        return DeviceCandidates(self.sessions.search_step, step, settings, encoder)
 
 
 def open_engine(name: str, directory: Path, manifest: Manifest, provider: str, threads: int | None):
