@@ -17,8 +17,8 @@ from ortseq.graphs import contract
 
 
 def search_step_model() -> onnx.ModelProto:
-    """log_softmax (beam search) or raw logits (greedy), the processors' mask pair, + running scores, top-k."""
-    logits, log_probs, replace, bias, running, k = contract.SEARCH_STEP_INPUTS
+    """log_softmax (beam search) or raw logits (greedy), + the processors' bias, + running scores, top-k."""
+    logits, log_probs, bias, running, k = contract.SEARCH_STEP_INPUTS
     topk_scores, topk_ids = contract.SEARCH_STEP_OUTPUTS
     scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["rows", "vocab"])
     # one If, not two graphs: onnxruntime runs every node of a graph whatever outputs are asked for
@@ -33,8 +33,8 @@ def search_step_model() -> onnx.ModelProto:
     )
     nodes = [
         helper.make_node("If", [log_probs], ["scores"], then_branch=then_branch, else_branch=else_branch),
-        # every row-independent processor sets scores (to -inf, or 0 for a forced token): a Where, no arithmetic
-        helper.make_node("Where", [replace, bias, "scores"], ["processed"]),
+        # the row-independent bans: + 0 keeps a score exactly, + -inf bans it (an Add: a Where took 4x as long)
+        helper.make_node("Add", ["scores", bias], ["processed"]),
         helper.make_node("Reshape", [running, "column"], ["running_column"]),
         helper.make_node("Add", ["processed", "running_column"], ["totals"]),
         # [rows, vocab] -> [batch, beams * vocab]: an input's candidates over all of its beams
@@ -46,7 +46,6 @@ def search_step_model() -> onnx.ModelProto:
     inputs = [
         helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["rows", "vocab"]),
         helper.make_tensor_value_info(log_probs, TensorProto.BOOL, []),
-        helper.make_tensor_value_info(replace, TensorProto.BOOL, [1, "vocab"]),
         helper.make_tensor_value_info(bias, TensorProto.FLOAT, [1, "vocab"]),
         helper.make_tensor_value_info(running, TensorProto.FLOAT, ["batch", "beams"]),
         helper.make_tensor_value_info(k, TensorProto.INT64, [1]),

@@ -27,14 +27,15 @@ the tensor part of choosing each step's candidates, run on the decoder's device:
     log_probs [] bool (true in beam search: the scores are log_softmax(logits), as torch computes them
     (onnxruntime's LogSoftmax matched torch.log_softmax bitwise far more often than numpy did);
     false in greedy search: the raw logits),
-    replace [1, vocab] bool, bias [1, vocab] float32 (the logits processors that are the same for every
-    row, as one mask pair: scores = Where(replace, bias, scores); every such processor sets scores),
+    bias [1, vocab] float32 (the logits processors that ban the same ids in every row: 0, or -inf where
+    banned; scores + bias),
     running_scores [batch, beams] float32 (added to the rows' scores; zeros [rows, 1] in greedy search),
     k [1] int64 (2 * beams in beam search, 1 in greedy search)
     -> topk_scores [batch, k] float32, topk_ids [batch, k] int64: the k best of the input's
        beams * vocab scores, best first, ties to the lower flat index (beam * vocab + token), like torch.topk.
     Processors that depend on the row (repetition penalties, n-gram bans once they can match, bad words
-    of several tokens, remove_invalid_values) run on the host for that step (runtime/search_step.py).
+    of several tokens, remove_invalid_values), and a forced token (no score depends on the logits then),
+    run on the host for that step (runtime/search_step.py).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ IR_VERSION = 8
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 SEARCH_STEP_FILE = "search_step.onnx"
-SEARCH_STEP_INPUTS = ("logits", "log_probs", "replace", "bias", "running_scores", "k")
+SEARCH_STEP_INPUTS = ("logits", "log_probs", "bias", "running_scores", "k")
 SEARCH_STEP_OUTPUTS = ("topk_scores", "topk_ids")
 # Optional: ONNX Runtime's BeamSearch op over Pegasus subgraphs, the whole search in one graph
 # (exporter/beam_search_op.py documents its I/O; runtime/beam_search_op.py runs it).

@@ -17,7 +17,7 @@ from ortseq.graphs import contract
 from ortseq.graphs.generation import PROMPT_LEN
 from ortseq.runtime import Seq2SeqModel
 from ortseq.runtime.search import HostCandidates, SearchSettings, needs_rows, process_scores, row_independent_state
-from ortseq.runtime.search_step import DeviceCandidates, processor_masks
+from ortseq.runtime.search_step import DeviceCandidates, processor_bias
 
 VOCAB = 1003
 
@@ -94,22 +94,30 @@ ROW_INDEPENDENT = {
 
 
 @pytest.mark.parametrize("name", list(ROW_INDEPENDENT))
-def test_processor_masks_equal_process_scores_at_every_length(name):
+def test_processor_bias_equals_process_scores_at_every_length(name):
     settings = SearchSettings(num_beams=2, **{"max_length": 10, **ROW_INDEPENDENT[name]})
     rng = np.random.default_rng(0)
-    masks_by_state = {}
+    bias_by_state = {}
     for cur_len in range(PROMPT_LEN, settings.max_length):
         assert not needs_rows(settings, cur_len)
         scores = rng.standard_normal((4, VOCAB)).astype(np.float32)
-        replace_mask, bias = processor_masks(settings, cur_len, VOCAB)
-        expected = process_scores(settings, rng.integers(0, VOCAB, (4, cur_len)), scores.copy())
-        np.testing.assert_array_equal(np.where(replace_mask, bias, scores), expected, f"cur_len {cur_len}")
-        # the device path keeps one mask pair per state: equal states must mean equal masks
+        scores[:, rng.integers(0, VOCAB, 50)] = -np.inf
+        bias = processor_bias(settings, cur_len, VOCAB)
+        sequences = rng.integers(0, VOCAB, (4, cur_len))
+        expected = process_scores(settings, sequences, scores.copy())
+        forced = (settings.forced_bos_token_id is not None and cur_len == 1) or (
+            settings.forced_eos_token_id is not None and cur_len == settings.max_length - 1
+        )
+        if bias is None:  # the host chooses: a forced token sets every score, none comes from the logits
+            other = process_scores(settings, sequences, rng.standard_normal((4, VOCAB)).astype(np.float32))
+            assert forced and np.array_equal(other, expected), f"cur_len {cur_len}"
+            continue
+        np.testing.assert_array_equal(scores + bias, expected, f"cur_len {cur_len}")
+        # the device path keeps one bias per state: equal states must mean equal biases
         state = row_independent_state(settings, cur_len)
-        if state in masks_by_state:
-            np.testing.assert_array_equal(masks_by_state[state][0], replace_mask, f"cur_len {cur_len}")
-            np.testing.assert_array_equal(masks_by_state[state][1], bias, f"cur_len {cur_len}")
-        masks_by_state[state] = (replace_mask, bias)
+        if state in bias_by_state:
+            np.testing.assert_array_equal(bias_by_state[state], bias, f"cur_len {cur_len}")
+        bias_by_state[state] = bias
 
 
 class CountingSession:
@@ -129,11 +137,18 @@ class CountingSession:
 
 @pytest.fixture
 def counted(exported):
-    """(exported model, Seq2SeqModel whose search step session counts its runs)."""
+    """(exported model, Seq2SeqModel whose search step session counts its runs, the candidates of its calls)."""
     model = exported("base")
     ours = Seq2SeqModel.load(model.export_dir)
     ours.sessions.search_step = CountingSession(ours.sessions.search_step)
-    return model, ours
+    made, real = [], ours.engine.candidates
+
+    def recording(*args):
+        made.append(real(*args))
+        return made[-1]
+
+    ours.engine.candidates = recording
+    return model, ours, made
 
 
 @pytest.mark.parametrize(
@@ -146,11 +161,17 @@ def counted(exported):
     ids=["beam4_min_new_tokens", "greedy_suppress", "beam3_forced_tokens"],
 )
 def test_generate_through_the_device_step_matches_transformers(counted, settings):
-    model, ours = counted
+    model, ours, made = counted
     ids, mask = padded_batch(ours.manifest.dims.vocab_size, [17, 6, 1], seed=4)
     out = ours.generate(ids, mask, **settings)
     np.testing.assert_array_equal(out, torch_generate(model.torch_model, ids, mask, settings))
-    assert ours.sessions.search_step.runs == out.shape[1] - PROMPT_LEN  # every step chose on the device
+    (candidates,) = made
+    assert ours.sessions.search_step.runs == candidates.device_steps > 0
+    # every step chose on the device but those of a forced token: the first, and the last if reached
+    resolved, steps = ours.settings(**settings), candidates.device_steps + candidates.host_steps
+    reached_last = steps == resolved.max_length - PROMPT_LEN
+    forced = (resolved.forced_bos_token_id is not None) + (resolved.forced_eos_token_id is not None and reached_last)
+    assert candidates.host_steps == forced
 
 
 @pytest.mark.parametrize(
@@ -171,15 +192,15 @@ def test_generate_through_the_device_step_matches_transformers(counted, settings
     ],
 )
 def test_settings_that_read_the_rows_choose_on_the_host(counted, settings):
-    model, ours = counted
+    model, ours, made = counted
     ids, mask = padded_batch(ours.manifest.dims.vocab_size, [12, 5], seed=8)
     out = ours.generate(ids, mask, **settings)
     np.testing.assert_array_equal(out, torch_generate(model.torch_model, ids, mask, settings))
-    assert ours.sessions.search_step.runs == 0
+    assert ours.sessions.search_step.runs == 0 and made[0].host_steps > 0
 
 
 def test_no_repeat_ngram_chooses_on_the_device_until_an_ngram_can_repeat(counted):
-    model, ours = counted
+    model, ours, _ = counted
     settings = dict(num_beams=4, max_new_tokens=16, no_repeat_ngram_size=3)
     ids, mask = padded_batch(ours.manifest.dims.vocab_size, [12, 5], seed=9)
     out = ours.generate(ids, mask, **settings)
