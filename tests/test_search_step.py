@@ -208,6 +208,18 @@ def test_no_repeat_ngram_chooses_on_the_device_until_an_ngram_can_repeat(counted
     assert ours.sessions.search_step.runs == 3 - PROMPT_LEN  # lengths 1 and 2: no 3-gram can be completed yet
 
 
+@pytest.mark.host_search_on_cpu
+def test_cpu_provider_chooses_on_the_host_by_default(counted):
+    """numpy is faster than the graph where the logits are in host memory already (runtime/engines.py)."""
+    model, ours, made = counted
+    settings = dict(num_beams=4, max_new_tokens=10)
+    ids, mask = padded_batch(ours.manifest.dims.vocab_size, [12, 5], seed=8)
+    np.testing.assert_array_equal(
+        ours.generate(ids, mask, **settings), torch_generate(model.torch_model, ids, mask, settings)
+    )
+    assert isinstance(made[0], HostCandidates) and ours.sessions.search_step.runs == 0
+
+
 def test_export_without_a_search_step_graph_chooses_on_the_host(exported, tmp_path):
     """Exports made before search_step.onnx keep running, with the same tokens."""
     model = exported("base")
