@@ -19,6 +19,7 @@ from ortseq.exporter.beam_search_op import beam_search_model_for, check_supporte
 from ortseq.exporter.checkpoint_check import load_checkpoint_tensors
 from ortseq.exporter.families import Family, UnsupportedModelError, family_for, family_named
 from ortseq.exporter.progress import log
+from ortseq.exporter.search_step import write_search_step
 from ortseq.exporter.shared_weights import SharedWeights, embedding_tables
 from ortseq.exporter.sources import ALIASES, resolved_source
 from ortseq.exporter.tokenizer_files import check_tokenizer_files, save_tokenizer
@@ -121,6 +122,8 @@ def _export_checkpoint(checkpoint: Path, staging: Path, source: str, options: Ex
         finalize=shared.point_at_shared,
     )
     verify.verify_decoder(staging / contract.DECODER_FILE, decoder, dims)
+
+    files += write_search_step(staging)  # the same small graph for every family (no torch, no weights)
 
     engines = [LOOP_ENGINE]
     if beam_search_op:

@@ -42,6 +42,22 @@ subgraph of ORT's BeamSearch op), past may be empty (past = 0):
     past_key_{l}, past_value_{l} [rows, H, past, dh], cross_key_{l}, cross_value_{l} as above
     -> logits [rows, vocab] float, present_key_{l}, present_value_{l} [rows, H, past + 1, dh]
     (the past gathered by beam_idx, then concatenated with the new K/V: a new tensor every step).
+
+Search step (``search_step.onnx``, optional: exports made before it run the search on the host),
+the tensor part of choosing each step's candidates, run on the decoder's device:
+    logits [rows, vocab] float32 (the decoder step's output, bound without a copy),
+    log_probs [] bool (true in beam search: the scores are log_softmax(logits), as torch computes them
+    (onnxruntime's LogSoftmax matched torch.log_softmax bitwise far more often than numpy did);
+    false in greedy search: the raw logits),
+    bias [1, vocab] float32 (the logits processors that ban the same ids in every row: 0, or -inf where
+    banned; scores + bias),
+    running_scores [batch, beams] float32 (added to the rows' scores; zeros [rows, 1] in greedy search),
+    k [1] int64 (2 * beams in beam search, 1 in greedy search)
+    -> topk_scores [batch, k] float32, topk_ids [batch, k] int64: the k best of the input's
+       beams * vocab scores, best first, ties to the lower flat index (beam * vocab + token), like torch.topk.
+    Processors that depend on the row (repetition penalties, n-gram bans once they can match, bad words
+    of several tokens, remove_invalid_values), and a forced token (no score depends on the logits then),
+    run on the host for that step (runtime/search_step.py).
 """
 
 from __future__ import annotations
@@ -51,6 +67,9 @@ IR_VERSION = 8
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+SEARCH_STEP_FILE = "search_step.onnx"
+SEARCH_STEP_INPUTS = ("logits", "log_probs", "bias", "running_scores", "k")
+SEARCH_STEP_OUTPUTS = ("topk_scores", "topk_ids")
 # Optional: ONNX Runtime's BeamSearch op over Pegasus subgraphs, the whole search in one graph
 # (exporter/beam_search_op.py documents its I/O; runtime/beam_search_op.py runs it).
 BEAM_SEARCH_FILE = "beam_search.onnx"

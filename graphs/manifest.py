@@ -33,6 +33,8 @@ PRECISIONS = ("fp32", "int8", "int4", "fp16")
 # The graphs the runtime opens: always, and for an engine the manifest lists
 GRAPH_FILES = (contract.ENCODER_FILE, contract.DECODER_FILE)
 ENGINE_GRAPH_FILES = {BEAM_SEARCH_OP_ENGINE: contract.BEAM_SEARCH_FILE}
+# The graphs the runtime opens when listed: exports made before them run without
+OPTIONAL_GRAPH_FILES = (contract.SEARCH_STEP_FILE,)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -170,6 +172,7 @@ class Manifest:
     def runtime_files(self) -> list[str]:
         """Every file the runtime opens: the graphs of its engines and the tokenizer."""
         graphs = [*GRAPH_FILES, *(ENGINE_GRAPH_FILES[e] for e in self.engines if e in ENGINE_GRAPH_FILES)]
+        graphs += [name for name in OPTIONAL_GRAPH_FILES if name in self.files]
         return [*graphs, self.tokenizer.file]
 
     def verify_files(self, directory: Path) -> None:

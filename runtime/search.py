@@ -95,6 +95,30 @@ def process_scores(
     return scores
 
 
+def needs_rows(settings: SearchSettings, cur_len: int, encoder: EncoderTokens | None = None) -> bool:
+    """Whether process_scores, at this length, applies a processor that depends on a row's tokens (or
+    on values, like remove_invalid_values): one that a mask shared by every row cannot express."""
+    return (
+        settings.repetition_penalty != 1.0
+        or (settings.encoder_repetition_penalty != 1.0 and encoder is not None)
+        or 0 < settings.no_repeat_ngram_size <= cur_len
+        or (encoder is not None and encoder.ngrams is not None and cur_len >= settings.encoder_no_repeat_ngram_size - 1)
+        or (settings.bad_words_ids is not None and any(len(words) > 1 for words in settings.bad_words_ids))
+        or settings.remove_invalid_values
+    )
+
+
+def row_independent_state(settings: SearchSettings, cur_len: int) -> tuple[bool, ...]:
+    """Which of process_scores' length-dependent, row-independent processors apply at this length (the
+    others, suppress_tokens and single-token bad words, apply at every length): equal states, equal masks."""
+    return (
+        cur_len < settings.min_length,
+        settings.forced_bos_token_id is not None and cur_len == 1,
+        settings.forced_eos_token_id is not None and cur_len == settings.max_length - 1,
+        cur_len == PROMPT_LEN + (settings.forced_bos_token_id is not None),  # begin_suppress_tokens
+    )
+
+
 def _penalize(scores: np.ndarray, tokens: np.ndarray, penalty: np.float32) -> None:
     """transformers' repetition penalty on every token of a row's `tokens`: negative scores are
     multiplied by the penalty, the others divided by it (ids past the scores' vocab are skipped)."""
@@ -197,18 +221,64 @@ def _best_block_members(values: np.ndarray, k: int) -> np.ndarray:
     return np.broadcast_to(members.reshape(chosen.shape[0], -1), (rows, needed * block))
 
 
+class Candidates(Protocol):
+    """The tensor part of a search step: the next tokens (greedy) or the best candidates (beams) from
+    the decoder step's logits. `HostCandidates` computes them in numpy; runtime/search_step.py runs
+    them on the decoder's device and falls back to the host where a processor needs the rows.
+    Both return what transformers would choose, bit for bit where the arithmetic allows."""
+
+    def greedy(self, logits: np.ndarray, sequences: np.ndarray) -> np.ndarray:
+        """logits [rows, vocab] (the step's), sequences [rows, cur_len] -> next token of every row [rows]
+        int64: the argmax of the processed raw logits, the lower id on ties."""
+
+    def beam(
+        self, logits: np.ndarray, sequences: np.ndarray, running_scores: np.ndarray, keep: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """running_scores [batch, beams] -> the `keep` best of each input's processed log-probabilities plus
+        running scores, best first: scores [batch, keep] float32, flat ids (beam * vocab + token) int64."""
+
+
+class HostCandidates:
+    """Candidates in numpy, every processor applied on the host: transformers' order and arithmetic."""
+
+    def __init__(self, settings: SearchSettings, encoder: EncoderTokens | None = None):
+        self.settings = settings
+        self.encoder = encoder
+        self._scratch: np.ndarray | None = None
+
+    def greedy(self, logits: np.ndarray, sequences: np.ndarray) -> np.ndarray:
+        scores = process_scores(self.settings, sequences, logits, self.encoder)
+        return np.argmax(scores, axis=-1).astype(np.int64)
+
+    def beam(
+        self, logits: np.ndarray, sequences: np.ndarray, running_scores: np.ndarray, keep: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if self._scratch is None or self._scratch.shape != logits.shape:
+            self._scratch = np.empty_like(logits)
+        log_probs = log_softmax_(logits, self._scratch)
+        log_probs = process_scores(self.settings, sequences, log_probs, self.encoder)
+        batch, beams = running_scores.shape
+        log_probs = log_probs.reshape(batch, beams, -1)
+        log_probs += running_scores[:, :, None]
+        return top_k(log_probs.reshape(batch, -1), keep)
+
+
 def greedy_search(
-    step: StepFn, batch: int, settings: SearchSettings, encoder: EncoderTokens | None = None
+    step: StepFn,
+    batch: int,
+    settings: SearchSettings,
+    encoder: EncoderTokens | None = None,
+    candidates: Candidates | None = None,
 ) -> np.ndarray:
     """transformers' `_sample` with do_sample=False: returns [batch, length] int64. encoder: the
-    input ids, for the processors that read them (none when None)."""
+    input ids, for the processors that read them (none when None). candidates: who picks each step's
+    tokens (HostCandidates when None)."""
+    candidates = candidates or HostCandidates(settings, encoder)
     sequences = np.full((batch, 1), settings.decoder_start_token_id, dtype=np.int64)
     unfinished = np.ones(batch, dtype=bool)
     rows = np.arange(batch, dtype=np.int64)
     while True:
-        logits = step(sequences[:, -1], rows)
-        scores = process_scores(settings, sequences, logits, encoder)
-        next_tokens = np.argmax(scores, axis=-1).astype(np.int64)
+        next_tokens = candidates.greedy(step(sequences[:, -1], rows), sequences)
         next_tokens = np.where(unfinished, next_tokens, settings.pad_token_id)
         sequences = np.concatenate([sequences, next_tokens[:, None]], axis=1)
         unfinished &= ~((next_tokens == settings.eos_token_id) | (sequences.shape[1] >= settings.max_length))
@@ -230,9 +300,17 @@ class _BeamState:
     improvable: np.ndarray  # whether a live beam can still beat the finished ones [batch, 1]
 
 
-def beam_search(step: StepFn, batch: int, settings: SearchSettings, encoder: EncoderTokens | None = None) -> np.ndarray:
+def beam_search(
+    step: StepFn,
+    batch: int,
+    settings: SearchSettings,
+    encoder: EncoderTokens | None = None,
+    candidates: Candidates | None = None,
+) -> np.ndarray:
     """transformers' `_beam_search`: returns [batch * num_return_sequences, length] int64. encoder: the
-    input ids repeated per beam, for the processors that read them (none when None)."""
+    input ids repeated per beam, for the processors that read them (none when None). candidates: who
+    picks each step's best continuations (HostCandidates when None)."""
+    candidates = candidates or HostCandidates(settings, encoder)
     beams, max_length = settings.num_beams, settings.max_length
     keep = 2 * beams  # candidates kept per step: enough live ones even if `beams` of them end with EOS
     # transformers fills unused positions with `pad_token_id or eos_token_id`: EOS when pad is 0
@@ -256,21 +334,12 @@ def beam_search(step: StepFn, batch: int, settings: SearchSettings, encoder: Enc
     batch_offset = (np.arange(batch, dtype=np.int64) * beams)[:, None]
     beam_idx = np.arange(batch * beams, dtype=np.int64)
     cur_len = PROMPT_LEN
-    scratch = None
     while True:
         logits = step(state.running[:, :, cur_len - 1].reshape(-1), beam_idx)
-        if scratch is None:
-            scratch = np.empty_like(logits)
-        log_probs = log_softmax_(logits, scratch)
+        vocab = logits.shape[-1]
         sequences = state.running[:, :, :cur_len].reshape(batch * beams, cur_len)
-        log_probs = process_scores(settings, sequences, log_probs, encoder)
-        vocab = log_probs.shape[-1]
-        log_probs = log_probs.reshape(batch, beams, vocab)
-        log_probs += state.running_scores[:, :, None]
-        log_probs = log_probs.reshape(batch, -1)
-
         # top-k continuations over all beams of an input
-        topk_scores, topk_flat = top_k(log_probs, keep)
+        topk_scores, topk_flat = candidates.beam(logits, sequences, state.running_scores, keep)
         from_beam = topk_flat // vocab
         topk_running = _rows(state.running, from_beam)
         topk_running[:, :, cur_len] = topk_flat % vocab

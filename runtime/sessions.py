@@ -107,6 +107,12 @@ class EncoderDecoderSessions:
         past_type = next(i.type for i in self.decoder.get_inputs() if i.name == self.past_names[0])
         self.past_dtype = KV_DTYPES.get(past_type, np.float32)
         _check_outputs(self.encoder, contract.encoder_outputs(self.layers), directory)
+        # the candidates' tensor work on the decoder's device (runtime/search_step.py); exports made
+        # before search_step.onnx have none and choose candidates on the host
+        search_step = Path(directory) / contract.SEARCH_STEP_FILE
+        self.search_step = (
+            create_session(search_step, provider, threads) if contract.SEARCH_STEP_FILE in manifest.files else None
+        )
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
         """What every decoder step reads: the cross-attention mask and every layer's cross K/V, by name."""
@@ -171,6 +177,8 @@ class CpuDecoderStep:
     logits array is that buffer: the search may use it as scratch, the next call overwrites it.
     """
 
+    device = "cpu"  # where logits_value lives
+
     def __init__(self, sessions: EncoderDecoderSessions, memory: dict[str, np.ndarray], rows: int):
         dims = sessions.manifest.dims
         self._session = sessions.decoder
@@ -185,6 +193,11 @@ class CpuDecoderStep:
         self._logits = np.empty((rows, dims.vocab_size), dtype=np.float32)
         self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
         self._present_names = contract.present_names(sessions.layers)
+
+    @property
+    def logits_value(self) -> ort.OrtValue:
+        """The last step's logits [rows, vocab] float32 as an OrtValue (the returned array's memory)."""
+        return self._logits_value
 
     def __call__(self, tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
         self._inputs["input_ids"] = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1, 1)

@@ -41,6 +41,16 @@ def exported(tmp_path_factory):
     return get
 
 
+@pytest.fixture(autouse=True)
+def search_step_on_cpu(request, monkeypatch):
+    """Every test runs the search step graph on the CPU too (the runtime's CPU default is numpy, measured
+    faster there), so the parity suites check the path devices take; `host_search_on_cpu` opts out."""
+    from ortseq.runtime.engines import LoopEngine
+
+    if request.node.get_closest_marker("host_search_on_cpu") is None:
+        monkeypatch.setattr(LoopEngine, "search_step_on_cpu", True)
+
+
 @pytest.fixture
 def gate_calls(monkeypatch):
     """The (quality report, (mode, token agreement)) pairs the quantization gate judged during the test."""
