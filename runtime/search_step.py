@@ -114,7 +114,8 @@ class DeviceCandidates:
         self._binding.bind_ortvalue_output("topk_ids", ids)
         self._session.run_with_iobinding(self._binding)
         self.device_steps += 1
-        return scores.numpy(), ids.numpy()
+        # copies: on the CPU numpy() is a view of the output buffers, which the next step overwrites
+        return scores.numpy().copy(), ids.numpy().copy()
 
     def _bind_host(self, name: str, array: np.ndarray) -> None:
         self._bound[name] = array

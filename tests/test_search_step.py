@@ -78,6 +78,21 @@ def test_device_greedy_tokens_equal_the_hosts_on_ties_and_inf(session):
         assert device.dtype == np.int64 and device.shape == (6,)
 
 
+def test_device_candidates_stay_valid_after_the_next_step(session):
+    """The search keeps a step's scores (the running scores) while the next step runs."""
+    rng = np.random.default_rng(3)
+    settings = SearchSettings(num_beams=2, max_length=10)
+    logits = rng.standard_normal((2, VOCAB)).astype(np.float32)
+    candidates = DeviceCandidates(session, ArrayStep(logits), settings)
+    sequences, running = np.zeros((2, 2), dtype=np.int64), np.zeros((1, 2), dtype=np.float32)
+    first_scores, first_ids = candidates.beam(logits, sequences, running, 4)
+    kept = first_scores.copy(), first_ids.copy()
+    logits[:] = rng.standard_normal((2, VOCAB))
+    candidates.beam(logits, sequences, running, 4)
+    np.testing.assert_array_equal(first_scores, kept[0])
+    np.testing.assert_array_equal(first_ids, kept[1])
+
+
 ROW_INDEPENDENT = {
     "min_length": dict(min_length=5),
     "forced_bos": dict(forced_bos_token_id=11),
