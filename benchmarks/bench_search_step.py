@@ -64,6 +64,26 @@ def time_case(session, batch: int, beams: int, device: str, rounds: int, steps: 
     return {name: min(values) for name, values in samples.items()}
 
 
+def check_ties(session, device: str) -> None:
+    """The device's candidate ids equal numpy's on logits full of exact ties (onnxruntime's CUDA TopK is
+    another kernel than its CPU one: this is what to run first on a GPU)."""
+    rng = np.random.default_rng(0)
+    batch, beams = 8, 8
+    settings = SearchSettings(num_beams=beams, max_length=64)
+    logits = (rng.integers(-4, 3, size=(batch * beams, VOCAB)) / 2).astype(np.float32)
+    logits[rng.random(logits.shape) < 0.3] = -np.inf
+    logits[:, 0] = 1.5
+    running = (rng.integers(-6, 0, size=(batch, beams)) / 4).astype(np.float32)
+    sequences = np.zeros((batch * beams, 5), dtype=np.int64)
+    on_device = DeviceCandidates(session, LogitsStep(logits, device), settings)
+    _, device_ids = on_device.beam(logits, sequences, running, 2 * beams)
+    _, host_ids = HostCandidates(settings).beam(logits.copy(), sequences, running, 2 * beams)
+    greedy_device = on_device.greedy(logits, sequences)
+    greedy_host = HostCandidates(settings).greedy(logits.copy(), sequences)
+    same = np.array_equal(device_ids, host_ids) and np.array_equal(greedy_device, greedy_host)
+    print(f"ties: device candidates {'equal' if same else 'DIFFER FROM'} the host's")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -75,6 +95,7 @@ def main() -> None:
     options.intra_op_num_threads = args.threads
     provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[args.provider]
     session = ort.InferenceSession(search_step_model().SerializeToString(), options, providers=[provider])
+    check_ties(session, args.provider)
     print(f"load average {os.getloadavg()[0]:.2f}, {args.threads} threads, vocab {VOCAB}, best of {args.rounds} rounds")
     for name, (batch, beams) in CASES.items():
         best = time_case(session, batch, beams, args.provider, args.rounds, args.steps)

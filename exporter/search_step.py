@@ -17,8 +17,8 @@ from ortseq.graphs import contract
 
 
 def search_step_model() -> onnx.ModelProto:
-    """log_softmax (beam search) or raw logits (greedy), + the processors' bias, + running scores, top-k."""
-    logits, log_probs, bias, running, k = contract.SEARCH_STEP_INPUTS
+    """log_softmax (beam search) or raw logits (greedy), + the processors' bans, + running scores, top-k."""
+    logits, log_probs, bias, ban_ids, ban_values, running, k = contract.SEARCH_STEP_INPUTS
     topk_scores, topk_ids = contract.SEARCH_STEP_OUTPUTS
     scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["rows", "vocab"])
     # one If, not two graphs: onnxruntime runs every node of a graph whatever outputs are asked for
@@ -34,7 +34,15 @@ def search_step_model() -> onnx.ModelProto:
     nodes = [
         helper.make_node("If", [log_probs], ["scores"], then_branch=then_branch, else_branch=else_branch),
         # the row-independent bans: + 0 keeps a score exactly, + -inf bans it (an Add: a Where took 4x as long)
-        helper.make_node("Add", ["scores", bias], ["processed"]),
+        helper.make_node("Add", ["scores", bias], ["shared_banned"]),
+        # each row's own bans (n-grams, bad words): -inf scattered into a zero bias; padding writes 0 (or
+        # repeats one of the row's bans), so duplicate indices always write equal values
+        helper.make_node("Shape", [logits], ["logits_shape"]),
+        helper.make_node(
+            "ConstantOfShape", ["logits_shape"], ["zeros"], value=helper.make_tensor("", TensorProto.FLOAT, [1], [0.0])
+        ),
+        helper.make_node("ScatterElements", ["zeros", ban_ids, ban_values], ["row_bias"], axis=1),
+        helper.make_node("Add", ["shared_banned", "row_bias"], ["processed"]),
         helper.make_node("Reshape", [running, "column"], ["running_column"]),
         helper.make_node("Add", ["processed", "running_column"], ["totals"]),
         # [rows, vocab] -> [batch, beams * vocab]: an input's candidates over all of its beams
@@ -47,6 +55,8 @@ def search_step_model() -> onnx.ModelProto:
         helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["rows", "vocab"]),
         helper.make_tensor_value_info(log_probs, TensorProto.BOOL, []),
         helper.make_tensor_value_info(bias, TensorProto.FLOAT, [1, "vocab"]),
+        helper.make_tensor_value_info(ban_ids, TensorProto.INT64, ["rows", "bans"]),
+        helper.make_tensor_value_info(ban_values, TensorProto.FLOAT, ["rows", "bans"]),
         helper.make_tensor_value_info(running, TensorProto.FLOAT, ["batch", "beams"]),
         helper.make_tensor_value_info(k, TensorProto.INT64, [1]),
     ]

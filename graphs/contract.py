@@ -51,13 +51,14 @@ the tensor part of choosing each step's candidates, run on the decoder's device:
     false in greedy search: the raw logits),
     bias [1, vocab] float32 (the logits processors that ban the same ids in every row: 0, or -inf where
     banned; scores + bias),
+    ban_ids [rows, bans] int64, ban_values [rows, bans] float32 (the ids each row's own tokens ban at this
+    step: no-repeat and input n-grams, bad words; -inf, and padding that writes 0 or repeats a ban),
     running_scores [batch, beams] float32 (added to the rows' scores; zeros [rows, 1] in greedy search),
     k [1] int64 (2 * beams in beam search, 1 in greedy search)
     -> topk_scores [batch, k] float32, topk_ids [batch, k] int64: the k best of the input's
        beams * vocab scores, best first, ties to the lower flat index (beam * vocab + token), like torch.topk.
-    Processors that depend on the row (repetition penalties, n-gram bans once they can match, bad words
-    of several tokens, remove_invalid_values), and a forced token (no score depends on the logits then),
-    run on the host for that step (runtime/search_step.py).
+    Processors that read the scores' values (repetition penalties, remove_invalid_values), and a forced
+    token (no score depends on the logits then), run on the host for that step (runtime/search_step.py).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ IR_VERSION = 8
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 SEARCH_STEP_FILE = "search_step.onnx"
-SEARCH_STEP_INPUTS = ("logits", "log_probs", "bias", "running_scores", "k")
+SEARCH_STEP_INPUTS = ("logits", "log_probs", "bias", "ban_ids", "ban_values", "running_scores", "k")
 SEARCH_STEP_OUTPUTS = ("topk_scores", "topk_ids")
 # Optional: ONNX Runtime's BeamSearch op over Pegasus subgraphs, the whole search in one graph
 # (exporter/beam_search_op.py documents its I/O; runtime/beam_search_op.py runs it).

@@ -69,13 +69,8 @@ def process_scores(
         _penalize(scores, encoder.ids, np.float32(1.0 / settings.encoder_repetition_penalty))
     if settings.repetition_penalty != 1.0:
         _penalize(scores, sequences, np.float32(settings.repetition_penalty))
-    n = settings.no_repeat_ngram_size
-    if n > 0 and cur_len >= n:
-        _ban_repeated_ngrams(sequences, scores, n)
-    if encoder is not None and encoder.ngrams is not None and cur_len >= settings.encoder_no_repeat_ngram_size - 1:
-        _ban_ngrams_of(encoder.ngrams, sequences, scores)
-    if settings.bad_words_ids is not None:
-        _ban_bad_words(settings, sequences, scores)
+    rows, banned = row_bans(settings, sequences, scores.shape[1], encoder)
+    scores[rows, banned] = -np.inf
     if cur_len < settings.min_length:  # min_new_tokens is folded into min_length (resolve_settings)
         scores[:, settings.eos_token_id] = -np.inf
     if settings.forced_bos_token_id is not None and cur_len == 1:
@@ -95,17 +90,34 @@ def process_scores(
     return scores
 
 
-def needs_rows(settings: SearchSettings, cur_len: int, encoder: EncoderTokens | None = None) -> bool:
-    """Whether process_scores, at this length, applies a processor that depends on a row's tokens (or
-    on values, like remove_invalid_values): one that a mask shared by every row cannot express."""
+def needs_scores(settings: SearchSettings, encoder: EncoderTokens | None = None) -> bool:
+    """Whether process_scores applies a processor that reads the scores' values (repetition penalties,
+    remove_invalid_values): one that neither a shared bias nor a row's list of banned ids expresses."""
     return (
         settings.repetition_penalty != 1.0
         or (settings.encoder_repetition_penalty != 1.0 and encoder is not None)
-        or 0 < settings.no_repeat_ngram_size <= cur_len
-        or (encoder is not None and encoder.ngrams is not None and cur_len >= settings.encoder_no_repeat_ngram_size - 1)
-        or (settings.bad_words_ids is not None and any(len(words) > 1 for words in settings.bad_words_ids))
         or settings.remove_invalid_values
     )
+
+
+def row_bans(
+    settings: SearchSettings, sequences: np.ndarray, vocab: int, encoder: EncoderTokens | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, ids) int64 that process_scores bans at this length because of a row's own tokens: the
+    no-repeat n-gram ban, the input n-gram ban and bad words (all set -inf, so their order is free)."""
+    cur_len = sequences.shape[1]
+    found = [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))]
+    n = settings.no_repeat_ngram_size
+    if n > 0 and cur_len >= n:
+        windows = np.lib.stride_tricks.sliding_window_view(sequences, n, axis=1)  # [rows, cur_len - n + 1, n]
+        found.append(_completions(windows, sequences))
+    if encoder is not None and encoder.ngrams is not None and cur_len >= settings.encoder_no_repeat_ngram_size - 1:
+        found.append(_completions(encoder.ngrams, sequences))
+    if settings.bad_words_ids is not None:
+        found.append(_bad_word_bans(settings, sequences))
+    rows, ids = (np.concatenate(parts).astype(np.int64) for parts in zip(*found))
+    keep = ids < vocab  # ids past the scores' vocabulary are skipped, as transformers does
+    return rows[keep], ids[keep]
 
 
 def row_independent_state(settings: SearchSettings, cur_len: int) -> tuple[bool, ...]:
@@ -130,45 +142,35 @@ def _penalize(scores: np.ndarray, tokens: np.ndarray, penalty: np.float32) -> No
     scores[seen] = np.where(picked < 0, picked * penalty, picked / penalty)
 
 
-def _ban_ngrams_of(ngrams: np.ndarray, sequences: np.ndarray, scores: np.ndarray) -> None:
-    """Ban every token that would complete an n-gram of the row's input (ngrams [rows, windows, n])."""
+def _completions(ngrams: np.ndarray, sequences: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, ids): every token that would complete one of a row's n-grams (ngrams [rows, windows, n])
+    after the row's last n - 1 tokens."""
     n = ngrams.shape[2]
     prefix = sequences[:, sequences.shape[1] + 1 - n :] if n > 1 else sequences[:, :0]
     matches = np.all(ngrams[:, :, :-1] == prefix[:, None, :], axis=-1)
     rows, starts = np.nonzero(matches)
-    banned = ngrams[rows, starts, -1]
-    keep = banned < scores.shape[1]
-    scores[rows[keep], banned[keep]] = -np.inf
+    return rows, ngrams[rows, starts, -1]
 
 
-def _ban_bad_words(settings: SearchSettings, sequences: np.ndarray, scores: np.ndarray) -> None:
+def _bad_word_bans(settings: SearchSettings, sequences: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """transformers' NoBadWordsLogitsProcessor: a sequence's last token is banned where the row ends
     with the rest of it; the single-token sequence [EOS] is dropped (EOS stays allowed)."""
     cur_len = sequences.shape[1]
+    rows, ids = [], []
     for words in settings.bad_words_ids:
         prefix = np.asarray(words[:-1], dtype=np.int64)
         if words == (settings.eos_token_id,) or len(prefix) > cur_len:
             continue
-        rows = np.all(sequences[:, cur_len - len(prefix) :] == prefix, axis=1) if len(prefix) else slice(None)
-        scores[rows, words[-1]] = -np.inf
+        ending = np.all(sequences[:, cur_len - len(prefix) :] == prefix, axis=1)
+        rows.append(np.nonzero(ending)[0])
+        ids.append(np.full(len(rows[-1]), words[-1], dtype=np.int64))
+    return (np.concatenate(rows), np.concatenate(ids)) if rows else (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
 def _remove_invalid_values(scores: np.ndarray) -> None:
     """transformers' InfNanRemoveLogitsProcessor: nan -> 0, +-inf -> the largest finite float32."""
     finfo = np.finfo(scores.dtype)
     np.nan_to_num(scores, copy=False, nan=0.0, posinf=finfo.max, neginf=finfo.min)
-
-
-def _ban_repeated_ngrams(sequences: np.ndarray, scores: np.ndarray, n: int) -> None:
-    """Ban every token that would complete an n-gram already present in the row."""
-    cur_len = sequences.shape[1]
-    windows = np.lib.stride_tricks.sliding_window_view(sequences, n, axis=1)  # [rows, cur_len - n + 1, n]
-    prefix = sequences[:, cur_len + 1 - n :]  # the last n - 1 tokens
-    matches = np.all(windows[:, :, :-1] == prefix[:, None, :], axis=-1)
-    rows, starts = np.nonzero(matches)
-    banned = windows[rows, starts, -1]
-    keep = banned < scores.shape[1]
-    scores[rows[keep], banned[keep]] = -np.inf
 
 
 def log_softmax_(logits: np.ndarray, scratch: np.ndarray) -> np.ndarray:

@@ -1,15 +1,17 @@
 """Candidates chosen on the decoder's device by search_step.onnx (graphs/contract.py documents it).
 
 The decoder step's logits stay where the decoder wrote them (bound to the search step without a
-copy); log-softmax, the row-independent logits processors, the running scores and the top-k run there,
-and only [batch, k] scores and ids come back. The processors that depend on a row's tokens (repetition
-penalties, n-gram bans once an n-gram can match, bad words of several tokens, remove_invalid_values)
-are not masks: a step that needs one runs runtime/search.py's HostCandidates on the full logits. So
-does a step with a forced token (forced_bos/eos_token_id), whose scores do not depend on the logits.
+copy); log-softmax, the logits processors that ban ids, the running scores and the top-k run there,
+and only [batch, k] scores and ids come back. The bans shared by every row are a bias uploaded once;
+those of a row's own tokens (n-grams, bad words) are found on the host from the token ids alone and sent
+as a few indices per row. The processors that read the scores' values (repetition penalties,
+remove_invalid_values) run runtime/search.py's HostCandidates on the full logits instead, and so does a
+step with a forced token (forced_bos/eos_token_id), whose scores do not depend on the logits.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -19,8 +21,9 @@ from ortseq.runtime.search import (
     EncoderTokens,
     HostCandidates,
     SearchSettings,
-    needs_rows,
+    needs_scores,
     process_scores,
+    row_bans,
     row_independent_state,
 )
 
@@ -33,19 +36,37 @@ class DeviceStep(Protocol):
 
 
 def processor_bias(settings: SearchSettings, cur_len: int, vocab: int) -> np.ndarray | None:
-    """The row-independent processors at this length as a bias [1, vocab] float32, 0 or -inf where
-    banned: process_scores(scores) == scores + bias for every row whenever needs_rows is False (for
-    finite scores and -inf; a +inf logit banned would give NaN, which no model's fp32 logits hold).
-    None where a token is forced: then every score is set and none depends on the logits.
+    """The processors that ban the same ids in every row at this length, as a bias [1, vocab] float32,
+    0 or -inf where banned: with row_bans, process_scores(scores) == scores + bias, banned rows' ids -inf,
+    whenever needs_scores is False (for finite scores and -inf; a +inf logit banned would give NaN, which
+    no model's fp32 logits hold). None where a token is forced: then every score is set, none from the logits.
 
-    Taken from process_scores itself, applied to a row of NaN: what it set is no longer NaN. So the
-    bias follows its conditions and order (min_length, suppress and begin_suppress tokens, bad words)."""
+    Taken from process_scores itself, applied to a row of NaN (the row bans off): what it set is no
+    longer NaN. So the bias follows its conditions and order (min_length, suppress, begin_suppress)."""
+    shared = replace(settings, no_repeat_ngram_size=0, bad_words_ids=None)
     probe = np.full((1, vocab), np.nan, dtype=np.float32)
-    process_scores(settings, np.zeros((1, cur_len), dtype=np.int64), probe)
+    process_scores(shared, np.zeros((1, cur_len), dtype=np.int64), probe)
     banned = ~np.isnan(probe)
     if np.any(probe[banned] != -np.inf):
         return None
     return np.where(banned, np.float32(-np.inf), np.float32(0.0))
+
+
+def ban_matrix(rows: np.ndarray, ids: np.ndarray, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, ids) pairs as ScatterElements' [height, width] indices and values: -inf at each row's
+    banned ids; padding repeats the row's first ban (the same value again) or writes 0 to id 0 of a row
+    without bans, so writes to one index always agree (ScatterElements leaves their order open)."""
+    counts = np.bincount(rows, minlength=height)
+    width = max(1, int(counts.max(initial=0)))
+    order = np.argsort(rows, kind="stable")
+    rows, ids = rows[order], ids[order]
+    slots = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    indices = np.zeros((height, width), dtype=np.int64)
+    indices[rows, slots] = ids
+    padding = np.arange(width)[None, :] >= counts[:, None]
+    indices = np.where(padding, indices[:, :1], indices)  # a row without bans: 0
+    values = np.where(padding & (counts[:, None] == 0), np.float32(0.0), np.float32(-np.inf))
+    return indices, values.astype(np.float32)
 
 
 class DeviceCandidates:
@@ -78,7 +99,7 @@ class DeviceCandidates:
         if bias is None:
             self.host_steps += 1
             return self.host.greedy(logits, sequences)
-        _, ids = self._run(bias, np.zeros((sequences.shape[0], 1), np.float32), 1, log_probs=False)
+        _, ids = self._run(bias, sequences, np.zeros((sequences.shape[0], 1), np.float32), 1, log_probs=False)
         return ids[:, 0]
 
     def beam(
@@ -88,12 +109,12 @@ class DeviceCandidates:
         if bias is None:
             self.host_steps += 1
             return self.host.beam(logits, sequences, running_scores, keep)
-        return self._run(bias, running_scores, keep, log_probs=True)
+        return self._run(bias, sequences, running_scores, keep, log_probs=True)
 
     def _device_bias(self, sequences: np.ndarray, vocab: int) -> ort.OrtValue | None:
         """The bias of this step on the device, or None when the step must choose on the host."""
         cur_len = sequences.shape[1]
-        if needs_rows(self.settings, cur_len, self.encoder):
+        if needs_scores(self.settings, self.encoder):
             return None
         state = row_independent_state(self.settings, cur_len)
         if state not in self._biases:
@@ -102,8 +123,12 @@ class DeviceCandidates:
         return self._biases[state]
 
     def _run(
-        self, bias: ort.OrtValue, running_scores: np.ndarray, k: int, log_probs: bool
+        self, bias: ort.OrtValue, sequences: np.ndarray, running_scores: np.ndarray, k: int, log_probs: bool
     ) -> tuple[np.ndarray, np.ndarray]:
+        vocab = self._step.logits_value.shape()[-1]
+        ban_ids, ban_values = ban_matrix(*row_bans(self.settings, sequences, vocab, self.encoder), len(sequences))
+        self._bind_host("ban_ids", ban_ids)
+        self._bind_host("ban_values", ban_values)
         self._bind_host("running_scores", np.ascontiguousarray(running_scores, dtype=np.float32))
         self._bind_host("log_probs", np.array(log_probs))
         self._bind_host("k", np.array([k], dtype=np.int64))
@@ -114,7 +139,8 @@ class DeviceCandidates:
         self._binding.bind_ortvalue_output("topk_ids", ids)
         self._session.run_with_iobinding(self._binding)
         self.device_steps += 1
-        return scores.numpy(), ids.numpy()
+        # copies: on the CPU numpy() is a view of the output buffers, which the next step overwrites
+        return scores.numpy().copy(), ids.numpy().copy()
 
     def _bind_host(self, name: str, array: np.ndarray) -> None:
         self._bound[name] = array

@@ -60,7 +60,7 @@ def export_copy(exported, tmp_path):
     return target
 
 
-@pytest.mark.parametrize("name", ["decoder.onnx", "encoder.onnx", "tokenizer.json"])
+@pytest.mark.parametrize("name", ["decoder.onnx", "encoder.onnx", "tokenizer.json", "search_step.onnx"])
 def test_corrupted_file_is_named_in_the_error(export_copy, name):
     path = export_copy / name
     data = bytearray(path.read_bytes())
@@ -70,7 +70,7 @@ def test_corrupted_file_is_named_in_the_error(export_copy, name):
         Seq2SeqModel.load(export_copy)
 
 
-@pytest.mark.parametrize("name", ["decoder.onnx", "manifest.json"])
+@pytest.mark.parametrize("name", ["decoder.onnx", "manifest.json", "search_step.onnx"])
 def test_missing_file_is_named_in_the_error(export_copy, name):
     (export_copy / name).unlink()
     with pytest.raises(ManifestError, match=name):

@@ -16,7 +16,15 @@ from ortseq.exporter.search_step import search_step_model
 from ortseq.graphs import contract
 from ortseq.graphs.generation import PROMPT_LEN
 from ortseq.runtime import Seq2SeqModel
-from ortseq.runtime.search import HostCandidates, SearchSettings, needs_rows, process_scores, row_independent_state
+from ortseq.runtime.search import (
+    EncoderTokens,
+    HostCandidates,
+    SearchSettings,
+    needs_scores,
+    process_scores,
+    row_bans,
+    row_independent_state,
+)
 from ortseq.runtime.search_step import DeviceCandidates, processor_bias
 
 VOCAB = 1003
@@ -78,6 +86,55 @@ def test_device_greedy_tokens_equal_the_hosts_on_ties_and_inf(session):
         assert device.dtype == np.int64 and device.shape == (6,)
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(no_repeat_ngram_size=2),
+        dict(no_repeat_ngram_size=3, bad_words_ids=((2, 3), (4,), (1, 2, 5))),
+        dict(encoder_no_repeat_ngram_size=2),
+    ],
+    ids=["no_repeat_2", "no_repeat_3_and_bad_words", "encoder_ngram_2"],
+)
+@pytest.mark.parametrize("beams", [1, 3])
+def test_device_candidates_equal_the_hosts_with_each_rows_bans(session, fields, beams):
+    """The bans of a row's own tokens go to the device as indices: tokens over a 6-id alphabet repeat often."""
+    rng = np.random.default_rng(beams)
+    batch = 2
+    settings = SearchSettings(num_beams=beams, max_length=20, **fields)
+    encoder = EncoderTokens(rng.integers(0, 6, (batch, 9)), beams, settings)
+    for cur_len in (2, 5, 9):
+        sequences = rng.integers(0, 6, (batch * beams, cur_len))
+        assert len(row_bans(settings, sequences, VOCAB, encoder)[0]) > 0
+        logits = rng.standard_normal((batch * beams, VOCAB)).astype(np.float32)
+        logits[:, :6] += 4  # the banned ids are among the best candidates
+        device = DeviceCandidates(session, ArrayStep(logits.copy()), settings, encoder)
+        host = HostCandidates(settings, encoder)
+        if beams == 1:
+            expected = host.greedy(logits.copy(), sequences)
+            np.testing.assert_array_equal(device.greedy(logits, sequences), expected, f"cur_len {cur_len}")
+            continue
+        running = rng.standard_normal((batch, beams)).astype(np.float32)
+        scores, ids = device.beam(logits, sequences, running, 2 * beams)
+        expected_scores, expected_ids = host.beam(logits.copy(), sequences, running, 2 * beams)
+        np.testing.assert_array_equal(ids, expected_ids, f"cur_len {cur_len}")
+        np.testing.assert_array_max_ulp(scores, expected_scores, maxulp=2)
+
+
+def test_device_candidates_stay_valid_after_the_next_step(session):
+    """The search keeps a step's scores (the running scores) while the next step runs."""
+    rng = np.random.default_rng(3)
+    settings = SearchSettings(num_beams=2, max_length=10)
+    logits = rng.standard_normal((2, VOCAB)).astype(np.float32)
+    candidates = DeviceCandidates(session, ArrayStep(logits), settings)
+    sequences, running = np.zeros((2, 2), dtype=np.int64), np.zeros((1, 2), dtype=np.float32)
+    first_scores, first_ids = candidates.beam(logits, sequences, running, 4)
+    kept = first_scores.copy(), first_ids.copy()
+    logits[:] = rng.standard_normal((2, VOCAB))
+    candidates.beam(logits, sequences, running, 4)
+    np.testing.assert_array_equal(first_scores, kept[0])
+    np.testing.assert_array_equal(first_ids, kept[1])
+
+
 ROW_INDEPENDENT = {
     "min_length": dict(min_length=5),
     "forced_bos": dict(forced_bos_token_id=11),
@@ -99,7 +156,7 @@ def test_processor_bias_equals_process_scores_at_every_length(name):
     rng = np.random.default_rng(0)
     bias_by_state = {}
     for cur_len in range(PROMPT_LEN, settings.max_length):
-        assert not needs_rows(settings, cur_len)
+        assert not needs_scores(settings)
         scores = rng.standard_normal((4, VOCAB)).astype(np.float32)
         scores[:, rng.integers(0, VOCAB, 50)] = -np.inf
         bias = processor_bias(settings, cur_len, VOCAB)
@@ -112,7 +169,9 @@ def test_processor_bias_equals_process_scores_at_every_length(name):
             other = process_scores(settings, sequences, rng.standard_normal((4, VOCAB)).astype(np.float32))
             assert forced and np.array_equal(other, expected), f"cur_len {cur_len}"
             continue
-        np.testing.assert_array_equal(scores + bias, expected, f"cur_len {cur_len}")
+        ours = scores + bias
+        ours[row_bans(settings, sequences, VOCAB)] = -np.inf
+        np.testing.assert_array_equal(ours, expected, f"cur_len {cur_len}")
         # the device path keeps one bias per state: equal states must mean equal biases
         state = row_independent_state(settings, cur_len)
         if state in bias_by_state:
@@ -157,8 +216,22 @@ def counted(exported):
         dict(num_beams=4, max_new_tokens=14, min_new_tokens=5, length_penalty=0.6),
         dict(num_beams=1, max_new_tokens=12, min_new_tokens=3, suppress_tokens=[5, 6]),
         dict(num_beams=3, max_new_tokens=9, forced_bos_token_id=8, forced_eos_token_id=2, begin_suppress_tokens=[1]),
+        dict(num_beams=4, max_new_tokens=20, no_repeat_ngram_size=2),
+        dict(num_beams=1, max_new_tokens=20, no_repeat_ngram_size=3),
+        dict(num_beams=2, max_new_tokens=10, bad_words_ids=[[5, 6], [7]]),
+        dict(num_beams=4, max_new_tokens=10, encoder_no_repeat_ngram_size=1),
+        dict(num_beams=3, max_new_tokens=12, encoder_no_repeat_ngram_size=2, no_repeat_ngram_size=2),
     ],
-    ids=["beam4_min_new_tokens", "greedy_suppress", "beam3_forced_tokens"],
+    ids=[
+        "beam4_min_new_tokens",
+        "greedy_suppress",
+        "beam3_forced_tokens",
+        "beam4_no_repeat_2",
+        "greedy_no_repeat_3",
+        "bad_words",
+        "encoder_ngram1",
+        "encoder_ngram2_and_no_repeat_2",
+    ],
 )
 def test_generate_through_the_device_step_matches_transformers(counted, settings):
     model, ours, made = counted
@@ -179,33 +252,16 @@ def test_generate_through_the_device_step_matches_transformers(counted, settings
     [
         dict(num_beams=4, max_new_tokens=10, repetition_penalty=1.3),
         dict(num_beams=1, max_new_tokens=10, encoder_repetition_penalty=1.2),
-        dict(num_beams=2, max_new_tokens=10, bad_words_ids=[[5, 6], [7]]),
         dict(num_beams=1, max_new_tokens=10, remove_invalid_values=True),
-        dict(num_beams=4, max_new_tokens=10, encoder_no_repeat_ngram_size=1),
     ],
-    ids=[
-        "repetition_penalty",
-        "encoder_repetition_penalty",
-        "multi_token_bad_words",
-        "remove_invalid",
-        "encoder_ngram1",
-    ],
+    ids=["repetition_penalty", "encoder_repetition_penalty", "remove_invalid"],
 )
-def test_settings_that_read_the_rows_choose_on_the_host(counted, settings):
+def test_settings_that_read_the_scores_choose_on_the_host(counted, settings):
     model, ours, made = counted
     ids, mask = padded_batch(ours.manifest.dims.vocab_size, [12, 5], seed=8)
     out = ours.generate(ids, mask, **settings)
     np.testing.assert_array_equal(out, torch_generate(model.torch_model, ids, mask, settings))
     assert ours.sessions.search_step.runs == 0 and made[0].host_steps > 0
-
-
-def test_no_repeat_ngram_chooses_on_the_device_until_an_ngram_can_repeat(counted):
-    model, ours, _ = counted
-    settings = dict(num_beams=4, max_new_tokens=16, no_repeat_ngram_size=3)
-    ids, mask = padded_batch(ours.manifest.dims.vocab_size, [12, 5], seed=9)
-    out = ours.generate(ids, mask, **settings)
-    np.testing.assert_array_equal(out, torch_generate(model.torch_model, ids, mask, settings))
-    assert ours.sessions.search_step.runs == 3 - PROMPT_LEN  # lengths 1 and 2: no 3-gram can be completed yet
 
 
 @pytest.mark.host_search_on_cpu
@@ -244,7 +300,8 @@ def test_every_export_lists_and_hashes_its_search_step_graph(exported):
     assert ours.sessions.search_step is not None
 
 
-def test_needs_rows_only_while_a_row_processor_can_act():
-    settings = SearchSettings(num_beams=2, max_length=10, no_repeat_ngram_size=3)
-    assert [needs_rows(settings, n) for n in (1, 2, 3, 4)] == [False, False, True, True]
-    assert not needs_rows(replace(settings, no_repeat_ngram_size=0), 5)
+def test_needs_scores_only_for_processors_that_read_the_values():
+    settings = SearchSettings(num_beams=2, max_length=10, no_repeat_ngram_size=3, bad_words_ids=((4, 5),))
+    assert not needs_scores(settings)
+    assert needs_scores(replace(settings, repetition_penalty=1.2))
+    assert needs_scores(replace(settings, remove_invalid_values=True))
