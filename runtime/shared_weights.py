@@ -20,7 +20,7 @@ from ortseq.graphs.external_data import external_initializers
 from ortseq.graphs.manifest import ManifestError
 
 # onnx.TensorProto.DataType -> numpy dtype, for the types an export keeps in the shared file
-_DTYPES = {1: np.dtype("<f4"), 10: np.dtype("<f2")}
+_DTYPES = {1: np.dtype("<f4"), 2: np.dtype("u1"), 3: np.dtype("i1"), 10: np.dtype("<f2")}
 
 
 class SharedWeights:

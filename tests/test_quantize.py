@@ -16,17 +16,18 @@ import torch
 from helpers import ortseq
 
 from ortseq.exporter.pipeline import export
-from ortseq.exporter.quantization import formats
+from ortseq.exporter.quantization import formats, vocab_tables
 from ortseq.exporter.quantization.fp16 import Fp16Settings, convert_fp16
 from ortseq.exporter.quantization.pipeline import QualityGateError, quantize
 from ortseq.exporter.quantization.quality import lowest_agreement, sequence_agreement
+from ortseq.exporter.shared_weights import SharedFile
 from ortseq.exporter.tiny.pegasus import TinyPegasusShape, build_tiny_pegasus
 from ortseq.exporter.tiny.trained import synthetic_documents
 from ortseq.graphs import contract
 from ortseq.graphs.manifest import MANIFEST_FILE, Manifest
 from ortseq.runtime.model import Seq2SeqModel
 
-QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits"}
+QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QGemm"}
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +79,8 @@ def test_only_constant_weight_matmuls_are_quantized(trained_export, quantized, f
         quantized_nodes = [node for node in after.graph.node if node.op_type in QUANTIZED_OPS]
         assert quantized_nodes, graph
         for node in quantized_nodes:
-            assert node.input[1] in constants, (graph, node.name)  # the weight is a constant
+            weight = node.input[3 if node.op_type == "QGemm" else 1]  # QGemm: A, its scale and zero point, then B
+            assert weight in constants, (graph, node.name)  # the weight is a constant
         # the attention MatMuls (Q·Kᵀ, P·V: both operands activations) are all still float MatMuls
         assert _activation_matmuls(after) == _activation_matmuls(before) > 0, graph
 
@@ -91,20 +93,23 @@ def _activation_matmuls(model: onnx.ModelProto) -> int:
 def test_lm_head_and_embedding_choices_select_the_vocabulary_nodes(trained_export, tmp_path):
     model = onnx.load(str(trained_export / contract.DECODER_FILE))
     vocab = Manifest.read(trained_export).dims.vocab_size
-    lm_heads, embeddings = formats.vocab_weights(formats.name_nodes(model), vocab)
-    assert len(lm_heads) == 1 and len(embeddings) == 1
+    readers = vocab_tables.vocab_readers(formats.name_nodes(model), vocab)
+    assert len(readers.lm_heads) == 1 and len(readers.gathers) == 1
+    lm_head, lookup = readers.lm_heads[0].name, readers.gathers[0].name
     for settings in (formats.Int8Settings(), formats.Int8Settings(lm_head=False, embeddings=False)):
         target = tmp_path / f"decoder-{settings.lm_head}.onnx"
-        formats.quantize_int8(trained_export / contract.DECODER_FILE, target, settings, vocab, False)
-        graph = onnx.load(str(target)).graph
+        shared = SharedFile(tmp_path / f"shared-{settings.lm_head}")
+        shared.path.parent.mkdir()
+        formats.quantize_int8(trained_export / contract.DECODER_FILE, target, settings, vocab, False, shared)
+        graph = onnx.load(str(target), load_external_data=False).graph
         weight_types = {init.name: init.data_type for init in graph.initializer}
         nodes = {node.name: node for node in graph.node}
-        float_head = lm_heads[0] in nodes and nodes[lm_heads[0]].op_type == "MatMul"  # quantized: replaced
-        assert float_head == (not settings.lm_head)
-        token_table = weight_types[nodes[embeddings[0]].input[0]]
-        assert (token_table in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)) == settings.embeddings
+        assert nodes[lm_head].op_type == ("QGemm" if settings.lm_head else "Gemm")
+        token_table = weight_types[nodes[f"{lookup}/rows" if settings.embeddings else lookup].input[0]]
+        assert (token_table == onnx.TensorProto.INT8) == settings.embeddings
         # the position table and the past reordering by beam_idx are never quantized
-        other_gathers = [node for node in graph.node if node.op_type == "Gather" and node.name != embeddings[0]]
+        other_gathers = [node for node in graph.node if node.op_type == "Gather" and not node.name.startswith(lookup)]
+        assert other_gathers
         assert all(
             weight_types.get(node.input[0], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for node in other_gathers
         )
@@ -175,7 +180,9 @@ def test_fp16_keeps_an_overflowing_residual_stream_finite_where_a_naive_conversi
 
 def _fp16_encoder(tmp_path, settings: Fp16Settings) -> onnx.ModelProto:
     target = tmp_path / f"encoder-{settings.keep_residual_fp32}.onnx"
-    convert_fp16(tmp_path / "fp32" / contract.ENCODER_FILE, target, settings, external_data=False)
+    vocab = Manifest.read(tmp_path / "fp32").dims.vocab_size
+    shared = SharedFile(tmp_path)  # the encoder's fp16 table goes to tmp_path/embeddings.data, beside it
+    convert_fp16(tmp_path / "fp32" / contract.ENCODER_FILE, target, settings, vocab, False, shared)
     return onnx.load(str(target))
 
 
