@@ -7,13 +7,14 @@ synthetic lead-sentence task, cached under .cache/), because agreement on random
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import ortseq
+from helpers import inline_shared_tables, ortseq
 
 from ortseq.exporter.pipeline import export
 from ortseq.exporter.quantization import formats, vocab_tables
@@ -24,7 +25,7 @@ from ortseq.exporter.shared_weights import SharedFile
 from ortseq.exporter.tiny.pegasus import TinyPegasusShape, build_tiny_pegasus
 from ortseq.exporter.tiny.trained import synthetic_documents
 from ortseq.graphs import contract
-from ortseq.graphs.manifest import MANIFEST_FILE, Manifest
+from ortseq.graphs.manifest import MANIFEST_FILE, Manifest, sha256_of
 from ortseq.runtime.model import Seq2SeqModel
 
 QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QGemm"}
@@ -258,3 +259,56 @@ def test_a_damaged_quantized_export_scores_low_and_is_refused(trained_export, ga
     [(report, (_, agreement))] = gate_calls
     assert agreement < 0.5, report  # the undamaged int8 export agrees 1.000 in both modes
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# bytes of each format's one stored table: int8 rows with an fp32 scale and an int8 zero point per row,
+# int4 (block 32) with an fp32 scale per block, fp16
+ONE_TABLE_BYTES = {
+    "int8": lambda vocab, d: vocab * (d + 4 + 1),
+    "int4": lambda vocab, d: vocab * (d // 2 + 4 * d // 32),
+    "fp16": lambda vocab, d: vocab * d * 2,
+}
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp16"])
+def test_a_quantized_export_stores_its_token_table_once_for_lookups_and_lm_head(quantized, fmt):
+    out, manifest = quantized(fmt)
+    vocab, d_model = manifest.dims.vocab_size, manifest.dims.d_model
+    inline, places, vocab_places = [], set(), set()
+    for graph in (contract.ENCODER_FILE, contract.DECODER_FILE):
+        for tensor in onnx.load(str(out / graph), load_external_data=False).graph.initializer:
+            entries = {entry.key: entry.value for entry in tensor.external_data}
+            if entries.get("location") != contract.SHARED_WEIGHTS_FILE:
+                inline.append(tensor)
+                continue
+            place = (int(entries["offset"]), int(entries["length"]))  # int4: one place, two shapes
+            places.add(place)
+            if vocab in tensor.dims:
+                vocab_places.add(place)
+    assert [tensor.name for tensor in inline if vocab in tensor.dims] == []
+    assert sum(length for _, length in vocab_places) == ONE_TABLE_BYTES[fmt](vocab, d_model)
+    # each weight once: no tensor of one graph's own data is also in the other's (the positions are shared)
+    copies = Counter(tensor.raw_data for tensor in inline if len(tensor.raw_data) > 4096)
+    assert [count for count in copies.values() if count > 1] == []
+    assert (out / contract.SHARED_WEIGHTS_FILE).stat().st_size <= sum(length for _, length in places) + 4096 * len(
+        places
+    )
+    assert manifest.files[contract.SHARED_WEIGHTS_FILE] == sha256_of(out / contract.SHARED_WEIGHTS_FILE)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp16"])
+def test_both_sessions_of_a_quantized_export_read_one_mapped_table(quantized, fmt):
+    out, _ = quantized(fmt)
+    shared = Seq2SeqModel.load(out).sessions.shared_weights
+    encoder = {value.data_ptr() for _, value in shared.initializers(out / contract.ENCODER_FILE)}
+    decoder = {value.data_ptr() for _, value in shared.initializers(out / contract.DECODER_FILE)}
+    assert encoder and encoder <= decoder  # the decoder's LM head reads what both lookups read
+
+
+def test_a_quantized_export_with_its_tables_inside_each_graph_still_runs(quantized, tmp_path):
+    """int8/int4/fp16 exports made before the shared file kept a table copy in each graph."""
+    out, _ = quantized("int8")
+    old = inline_shared_tables(out, tmp_path / "old-export")
+    docs = [doc for doc, _ in synthetic_documents(3, seed=5)]
+    expected = Seq2SeqModel.load(out).summarize(docs, num_beams=2)
+    assert Seq2SeqModel.load(old).summarize(docs, num_beams=2) == expected

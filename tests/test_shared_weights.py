@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import inline_shared_tables
 
 from ortseq.graphs import contract
 from ortseq.graphs.manifest import MANIFEST_FILE, ManifestError, sha256_of
@@ -64,15 +65,7 @@ def test_the_encoder_and_decoder_sessions_read_one_buffer_of_the_shared_table(ex
 def test_an_export_with_a_copy_of_the_table_in_each_graph_still_runs(exported, tmp_path):
     """Exports made before embeddings.data (ortseq 0.2 and early 0.3) keep the tables inside each graph."""
     export_dir = exported("deep_decoder").export_dir
-    old = tmp_path / "old-export"
-    shutil.copytree(export_dir, old)
-    for graph in GRAPHS:
-        onnx.save_model(onnx.load(str(old / graph)), str(old / graph))  # the table back inline
-    (old / contract.SHARED_WEIGHTS_FILE).unlink()
-    manifest = json.loads((old / MANIFEST_FILE).read_text())
-    del manifest["files"][contract.SHARED_WEIGHTS_FILE]
-    manifest["files"].update({graph: sha256_of(old / graph) for graph in GRAPHS})
-    (old / MANIFEST_FILE).write_text(json.dumps(manifest))
+    old = inline_shared_tables(export_dir, tmp_path / "old-export")
 
     settings = dict(num_beams=2, max_new_tokens=10)
     expected = Seq2SeqModel.load(export_dir).generate(INPUT_IDS, **settings)

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ortseq.exporter.progress import log
 from ortseq.exporter.shared_weights import SharedFile
 
 MICROSOFT = "com.microsoft"
@@ -72,6 +73,10 @@ class TableFormat:
 
     def lm_head(self, names: dict[str, str], x: str, out: str, prefix: str, shape: tuple) -> list[onnx.NodeProto]:
         raise NotImplementedError
+
+    def serves_lookups(self, d_model: int) -> bool:
+        """Whether the lookups can read this format's table (else they keep reading the float table)."""
+        return True
 
 
 class Int8Rows(TableFormat):
@@ -118,23 +123,23 @@ class Blocks(TableFormat):
         from onnxruntime.capi import _pybind_state
 
         vocab, d_model = table.shape
-        if d_model % self.block_size:
-            raise ValueError(
-                f"d_model {d_model} is not a multiple of the block size {self.block_size}: the embedding lookup "
-                "cannot read the LM head's blocks; choose a block size that divides it"
-            )
-        blocks = d_model // self.block_size
+        blocks = -(-d_model // self.block_size)  # MatMulNBits pads the last block
         packed = np.zeros((vocab, blocks, self.block_size * self.bits // 8), dtype=np.uint8)
         scales = np.zeros((vocab, blocks), dtype=np.float32)
         zero_points = np.zeros((vocab, -(-blocks * self.bits // 8)), dtype=np.uint8)
         quantize = getattr(_pybind_state, f"quantize_matmul_{self.bits}bits")
         weight = np.ascontiguousarray(table.T)  # MatMulNBits' quantizer takes B as [K, N]
         quantize(packed, weight, scales, zero_points, self.block_size, vocab, d_model, self.symmetric)
-        arrays = {".blocks": packed, ".rows": packed.reshape(vocab, -1), ".scales": scales.reshape(-1)}
-        arrays[".row_scales"] = scales
-        if not self.symmetric:
-            arrays |= {".zero_points": zero_points.reshape(-1), ".row_zero_points": zero_points}
+        arrays = {".blocks": packed, ".scales": scales.reshape(-1)}
+        arrays |= {} if self.symmetric else {".zero_points": zero_points.reshape(-1)}
+        if self.serves_lookups(d_model):  # the same bytes in GatherBlockQuantized's shapes
+            arrays |= {".rows": packed.reshape(vocab, -1), ".row_scales": scales}
+            arrays |= {} if self.symmetric else {".row_zero_points": zero_points}
         return arrays
+
+    def serves_lookups(self, d_model: int) -> bool:
+        # a padded last block would make GatherBlockQuantized's rows longer than d_model
+        return d_model % self.block_size == 0
 
     def lookup(self, names, ids, out, prefix):
         zero_points = [] if self.symmetric else [names[".row_zero_points"]]
@@ -162,11 +167,19 @@ def store_tables_once(
     lm_head: bool = False,
 ) -> onnx.ModelProto:
     """Replace the graph's token lookups (if `lookups`) and LM head (if `lm_head`) by `table_format`'s
-    readers of one stored table, then point every table the readers read at the shared file.
+    readers of one stored table, then point every table the readers read, and every other large table
+    a Gather reads (positions), at the shared file.
     Without a format the readers keep the tables they read (fp16: the converter's fp16 tables)."""
     readers = vocab_readers(model, vocab_size)
-    replaced = [(node, False) for node in readers.gathers if lookups] + [(n, True) for n in readers.lm_heads if lm_head]
     weights = {init.name: init for init in model.graph.initializer}
+    if (
+        lookups
+        and table_format
+        and not all(table_format.serves_lookups(weights[n.input[0]].dims[1]) for n in readers.gathers)
+    ):
+        log(f"the token lookups keep the float table: its rows do not split into blocks of {table_format}")
+        lookups = False
+    replaced = [(node, False) for node in readers.gathers if lookups] + [(n, True) for n in readers.lm_heads if lm_head]
     stored: dict[str, dict[str, str]] = {}  # float table name -> role -> name of what the format stores
     for node, is_head in replaced if table_format else []:
         table = weights[node.input[1] if is_head else node.input[0]]
@@ -182,12 +195,22 @@ def store_tables_once(
     model = _without_unread_initializers(model)
     kept = vocab_readers(model, vocab_size)  # readers left reading a float table
     tables = {node.input[0] for node in kept.gathers} | {node.input[1] for node in kept.lm_heads}
-    tables |= {name for names in stored.values() for name in names.values()}
+    tables |= {name for names in stored.values() for name in names.values()} | _lookup_tables(model)
     for init in model.graph.initializer:
         if init.name in tables:
             shared.add(numpy_helper.to_array(init))
     shared.point_at_shared(model, tables)
     return model
+
+
+LOOKUP_TABLE_BYTES = 4096  # a smaller table is not worth a page of its own in the shared file
+
+
+def _lookup_tables(model: onnx.ModelProto) -> set[str]:
+    """Every other table a Gather reads (Pegasus' sinusoidal positions: the same in both graphs)."""
+    sizes = {init.name: len(init.raw_data) for init in model.graph.initializer}
+    gathered = {node.input[0] for node in model.graph.node if node.op_type == "Gather"}
+    return {name for name in gathered if sizes.get(name, 0) >= LOOKUP_TABLE_BYTES}
 
 
 def _lm_head(table_format: TableFormat, names: dict[str, str], gemm: onnx.NodeProto, shape: tuple) -> list:
