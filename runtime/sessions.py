@@ -92,6 +92,7 @@ class EncoderDecoderSessions:
         self.decoder = create_session(
             decoder, provider, decoder_threads(manifest.dims, threads), self.shared_weights.initializers(decoder)
         )
+        self.shared_weights.release_pages()  # the sessions hold packed copies of what they prepacked
         self._memory_names = ["encoder_attention_mask", *contract.cross_names(self.layers)]
         self.past_names = contract.past_names(self.layers)
         # float32, or float16 in fp16 exports (their K/V inputs and outputs are half precision)

@@ -10,6 +10,7 @@ is shared through the page cache, so replicas of a server process share it too.
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,22 @@ class SharedWeights:
 
     def __init__(self, directory: Path):
         path = Path(directory) / SHARED_WEIGHTS_FILE
-        self._file = np.memmap(path, dtype=np.uint8, mode="r") if path.is_file() else None
+        self._mapping = _map(path) if path.is_file() else None
+        self._file = None if self._mapping is None else np.frombuffer(self._mapping, dtype=np.uint8)
         self._values: dict[tuple[int, tuple[int, ...], int], ort.OrtValue] = {}
+
+    def release_pages(self) -> None:
+        """Call once the sessions are built: drop this process's hold on the file's pages.
+
+        Building a session prepacks the LM head (fp32 Gemm, int8 QGemm, int4 MatMulNBits): onnxruntime
+        reads the whole table once and keeps a packed copy of its own, which is what every step reads.
+        The mapped pages read for that would stay in the resident set, a second copy of the table;
+        dropped, they stay in the page cache, and a lookup faults back only the rows it reads (measured on
+        the mid-size int8 export, d_model 512, 96k vocabulary: 48 MB less resident after loading). The
+        mapping is read-only and backed by the file, so nothing is lost.
+        """
+        if self._mapping is not None:
+            self._mapping.madvise(mmap.MADV_DONTNEED)
 
     def initializers(self, graph: Path) -> list[tuple[str, ort.OrtValue]]:
         """(initializer name, value) for each initializer of graph kept in the shared file."""
@@ -54,3 +69,8 @@ class SharedWeights:
             array = self._file[tensor.offset : tensor.offset + tensor.length].view(dtype).reshape(tensor.dims)
             self._values[key] = ort.OrtValue.ortvalue_from_numpy(array)
         return self._values[key]
+
+
+def _map(path: Path) -> mmap.mmap:
+    with open(path, "rb") as handle:  # the mapping keeps its own reference to the file
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)

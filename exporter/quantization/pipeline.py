@@ -90,14 +90,15 @@ def quantize(
 
 def _write_quantized(source_dir: Path, source: Manifest, staging: Path, to: str, settings) -> Manifest:
     """Transform both graphs into staging, copy the tokenizer, write the manifest (quality still empty)."""
-    # a graph's own weights file (the shared file does not count: it is written either way)
-    external = any(graph + ".data" in source.files for graph in (contract.ENCODER_FILE, contract.DECODER_FILE))
     shared = SharedFile(staging)  # the token tables of both graphs, each stored once (vocab_tables.py)
     files: list[str] = []
     for graph in (contract.ENCODER_FILE, contract.DECODER_FILE):
         log(f"{to}: {graph}")
-        _transform(source_dir / graph, staging / graph, to, settings, source.dims.vocab_size, external, shared)
-        files += [graph] + ([graph + ".data"] if external else [])
+        # Each graph's own weights go to graph.onnx.data, whatever the source did: onnxruntime maps that file
+        # and lets go of what its kernels prepacked, where weights inside the graph file are parsed and
+        # copied (measured on the mid-size int8 export: 26 MB less resident after loading).
+        _transform(source_dir / graph, staging / graph, to, settings, source.dims.vocab_size, True, shared)
+        files += [name for name in (graph, graph + ".data") if (staging / name).is_file()]
     if shared.written():
         files.append(contract.SHARED_WEIGHTS_FILE)
     shutil.copy(source_dir / source.tokenizer.file, staging / source.tokenizer.file)
