@@ -79,3 +79,27 @@ def test_a_shared_file_shorter_than_its_graphs_say_is_refused_by_name(exported, 
     shared.write_bytes(shared.read_bytes()[:-4096])
     with pytest.raises(ManifestError, match=contract.SHARED_WEIGHTS_FILE):
         Seq2SeqModel.load(export_dir, verify=False)  # unverified: the sha256 would catch it first
+
+
+def _resident_kb(path: Path) -> int:
+    """This process's resident kB of the mappings of path (/proc/self/smaps; Linux)."""
+    resident, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line: address range, perms, ..., path
+            inside = fields[-1] == str(path)
+        elif inside and fields[0] == "Rss:":
+            resident += int(fields[1])
+    return resident
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_the_shared_tables_pages_are_not_held_once_the_sessions_have_prepacked_them(exported):
+    """onnxruntime reads the whole table to prepack the LM head and keeps its own packed copy: the mapped
+    pages it read would be a second resident copy. A lookup faults back only the rows it reads."""
+    export_dir = exported("deep_decoder").export_dir
+    model = Seq2SeqModel.load(export_dir)
+    shared = (export_dir / contract.SHARED_WEIGHTS_FILE).resolve()
+    assert _resident_kb(shared) == 0
+    model.generate(INPUT_IDS[:1, :2], max_new_tokens=2)
+    assert 0 < _resident_kb(shared) <= shared.stat().st_size // 1024 + 4
