@@ -312,3 +312,15 @@ def test_a_quantized_export_with_its_tables_inside_each_graph_still_runs(quantiz
     docs = [doc for doc, _ in synthetic_documents(3, seed=5)]
     expected = Seq2SeqModel.load(out).summarize(docs, num_beams=2)
     assert Seq2SeqModel.load(old).summarize(docs, num_beams=2) == expected
+
+
+def test_int4_of_a_d_model_the_blocks_do_not_divide_keeps_float_lookups_and_runs(exported, tmp_path):
+    """odd_heads has d_model 60: GatherBlockQuantized cannot read MatMulNBits' padded last block of 32."""
+    source = exported("odd_heads").export_dir
+    out = tmp_path / "int4"
+    quantize(source, out, "int4", min_agreement=0.0, texts=["The river bridge will open next year."])
+    decoder = onnx.load(str(out / contract.DECODER_FILE), load_external_data=False)
+    ops = {node.op_type for node in decoder.graph.node}
+    assert "MatMulNBits" in ops and "GatherBlockQuantized" not in ops
+    ids = np.array([[5, 9, 23, 47, 11, 1]], dtype=np.int64)
+    assert Seq2SeqModel.load(out).generate(ids, max_new_tokens=4).shape[1] > 1

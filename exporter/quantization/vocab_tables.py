@@ -44,7 +44,10 @@ class VocabReaders:
 
 def vocab_readers(model: onnx.ModelProto, vocab_size: int) -> VocabReaders:
     shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
-    is_table = lambda name: len(shapes.get(name, ())) == 2 and shapes[name][0] == vocab_size  # noqa: E731
+
+    def is_table(name: str) -> bool:
+        return len(shapes.get(name, ())) == 2 and shapes[name][0] == vocab_size
+
     gathers = [node for node in model.graph.node if node.op_type == "Gather" and is_table(node.input[0])]
     gathers = [node for node in gathers if _attributes(node).get("axis", 0) == 0]
     lm_heads = [node for node in model.graph.node if is_lm_head_gemm(node) and is_table(node.input[1])]
@@ -137,6 +140,9 @@ class Blocks(TableFormat):
             arrays |= {} if self.symmetric else {".row_zero_points": zero_points}
         return arrays
 
+    def __str__(self) -> str:
+        return f"{self.bits}-bit blocks of {self.block_size}"
+
     def serves_lookups(self, d_model: int) -> bool:
         # a padded last block would make GatherBlockQuantized's rows longer than d_model
         return d_model % self.block_size == 0
@@ -170,29 +176,7 @@ def store_tables_once(
     readers of one stored table, then point every table the readers read, and every other large table
     a Gather reads (positions), at the shared file.
     Without a format the readers keep the tables they read (fp16: the converter's fp16 tables)."""
-    readers = vocab_readers(model, vocab_size)
-    weights = {init.name: init for init in model.graph.initializer}
-    if (
-        lookups
-        and table_format
-        and not all(table_format.serves_lookups(weights[n.input[0]].dims[1]) for n in readers.gathers)
-    ):
-        log(f"the token lookups keep the float table: its rows do not split into blocks of {table_format}")
-        lookups = False
-    replaced = [(node, False) for node in readers.gathers if lookups] + [(n, True) for n in readers.lm_heads if lm_head]
-    stored: dict[str, dict[str, str]] = {}  # float table name -> role -> name of what the format stores
-    for node, is_head in replaced if table_format else []:
-        table = weights[node.input[1] if is_head else node.input[0]]
-        if table.name not in stored:
-            stored[table.name] = _add_arrays(model, table_format, table)
-        names = stored[table.name]
-        if is_head:
-            replacement = _lm_head(table_format, names, node, tuple(table.dims))
-        else:
-            replacement = table_format.lookup(names, node.input[1], node.output[0], node.name)
-        _replace(model, node, replacement)
-    _add_opsets(model)
-    model = _without_unread_initializers(model)
+    stored = _read_format(model, vocab_size, table_format, lookups, lm_head) if table_format else {}
     kept = vocab_readers(model, vocab_size)  # readers left reading a float table
     tables = {node.input[0] for node in kept.gathers} | {node.input[1] for node in kept.lm_heads}
     tables |= {name for names in stored.values() for name in names.values()} | _lookup_tables(model)
@@ -201,6 +185,30 @@ def store_tables_once(
             shared.add(numpy_helper.to_array(init))
     shared.point_at_shared(model, tables)
     return model
+
+
+def _read_format(model: onnx.ModelProto, vocab_size: int, table_format: TableFormat, lookups: bool, lm_head: bool):
+    """Swap the chosen readers for the format's; returns float table name -> role -> stored array's name."""
+    readers = vocab_readers(model, vocab_size)
+    weights = {init.name: init for init in model.graph.initializer}
+    d_models = {weights[node.input[0]].dims[1] for node in readers.gathers}
+    if lookups and not all(table_format.serves_lookups(d_model) for d_model in d_models):
+        log(f"the token lookups read the float table: d_model {sorted(d_models)} does not split into {table_format}")
+        lookups = False
+    chosen = [(node, False) for node in readers.gathers if lookups] + [(n, True) for n in readers.lm_heads if lm_head]
+    stored: dict[str, dict[str, str]] = {}
+    for node, is_head in chosen:
+        table = weights[node.input[1] if is_head else node.input[0]]
+        if table.name not in stored:
+            stored[table.name] = _add_arrays(model, table_format, table)
+        if is_head:
+            replacement = _lm_head(table_format, stored[table.name], node, tuple(table.dims))
+        else:
+            replacement = table_format.lookup(stored[table.name], node.input[1], node.output[0], node.name)
+        _replace(model, node, replacement)
+    _add_opsets(model)
+    _drop_unread(model, set(stored))
+    return stored
 
 
 LOOKUP_TABLE_BYTES = 4096  # a smaller table is not worth a page of its own in the shared file
@@ -245,14 +253,13 @@ def _add_opsets(model: onnx.ModelProto) -> None:
         model.opset_import.append(helper.make_opsetid(MICROSOFT, 1))
 
 
-def _without_unread_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop the initializers no node reads any more (the float tables a format replaced)."""
+def _drop_unread(model: onnx.ModelProto, names: set[str]) -> None:
+    """Drop the initializers of `names` (the float tables a format replaced) that no node reads any more."""
     read = set()
     for graph in _graphs(model.graph):
         read.update(name for node in graph.node for name in node.input)
-    for init in [init for init in model.graph.initializer if init.name not in read]:
+    for init in [init for init in model.graph.initializer if init.name in names - read]:
         model.graph.initializer.remove(init)
-    return model
 
 
 def _graphs(graph: onnx.GraphProto):
