@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -303,6 +304,19 @@ def test_both_sessions_of_a_quantized_export_read_one_mapped_table(quantized, fm
     encoder = {value.data_ptr() for _, value in shared.initializers(out / contract.ENCODER_FILE)}
     decoder = {value.data_ptr() for _, value in shared.initializers(out / contract.DECODER_FILE)}
     assert encoder and encoder <= decoder  # the decoder's LM head reads what both lookups read
+    mapped = _mapped_ranges(out / contract.SHARED_WEIGHTS_FILE)
+    assert all(any(start <= pointer < end for start, end in mapped) for pointer in encoder | decoder)
+
+
+def _mapped_ranges(path) -> list[tuple[int, int]]:
+    """The address ranges this process maps `path` at (/proc/self/maps; Linux)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path.resolve()):
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
 
 
 def test_a_quantized_export_with_its_tables_inside_each_graph_still_runs(quantized, tmp_path):
