@@ -1,4 +1,6 @@
-"""The token embeddings an export stores once (graphs/contract.py's SHARED_WEIGHTS_FILE), loaded once.
+"""The tables an export stores once (graphs/contract.py's SHARED_WEIGHTS_FILE), loaded once: the token
+embeddings of fp32 exports; in quantized ones the table in the format's own form (int8 rows and scales,
+int4 blocks seen in two shapes, fp16) and the position tables (exporter/quantization/vocab_tables.py).
 
 The file is mapped once, read-only, and every initializer the graphs keep there is handed to its
 session as an OrtValue over those bytes (SessionOptions.add_initializer: on CPU onnxruntime uses the
@@ -19,6 +21,8 @@ import onnxruntime as ort
 from ortseq.graphs.contract import SHARED_WEIGHTS_FILE
 from ortseq.graphs.external_data import external_initializers
 from ortseq.graphs.manifest import ManifestError
+
+DONT_NEED = getattr(mmap, "MADV_DONTNEED", None)  # Linux and macOS; Windows has no madvise
 
 # onnx.TensorProto.DataType -> numpy dtype, for the types an export keeps in the shared file
 _DTYPES = {1: np.dtype("<f4"), 2: np.dtype("u1"), 3: np.dtype("i1"), 10: np.dtype("<f2")}
@@ -43,8 +47,8 @@ class SharedWeights:
         the mid-size int8 export, d_model 512, 96k vocabulary: 48 MB less resident after loading). The
         mapping is read-only and backed by the file, so nothing is lost.
         """
-        if self._mapping is not None:
-            self._mapping.madvise(mmap.MADV_DONTNEED)
+        if self._mapping is not None and DONT_NEED is not None:
+            self._mapping.madvise(DONT_NEED)
 
     def initializers(self, graph: Path) -> list[tuple[str, ort.OrtValue]]:
         """(initializer name, value) for each initializer of graph kept in the shared file."""
