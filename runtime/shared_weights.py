@@ -44,7 +44,7 @@ class SharedWeights:
         reads the whole table once and keeps a packed copy of its own, which is what every step reads.
         The mapped pages read for that would stay in the resident set, a second copy of the table;
         dropped, they stay in the page cache, and a lookup faults back only the rows it reads (measured on
-        the mid-size int8 export, d_model 512, 96k vocabulary: 48 MB less resident after loading). The
+        the mid-size int8 export, d_model 512, 96k vocabulary: 47 MiB less resident after loading). The
         mapping is read-only and backed by the file, so nothing is lost.
         """
         if self._mapping is not None and DONT_NEED is not None:

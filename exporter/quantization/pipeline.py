@@ -96,7 +96,7 @@ def _write_quantized(source_dir: Path, source: Manifest, staging: Path, to: str,
         log(f"{to}: {graph}")
         # Each graph's own weights go to graph.onnx.data, whatever the source did: onnxruntime maps that file
         # and lets go of what its kernels prepacked, where weights inside the graph file are parsed and
-        # copied (measured on the mid-size int8 export: 26 MB less resident after loading).
+        # copied (measured on the mid-size int8 export: 25 MiB less resident after loading).
         _transform(source_dir / graph, staging / graph, to, settings, source.dims.vocab_size, True, shared)
         files += [name for name in (graph, graph + ".data") if (staging / name).is_file()]
     if shared.written():
