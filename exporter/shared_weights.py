@@ -6,37 +6,52 @@ its own copy, and the LM head a third, transposed one (torch.onnx folds `linear(
 against a constant Wᵀ). Here the LM head is exported as Gemm(x, W, transB=1), which reads the table
 in its stored layout, and every initializer holding one of the model's embedding tables is pointed
 at that table's bytes in the shared file, written once.
+
+Quantized exports (exporter/quantization/vocab_tables.py) store their quantized tables the same way
+(SharedFile: any dtype, and one run of bytes may back initializers of different shapes). Only
+lm_head_logits needs torch, imported when called: `ortseq quantize` runs without torch.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-import torch
 from onnx import numpy_helper
 
 from ortseq.graphs.contract import SHARED_WEIGHTS_FILE
 
+if TYPE_CHECKING:
+    import torch
+
 ALIGNMENT = 4096  # each table starts on a page: the runtime maps them straight from the file
 
 
-class _LinearNoBias(torch.autograd.Function):
-    """x @ weightᵀ, exported as Gemm(transB=1) so that the graph reads `weight` as stored."""
+@functools.cache
+def _linear_no_bias():
+    import torch
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, weight)
+    class LinearNoBias(torch.autograd.Function):
+        """x @ weightᵀ, exported as Gemm(transB=1) so that the graph reads `weight` as stored."""
 
-    @staticmethod
-    def symbolic(g, x, weight):
-        return g.op("Gemm", x, weight, transB_i=1)
+        @staticmethod
+        def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(x, weight)
+
+        @staticmethod
+        def symbolic(g, x, weight):
+            return g.op("Gemm", x, weight, transB_i=1)
+
+    return LinearNoBias
 
 
 def lm_head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """[rows, d_model] x [vocab, d_model] -> [rows, vocab] logits, the weight read in place (no transposed copy)."""
-    return _LinearNoBias.apply(x, weight)
+    return _linear_no_bias().apply(x, weight)
 
 
 def embedding_tables(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -54,32 +69,41 @@ def embedding_tables(model: torch.nn.Module) -> list[torch.Tensor]:
     return tables
 
 
-class SharedWeights:
-    """The shared file being written for one export: tables are appended once, graphs point at them."""
+class SharedFile:
+    """The shared file being written for one export: arrays are appended once (equal bytes: once), and
+    initializers holding those bytes are pointed at them, whatever their shape (an int4 table is read as
+    [vocab, blocks, bytes] by MatMulNBits and as [vocab, bytes] by GatherBlockQuantized)."""
 
-    def __init__(self, directory: Path, tables: list[torch.Tensor]):
+    def __init__(self, directory: Path, arrays: Iterable[np.ndarray] = ()):
         self.path = Path(directory) / SHARED_WEIGHTS_FILE
-        self._tables: list[np.ndarray] = []
-        for table in tables:  # untied tables may still hold equal values (a checkpoint saved them once)
-            array = table.detach().cpu().contiguous().numpy()
-            if not any(array.shape == kept.shape and np.array_equal(array, kept) for kept in self._tables):
-                self._tables.append(array)
-        self._offsets: dict[int, int] = {}  # index in _tables -> offset in the file, once written
+        self._arrays: list[np.ndarray] = []
+        self._offsets: dict[int, int] = {}  # index in _arrays -> offset in the file, once written
+        for array in arrays:
+            self.add(array)
 
-    def point_at_shared(self, model: onnx.ModelProto) -> int:
-        """Move every initializer equal to one of the tables into the shared file; returns how many moved."""
+    def add(self, array: np.ndarray) -> None:
+        """Keep array for the file, unless equal bytes are already kept (untied tables may hold equal
+        values: a checkpoint saved them once)."""
+        if self._index_of(array) is None:
+            self._arrays.append(np.ascontiguousarray(array))
+
+    def point_at_shared(self, model: onnx.ModelProto, names: Iterable[str] | None = None) -> int:
+        """Move every initializer (of `names`, if given) equal to a kept array into the shared file;
+        returns how many moved."""
+        wanted = None if names is None else set(names)
         moved = 0
         for tensor in model.graph.initializer:
-            index = self._table_index(tensor)
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or (wanted is not None and tensor.name not in wanted):
+                continue
+            index = self._index_of_tensor(tensor)
             if index is None:
                 continue
-            offset = self._offset_of(index)
-            table = self._tables[index]
-            tensor.ClearField("raw_data")
-            tensor.ClearField("float_data")
+            offset, length = self._offset_of(index), self._arrays[index].nbytes
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+                tensor.ClearField(field)
             tensor.data_location = onnx.TensorProto.EXTERNAL
             del tensor.external_data[:]
-            for key, value in (("location", SHARED_WEIGHTS_FILE), ("offset", offset), ("length", table.nbytes)):
+            for key, value in (("location", SHARED_WEIGHTS_FILE), ("offset", offset), ("length", length)):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, str(value)
             moved += 1
@@ -88,13 +112,20 @@ class SharedWeights:
     def written(self) -> bool:
         return bool(self._offsets)
 
-    def _table_index(self, tensor: onnx.TensorProto) -> int | None:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            return None
-        for index, table in enumerate(self._tables):
-            if tuple(tensor.dims) != table.shape or tensor.data_type != onnx.TensorProto.FLOAT:
-                continue
-            if np.array_equal(numpy_helper.to_array(tensor), table):
+    def _index_of_tensor(self, tensor: onnx.TensorProto) -> int | None:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        nbytes = int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
+        if not any(kept.dtype == dtype and kept.nbytes == nbytes for kept in self._arrays):
+            return None  # not converted: most initializers of a graph are not tables
+        return self._index_of(numpy_helper.to_array(tensor))
+
+    def _index_of(self, array: np.ndarray) -> int | None:
+        for index, kept in enumerate(self._arrays):
+            if (
+                kept.dtype == array.dtype
+                and kept.nbytes == array.nbytes
+                and np.array_equal(_bytes(kept), _bytes(array))
+            ):
                 return index
         return None
 
@@ -103,6 +134,19 @@ class SharedWeights:
             with open(self.path, "ab") as handle:
                 start = -(-handle.tell() // ALIGNMENT) * ALIGNMENT
                 handle.write(b"\0" * (start - handle.tell()))
-                handle.write(self._tables[index].astype("<f4", copy=False).tobytes())
+                handle.write(
+                    self._arrays[index].astype(self._arrays[index].dtype.newbyteorder("<"), copy=False).tobytes()
+                )
             self._offsets[index] = start
         return self._offsets[index]
+
+
+def _bytes(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+
+class SharedWeights(SharedFile):
+    """The shared file of an fp32 export: the model's embedding tables (torch tensors)."""
+
+    def __init__(self, directory: Path, tables: list[torch.Tensor]):
+        super().__init__(directory, (table.detach().cpu().contiguous().numpy() for table in tables))

@@ -99,6 +99,7 @@ class EncoderDecoderSessions:
         self.decoder = create_session(
             decoder, provider, decoder_threads(manifest.dims, threads), self.shared_weights.initializers(decoder)
         )
+        self.shared_weights.release_pages()  # the sessions hold packed copies of what they prepacked
         self._memory_names = ["encoder_attention_mask", *contract.cross_names(self.layers)]
         self.static_cache = manifest.decoder_contract == contract.STATIC_CACHE_CONTRACT
         self.past_names = (contract.cache_names if self.static_cache else contract.past_names)(self.layers)

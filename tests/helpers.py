@@ -3,7 +3,9 @@ under plain `pytest` as under `python -m pytest`)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +111,22 @@ CORPUS = [
     "river " * 700,
     "x" * 3000,
 ]
+
+
+def inline_shared_tables(export_dir: Path, target: Path) -> Path:
+    """A copy of export_dir as exports made before embeddings.data were: each graph holds its own tables."""
+    import onnx
+
+    from ortseq.graphs import contract
+    from ortseq.graphs.manifest import MANIFEST_FILE, sha256_of
+
+    shutil.copytree(export_dir, target)
+    graphs = (contract.ENCODER_FILE, contract.DECODER_FILE)
+    for graph in graphs:
+        onnx.save_model(onnx.load(str(target / graph)), str(target / graph))  # the tables back inline
+    (target / contract.SHARED_WEIGHTS_FILE).unlink()
+    manifest = json.loads((target / MANIFEST_FILE).read_text())
+    del manifest["files"][contract.SHARED_WEIGHTS_FILE]
+    manifest["files"].update({graph: sha256_of(target / graph) for graph in graphs})
+    (target / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return target

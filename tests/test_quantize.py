@@ -7,26 +7,29 @@ synthetic lead-sentence task, cached under .cache/), because agreement on random
 from __future__ import annotations
 
 import json
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import ortseq
+from helpers import inline_shared_tables, ortseq
 
 from ortseq.exporter.pipeline import export
-from ortseq.exporter.quantization import formats
+from ortseq.exporter.quantization import formats, vocab_tables
 from ortseq.exporter.quantization.fp16 import Fp16Settings, convert_fp16
 from ortseq.exporter.quantization.pipeline import QualityGateError, quantize
 from ortseq.exporter.quantization.quality import lowest_agreement, sequence_agreement
+from ortseq.exporter.shared_weights import SharedFile
 from ortseq.exporter.tiny.pegasus import TinyPegasusShape, build_tiny_pegasus
 from ortseq.exporter.tiny.trained import synthetic_documents
 from ortseq.graphs import contract
-from ortseq.graphs.manifest import MANIFEST_FILE, Manifest
+from ortseq.graphs.manifest import MANIFEST_FILE, Manifest, sha256_of
 from ortseq.runtime.model import Seq2SeqModel
 
-QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits"}
+QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QGemm"}
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +81,8 @@ def test_only_constant_weight_matmuls_are_quantized(trained_export, quantized, f
         quantized_nodes = [node for node in after.graph.node if node.op_type in QUANTIZED_OPS]
         assert quantized_nodes, graph
         for node in quantized_nodes:
-            assert node.input[1] in constants, (graph, node.name)  # the weight is a constant
+            weight = node.input[3 if node.op_type == "QGemm" else 1]  # QGemm: A, its scale and zero point, then B
+            assert weight in constants, (graph, node.name)  # the weight is a constant
         # the attention MatMuls (Q·Kᵀ, P·V: both operands activations) are all still float MatMuls
         assert _activation_matmuls(after) == _activation_matmuls(before) > 0, graph
 
@@ -91,20 +95,23 @@ def _activation_matmuls(model: onnx.ModelProto) -> int:
 def test_lm_head_and_embedding_choices_select_the_vocabulary_nodes(trained_export, tmp_path):
     model = onnx.load(str(trained_export / contract.DECODER_FILE))
     vocab = Manifest.read(trained_export).dims.vocab_size
-    lm_heads, embeddings = formats.vocab_weights(formats.name_nodes(model), vocab)
-    assert len(lm_heads) == 1 and len(embeddings) == 1
+    readers = vocab_tables.vocab_readers(formats.name_nodes(model), vocab)
+    assert len(readers.lm_heads) == 1 and len(readers.gathers) == 1
+    lm_head, lookup = readers.lm_heads[0].name, readers.gathers[0].name
     for settings in (formats.Int8Settings(), formats.Int8Settings(lm_head=False, embeddings=False)):
         target = tmp_path / f"decoder-{settings.lm_head}.onnx"
-        formats.quantize_int8(trained_export / contract.DECODER_FILE, target, settings, vocab, False)
-        graph = onnx.load(str(target)).graph
+        shared = SharedFile(tmp_path / f"shared-{settings.lm_head}")
+        shared.path.parent.mkdir()
+        formats.quantize_int8(trained_export / contract.DECODER_FILE, target, settings, vocab, False, shared)
+        graph = onnx.load(str(target), load_external_data=False).graph
         weight_types = {init.name: init.data_type for init in graph.initializer}
         nodes = {node.name: node for node in graph.node}
-        float_head = lm_heads[0] in nodes and nodes[lm_heads[0]].op_type == "MatMul"  # quantized: replaced
-        assert float_head == (not settings.lm_head)
-        token_table = weight_types[nodes[embeddings[0]].input[0]]
-        assert (token_table in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)) == settings.embeddings
+        assert nodes[lm_head].op_type == ("QGemm" if settings.lm_head else "Gemm")
+        token_table = weight_types[nodes[f"{lookup}/rows" if settings.embeddings else lookup].input[0]]
+        assert (token_table == onnx.TensorProto.INT8) == settings.embeddings
         # the position table and the past reordering by beam_idx are never quantized
-        other_gathers = [node for node in graph.node if node.op_type == "Gather" and node.name != embeddings[0]]
+        other_gathers = [node for node in graph.node if node.op_type == "Gather" and not node.name.startswith(lookup)]
+        assert other_gathers
         assert all(
             weight_types.get(node.input[0], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for node in other_gathers
         )
@@ -175,7 +182,9 @@ def test_fp16_keeps_an_overflowing_residual_stream_finite_where_a_naive_conversi
 
 def _fp16_encoder(tmp_path, settings: Fp16Settings) -> onnx.ModelProto:
     target = tmp_path / f"encoder-{settings.keep_residual_fp32}.onnx"
-    convert_fp16(tmp_path / "fp32" / contract.ENCODER_FILE, target, settings, external_data=False)
+    vocab = Manifest.read(tmp_path / "fp32").dims.vocab_size
+    shared = SharedFile(tmp_path)  # the encoder's fp16 table goes to tmp_path/embeddings.data, beside it
+    convert_fp16(tmp_path / "fp32" / contract.ENCODER_FILE, target, settings, vocab, False, shared)
     return onnx.load(str(target))
 
 
@@ -251,3 +260,81 @@ def test_a_damaged_quantized_export_scores_low_and_is_refused(trained_export, ga
     [(report, (_, agreement))] = gate_calls
     assert agreement < 0.5, report  # the undamaged int8 export agrees 1.000 in both modes
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# bytes of each format's one stored table: int8 rows with an fp32 scale and an int8 zero point per row,
+# int4 (block 32) with an fp32 scale per block, fp16
+ONE_TABLE_BYTES = {
+    "int8": lambda vocab, d: vocab * (d + 4 + 1),
+    "int4": lambda vocab, d: vocab * (d // 2 + 4 * d // 32),
+    "fp16": lambda vocab, d: vocab * d * 2,
+}
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp16"])
+def test_a_quantized_export_stores_its_token_table_once_for_lookups_and_lm_head(quantized, fmt):
+    out, manifest = quantized(fmt)
+    vocab, d_model = manifest.dims.vocab_size, manifest.dims.d_model
+    inline, places, vocab_places = [], set(), set()
+    for graph in (contract.ENCODER_FILE, contract.DECODER_FILE):
+        for tensor in onnx.load(str(out / graph), load_external_data=False).graph.initializer:
+            entries = {entry.key: entry.value for entry in tensor.external_data}
+            if entries.get("location") != contract.SHARED_WEIGHTS_FILE:
+                inline.append(tensor)
+                continue
+            place = (int(entries["offset"]), int(entries["length"]))  # int4: one place, two shapes
+            places.add(place)
+            if vocab in tensor.dims:
+                vocab_places.add(place)
+    assert [tensor.name for tensor in inline if vocab in tensor.dims] == []
+    assert sum(length for _, length in vocab_places) == ONE_TABLE_BYTES[fmt](vocab, d_model)
+    # each weight once: no tensor of one graph's own data is also in the other's (the positions are shared)
+    copies = Counter(tensor.raw_data for tensor in inline if len(tensor.raw_data) > 4096)
+    assert [count for count in copies.values() if count > 1] == []
+    assert (out / contract.SHARED_WEIGHTS_FILE).stat().st_size <= sum(length for _, length in places) + 4096 * len(
+        places
+    )
+    assert manifest.files[contract.SHARED_WEIGHTS_FILE] == sha256_of(out / contract.SHARED_WEIGHTS_FILE)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp16"])
+def test_both_sessions_of_a_quantized_export_read_one_mapped_table(quantized, fmt):
+    out, _ = quantized(fmt)
+    shared = Seq2SeqModel.load(out).sessions.shared_weights
+    encoder = {value.data_ptr() for _, value in shared.initializers(out / contract.ENCODER_FILE)}
+    decoder = {value.data_ptr() for _, value in shared.initializers(out / contract.DECODER_FILE)}
+    assert encoder and encoder <= decoder  # the decoder's LM head reads what both lookups read
+    mapped = _mapped_ranges(out / contract.SHARED_WEIGHTS_FILE)
+    assert all(any(start <= pointer < end for start, end in mapped) for pointer in encoder | decoder)
+
+
+def _mapped_ranges(path) -> list[tuple[int, int]]:
+    """The address ranges this process maps `path` at (/proc/self/maps; Linux)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path.resolve()):
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def test_a_quantized_export_with_its_tables_inside_each_graph_still_runs(quantized, tmp_path):
+    """int8/int4/fp16 exports made before the shared file kept a table copy in each graph."""
+    out, _ = quantized("int8")
+    old = inline_shared_tables(out, tmp_path / "old-export")
+    docs = [doc for doc, _ in synthetic_documents(3, seed=5)]
+    expected = Seq2SeqModel.load(out).summarize(docs, num_beams=2)
+    assert Seq2SeqModel.load(old).summarize(docs, num_beams=2) == expected
+
+
+def test_int4_of_a_d_model_the_blocks_do_not_divide_keeps_float_lookups_and_runs(exported, tmp_path):
+    """odd_heads has d_model 60: GatherBlockQuantized cannot read MatMulNBits' padded last block of 32."""
+    source = exported("odd_heads").export_dir
+    out = tmp_path / "int4"
+    quantize(source, out, "int4", min_agreement=0.0, texts=["The river bridge will open next year."])
+    decoder = onnx.load(str(out / contract.DECODER_FILE), load_external_data=False)
+    ops = {node.op_type for node in decoder.graph.node}
+    assert "MatMulNBits" in ops and "GatherBlockQuantized" not in ops
+    ids = np.array([[5, 9, 23, 47, 11, 1]], dtype=np.int64)
+    assert Seq2SeqModel.load(out).generate(ids, max_new_tokens=4).shape[1] > 1

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import inline_shared_tables
 
 from ortseq.graphs import contract
 from ortseq.graphs.manifest import MANIFEST_FILE, ManifestError, sha256_of
@@ -64,15 +65,7 @@ def test_the_encoder_and_decoder_sessions_read_one_buffer_of_the_shared_table(ex
 def test_an_export_with_a_copy_of_the_table_in_each_graph_still_runs(exported, tmp_path):
     """Exports made before embeddings.data (ortseq 0.2 and early 0.3) keep the tables inside each graph."""
     export_dir = exported("deep_decoder").export_dir
-    old = tmp_path / "old-export"
-    shutil.copytree(export_dir, old)
-    for graph in GRAPHS:
-        onnx.save_model(onnx.load(str(old / graph)), str(old / graph))  # the table back inline
-    (old / contract.SHARED_WEIGHTS_FILE).unlink()
-    manifest = json.loads((old / MANIFEST_FILE).read_text())
-    del manifest["files"][contract.SHARED_WEIGHTS_FILE]
-    manifest["files"].update({graph: sha256_of(old / graph) for graph in GRAPHS})
-    (old / MANIFEST_FILE).write_text(json.dumps(manifest))
+    old = inline_shared_tables(export_dir, tmp_path / "old-export")
 
     settings = dict(num_beams=2, max_new_tokens=10)
     expected = Seq2SeqModel.load(export_dir).generate(INPUT_IDS, **settings)
@@ -86,3 +79,27 @@ def test_a_shared_file_shorter_than_its_graphs_say_is_refused_by_name(exported, 
     shared.write_bytes(shared.read_bytes()[:-4096])
     with pytest.raises(ManifestError, match=contract.SHARED_WEIGHTS_FILE):
         Seq2SeqModel.load(export_dir, verify=False)  # unverified: the sha256 would catch it first
+
+
+def _resident_kb(path: Path) -> int:
+    """This process's resident kB of the mappings of path (/proc/self/smaps; Linux)."""
+    resident, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line: address range, perms, ..., path
+            inside = fields[-1] == str(path)
+        elif inside and fields[0] == "Rss:":
+            resident += int(fields[1])
+    return resident
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_the_shared_tables_pages_are_not_held_once_the_sessions_have_prepacked_them(exported):
+    """onnxruntime reads the whole table to prepack the LM head and keeps its own packed copy: the mapped
+    pages it read would be a second resident copy. A lookup faults back only the rows it reads."""
+    export_dir = exported("deep_decoder").export_dir
+    model = Seq2SeqModel.load(export_dir)
+    shared = (export_dir / contract.SHARED_WEIGHTS_FILE).resolve()
+    assert _resident_kb(shared) == 0
+    model.generate(INPUT_IDS[:1, :2], max_new_tokens=2)
+    assert 0 < _resident_kb(shared) <= shared.stat().st_size // 1024 + 4

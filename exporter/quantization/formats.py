@@ -7,8 +7,9 @@
   activations stay float. Again only MatMuls with a constant weight exist to be quantized.
 * fp16: see exporter/quantization/fp16.py (kept apart: it is about keeping fp32 where Pegasus overflows).
 
-The LM head (the MatMul that produces the logits) and the token embedding (the Gather from the
-[vocab, D] table) are choices: `lm_head` / `embeddings` in the settings.
+The LM head (the Gemm that produces the logits) and the token embedding (the Gather from the
+[vocab, D] table) are choices: `lm_head` / `embeddings` in the settings. Either way the table is
+stored once, in the export's shared file (vocab_tables.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from pathlib import Path
 
 import onnx
 
+from ortseq.exporter.quantization import vocab_tables
+from ortseq.exporter.shared_weights import SharedFile
+
 # Exports are written with IR 8 (graphs/contract.py); int4 tensors (opset 21, used by the quantizer for
 # embeddings) need IR 10. onnx 1.23 would write IR 14, more than onnxruntime 1.31 accepts.
 MAX_IR_VERSION = 10
@@ -30,8 +34,10 @@ MAX_IR_VERSION = 10
 class Int8Settings:
     per_channel: bool = True
     weight_type: str = "QInt8"  # or "QUInt8"
-    lm_head: bool = True  # quantize the LM head MatMul
-    embeddings: bool = True  # quantize the token-embedding Gather (int8 rows; the position table stays float)
+    # the token-embedding table, read by the lookups and the LM head, is int8 rows with a scale per row
+    # whatever per_channel and weight_type say (vocab_tables.Int8Rows); the position table stays float
+    lm_head: bool = True  # the LM head reads the int8 table (else the float one)
+    embeddings: bool = True  # the token lookups read the int8 table (else the float one)
 
 
 @dataclass(frozen=True)
@@ -45,100 +51,76 @@ class Int4Settings:
     embeddings: bool = True  # block-quantize the token embedding (com.microsoft GatherBlockQuantized, opset 21)
 
 
-def excluded_nodes(model: onnx.ModelProto, vocab_size: int, lm_head: bool, embeddings: bool) -> list[str]:
-    """Nodes the quantizer must leave alone: the LM head and token embedding unless asked for, and
-    every other Gather (position table, beam reordering of the past)."""
-    lm_heads, token_embeddings = vocab_weights(model, vocab_size)
-    other_gathers = [node.name for node in model.graph.node if node.op_type == "Gather"]
-    other_gathers = [name for name in other_gathers if name not in token_embeddings]
-    return other_gathers + ([] if lm_head else lm_heads) + ([] if embeddings else token_embeddings)
-
-
-def vocab_weights(model: onnx.ModelProto, vocab_size: int) -> tuple[list[str], list[str]]:
-    """(LM-head node names, token-embedding Gather node names): the nodes whose constant weight has the
-    vocabulary as one of its axes. The LM head is a MatMul over [d_model, vocab], or in fp32 exports a
-    Gemm(transB=1) over the [vocab, d_model] table itself (exporter/shared_weights.py)."""
-    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
-    lm_heads, embeddings = [], []
-    for node in model.graph.node:
-        if node.op_type == "MatMul" and shapes.get(node.input[1], ())[-1:] == (vocab_size,):
-            lm_heads.append(node.name)
-        if _is_lm_head_gemm(node) and shapes.get(node.input[1], ())[:1] == (vocab_size,):
-            lm_heads.append(node.name)
-        if node.op_type == "Gather" and shapes.get(node.input[0], ())[:1] == (vocab_size,):
-            embeddings.append(node.name)
-    return lm_heads, embeddings
-
-
-def lm_head_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Turn the LM head Gemm(x, W, transB=1) back into MatMul(x, Wᵀ), Wᵀ a copy of its own.
-
-    The LM head is the one bias-less Gemm with transB=1 and a constant weight that exports hold; the
-    MatMul keeps its node name (the quantizers select and exclude nodes by name).
-    fp32 exports read the [vocab, d_model] embedding table in place (exporter/shared_weights.py); the
-    quantizers know the LM head only as a MatMul with a constant weight, so the quantized formats get
-    the layout they had before, with a transposed copy (sharing the table there is still to be done).
-    """
-    from onnx import helper, numpy_helper
-
-    weights = {init.name: init for init in model.graph.initializer}
-    for index, node in enumerate(list(model.graph.node)):  # a copy: nodes are replaced in place
-        weight = weights.get(node.input[1]) if _is_lm_head_gemm(node) else None
-        if weight is None:
-            continue
-        transposed = numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), f"{weight.name}.transposed")
-        model.graph.initializer.append(transposed)
-        matmul = helper.make_node("MatMul", [node.input[0], transposed.name], list(node.output), name=node.name)
-        model.graph.node.remove(node)
-        model.graph.node.insert(index, matmul)
-    return model
-
-
-def _is_lm_head_gemm(node: onnx.NodeProto) -> bool:
-    """Gemm(x, W, transB=1) without bias, alpha or beta: the LM head as fp32 exports write it."""
-    attributes = {attribute.name: onnx.helper.get_attribute_value(attribute) for attribute in node.attribute}
-    return node.op_type == "Gemm" and len(node.input) == 2 and attributes == {"transB": 1}
-
-
-def quantize_int8(source: Path, target: Path, settings: Int8Settings, vocab_size: int, external_data: bool) -> None:
+def quantize_int8(
+    source: Path, target: Path, settings: Int8Settings, vocab_size: int, external_data: bool, shared: SharedFile
+) -> None:
+    """The MatMuls by quantize_dynamic; the token embedding and LM head read one int8 table in the shared file."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = lm_head_as_matmul(name_nodes(onnx.load(str(source))))
-    excluded = excluded_nodes(model, vocab_size, settings.lm_head, settings.embeddings)
+    model = name_nodes(onnx.load(str(source)))
+    lm_heads = [node.name for node in vocab_tables.vocab_readers(model, vocab_size).lm_heads]
+    # quantize_dynamic turns every Gemm into a MatMul over a transposed copy of its weight before anything
+    # else (nodes_to_exclude does not stop that): the LM head Gemm goes in under another name
+    _rename_op(model, lm_heads, "Gemm", HIDDEN_GEMM)
     with tempfile.TemporaryDirectory(prefix="ortseq-int8-") as scratch:
-        named = Path(scratch) / source.name
+        named, quantized = Path(scratch) / source.name, Path(scratch) / ("int8-" + source.name)
         save_graph(model, named, external_data)  # quantize_dynamic reads a path: give it the one with node names
+        del model
         with quiet_root_logger():
             quantize_dynamic(
                 str(named),
-                str(target),
+                str(quantized),
                 per_channel=settings.per_channel,
                 weight_type=getattr(QuantType, settings.weight_type),
-                op_types_to_quantize=["MatMul", "Gather"],
-                nodes_to_exclude=excluded,
+                op_types_to_quantize=["MatMul"],  # not the token Gathers: vocab_tables does those
                 use_external_data_format=external_data,
                 extra_options={"MatMulConstBOnly": True},
             )
-    _restore_ir_version(target)
+        model = onnx.load(str(quantized))
+    _rename_op(model, lm_heads, HIDDEN_GEMM, "Gemm")
+    model = vocab_tables.store_tables_once(
+        model, vocab_size, shared, vocab_tables.Int8Rows(), settings.embeddings, settings.lm_head
+    )
+    save_graph(model, target, external_data)
 
 
-def quantize_int4(source: Path, target: Path, settings: Int4Settings, vocab_size: int, external_data: bool) -> None:
+HIDDEN_GEMM = "OrtseqHiddenGemm"  # an op type no quantizer knows
+
+
+def _rename_op(model: onnx.ModelProto, names: list[str], old: str, new: str) -> None:
+    for node in model.graph.node:
+        if node.name in names and node.op_type == old:
+            node.op_type = new
+
+
+def quantize_int4(
+    source: Path, target: Path, settings: Int4Settings, vocab_size: int, external_data: bool, shared: SharedFile
+) -> None:
+    """The MatMuls into MatMulNBits; the token embedding and LM head read one block-quantized table."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    model = lm_head_as_matmul(name_nodes(onnx.load(str(source))))
-    excluded = excluded_nodes(model, vocab_size, settings.lm_head, settings.embeddings)
-    op_types = ("MatMul", "Gather") if settings.embeddings else ("MatMul",)
+    model = name_nodes(onnx.load(str(source)))
+    readers = vocab_tables.vocab_readers(model, vocab_size)
     quantizer = MatMulNBitsQuantizer(
         model,
         block_size=settings.block_size,
         is_symmetric=settings.symmetric,
         accuracy_level=settings.accuracy_level,
-        nodes_to_exclude=excluded,
-        op_types_to_quantize=op_types,
+        op_types_to_quantize=("MatMul",),  # not the Gathers; the LM head (a Gemm) is excluded by name
+        nodes_to_exclude=[node.name for node in readers.gathers + readers.lm_heads],  # vocab_tables does those
     )
     with quiet_root_logger():
         quantizer.process()
-    save_graph(functions_at_model_opset(quantizer.model.model), target, external_data)
+    table_format = vocab_tables.Blocks(4, settings.block_size, settings.symmetric, settings.accuracy_level)
+    model = vocab_tables.store_tables_once(
+        functions_at_model_opset(quantizer.model.model),
+        vocab_size,
+        shared,
+        table_format,
+        settings.embeddings,
+        settings.lm_head,
+    )
+    save_graph(model, target, external_data)
 
 
 def functions_at_model_opset(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -195,6 +177,8 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def save_graph(model: onnx.ModelProto, path: Path, external_data: bool) -> None:
+    """Tensors already in the shared file stay there; with external_data the others go to path + .data."""
+    # quantize_dynamic may raise the IR version past what this onnxruntime accepts; cap it
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     if not external_data:
         onnx.save_model(model, str(path))
@@ -202,11 +186,3 @@ def save_graph(model: onnx.ModelProto, path: Path, external_data: bool) -> None:
     onnx.save_model(
         model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
     )
-
-
-def _restore_ir_version(path: Path) -> None:
-    """quantize_dynamic may raise the IR version past what this onnxruntime accepts; cap it."""
-    model = onnx.load(str(path), load_external_data=False)
-    if model.ir_version > MAX_IR_VERSION:
-        model.ir_version = MAX_IR_VERSION
-        onnx.save_model(model, str(path))  # external tensors keep pointing at the same .data file

