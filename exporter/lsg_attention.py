@@ -29,77 +29,75 @@ class LSGAttentionCore(nn.Module):
         self.s = settings
 
     def forward(self, query, key, value, keep, lsh_planes):
-        g, b = self.s.num_global_tokens, self.s.block_size
+        g = self.s.num_global_tokens
         lsh_planes = self.s.split_lsh_planes(lsh_planes, query.shape[1], query.shape[-1])
         scale = math.sqrt(query.shape[-1])
         additive = (1.0 - keep) * MIN  # [n, T]
         q_local, k_local, v_local = query[:, :, g:], key[:, :, g:], value[:, :, g:]
-        k_global, v_global = key[:, :, :g], value[:, :, :g]
 
         # Global rows attend to every token.
         full_mask = torch.cat([additive[:, :g] * 0.0, additive], dim=1)[:, None, None, :]
-        global_rows = _attend([query[:, :, :g] @ key.transpose(-1, -2) / scale + full_mask], [value])
+        global_rows = _attend(query[:, :, :g] @ key.transpose(-1, -2) / scale + full_mask, value)
 
         # Every other row attends, per block of B queries, to: globals, 2S sparse tokens, 3B local tokens.
-        blocks = q_local.reshape(q_local.shape[0], q_local.shape[1], -1, b, q_local.shape[-1])  # [n,H,nb,B,dh]
-        scores = [blocks @ k_global.unsqueeze(2).transpose(-1, -2) / scale]
-        values = [v_global.unsqueeze(2)]
+        n, heads, t, dh = q_local.shape
+        blocks = q_local.reshape(n, heads, -1, self.s.block_size, dh)  # [n, H, nb, B, dh]
         sparse = sparse_tokens(self.s, q_local, k_local, v_local, keep, additive, lsh_planes)
-        if sparse is not None:
-            k_win, v_win, m_win = sparse_windows(self.s, *sparse, num_blocks=blocks.shape[2])
-            scores.append(blocks @ k_win.transpose(-1, -2) / scale + m_win.unsqueeze(-2))
-            values.append(v_win)
-        k_win, v_win = local_windows(k_local, b, 0.0), local_windows(v_local, b, 0.0)
-        m_win = local_windows(additive.unsqueeze(-1), b, MIN).squeeze(-1)[:, None, :, None, :]  # [n,1,nb,1,3B]
-        scores.append(blocks @ k_win.transpose(-1, -2) / scale + m_win)
-        values.append(v_win)
-        block_rows = _attend(scores, values).reshape(q_local.shape)
-        return torch.cat([global_rows, block_rows], dim=2)
+        k_blocks, v_blocks, m_blocks = block_keys(self.s, key, value, additive, sparse, blocks.shape[2])
+        block_rows = _attend(blocks @ k_blocks.transpose(-1, -2) / scale + m_blocks.unsqueeze(-2), v_blocks)
+        return torch.cat([global_rows, block_rows.reshape(n, heads, t, dh)], dim=2)
 
 
-def _attend(scores: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
-    """One softmax over the concatenated key groups, then the weighted sum of each group's values."""
-    widths = [s.shape[-1] for s in scores]
-    probs = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
-    out = None
-    for p, v in zip(torch.split(probs, widths, dim=-1), values):
-        out = p @ v if out is None else out + p @ v
-    return out
+def _attend(scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(scores, dim=-1) @ values
 
 
-def local_windows(x: torch.Tensor, block: int, pad_value: float) -> torch.Tensor:
-    """[..., T, d] -> [..., T/B, 3B, d]: block i's previous, own and next block (pad_value outside)."""
-    pad = torch.full_like(x[..., :block, :], pad_value)
-    padded = torch.cat([pad, x, pad], dim=-2)
-    chunks = padded.reshape(*x.shape[:-2], -1, block, x.shape[-1])  # [..., nb + 2, B, d]
-    return torch.cat([chunks[..., :-2, :, :], chunks[..., 1:-1, :, :], chunks[..., 2:, :, :]], dim=-2)
+def block_keys(s: LSGSettings, key, value, additive, sparse, num_blocks):
+    """Every query block's keys and values [n, H, nb, K, dh] and additive mask [n, H|1, nb, K], K = G + 2S + 3B.
 
-
-def sparse_windows(s: LSGSettings, k, v, mask, num_blocks):
-    """Sparse tokens [n, H, T/f, dh] (mask [n, H|1, T/f]) -> each block's S left + S right ones.
-
-    Returns k, v [n, H, nb, 2S, dh] and mask [n, H|1, nb, 2S]; slots outside the sequence are
-    zeros with mask MIN, as the reference's pad + unfold gives.
+    In key order: the G globals, the S sparse tokens left and the S right of the block's window, and
+    the previous, own and next block. One Gather per tensor reads them from [zero, globals, sparse
+    tokens, tokens] (positions outside the sequence read the zero row, masked with MIN, as the
+    reference's zero padding is): no per-group score tensors to concatenate and split again.
     """
-    step = s.block_size // s.sparsity_factor
-    width = s.sparse_block_size
-    offsets = s.sparse_window_offsets()
-    pad_left = max(0, -min(offsets))
-    pad_right = max(0, max(offsets) + width - step)
-    starts = torch.arange(num_blocks) * step + pad_left
-    idx = torch.cat([starts[:, None] + (offset + torch.arange(width))[None, :] for offset in offsets], dim=1)
-    idx = idx.reshape(-1)  # [nb * 2S]
+    g, b = s.num_global_tokens, s.block_size
+    n, heads, _, dh = key.shape
+    zero = key[:, :, :1] * 0.0
+    keys, values = [zero, key], [zero, value]  # key/value hold the globals, then the T tokens
+    masks = [additive[:, None, :1] * 0.0 + MIN, additive[:, None, :g] * 0.0]
+    length = additive.shape[1]
+    block_starts = torch.arange(num_blocks)[:, None]  # [nb, 1]
+    groups = [(torch.arange(g) + 1).expand(num_blocks, g)]  # positions in the concatenation
+    sparse_from = 1 + g + length
+    if sparse is not None:
+        k_sparse, v_sparse, m_sparse = sparse
+        keys.append(k_sparse)
+        values.append(v_sparse)
+        step = s.block_size // s.sparsity_factor
+        for offset in s.sparse_window_offsets():
+            groups.append(_inside_or_zero(block_starts * step + offset + torch.arange(s.sparse_block_size),
+                                          k_sparse.shape[2], sparse_from))  # fmt: skip
+    groups.append(_inside_or_zero((block_starts - 1) * b + torch.arange(3 * b), length, 1 + g))
+    masks.append(additive[:, None, :])
+    if sparse is not None:
+        masks.append(sparse[2])
+    mask_heads = max(m.shape[1] for m in masks)
+    mask = torch.cat([m.expand(-1, mask_heads, -1) for m in masks], dim=2)
+    index = torch.cat(groups, dim=1)  # [nb, K]
+    keys_per_block = index.shape[1]
+    index = index.reshape(-1)
 
-    def windows(x, pad_value):
-        padded = torch.cat(
-            [torch.full_like(x[..., :1, :], pad_value).expand(*x.shape[:-2], pad_left, x.shape[-1]), x,
-             torch.full_like(x[..., :1, :], pad_value).expand(*x.shape[:-2], pad_right, x.shape[-1])],
-            dim=-2,
-        )  # fmt: skip
-        picked = padded.index_select(-2, idx)
-        return picked.reshape(*x.shape[:-2], -1, 2 * width, x.shape[-1])
+    def gather(x):
+        return x.index_select(2, index).reshape(x.shape[0], x.shape[1], num_blocks, keys_per_block, -1)
 
-    return windows(k, 0.0), windows(v, 0.0), windows(mask.unsqueeze(-1), MIN).squeeze(-1)
+    return (gather(torch.cat(keys, dim=2)), gather(torch.cat(values, dim=2)),
+            gather(mask.unsqueeze(-1)).squeeze(-1))  # fmt: skip
+
+
+def _inside_or_zero(positions, length: int, first: int):
+    """positions in a sequence of `length` tokens -> their index in the concatenation (from `first`), or 0."""
+    inside = (positions >= 0) & (positions < length)
+    return torch.where(inside, positions + first, torch.zeros_like(positions))
 
 
 def sparse_tokens(s: LSGSettings, q, k, v, keep, additive, lsh_planes):
