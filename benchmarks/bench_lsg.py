@@ -1,24 +1,30 @@
-"""`make bench-lsg`: the LSG encoder at 1024, 2048 and 4096 tokens, three ways, in one run.
+"""`make bench-lsg`: the LSG encoder at 1024, 2048 and 4096 tokens, four ways, in one run.
 
 Model: pegasus-large-shaped LSG-Pegasus with random weights and the real sizes (16 encoder layers,
 d_model 1024, 16 heads, ffn 4096, vocab 96103, 4096 positions, block 128, sparse block 128, factor 2,
 1 global token, norm), built by the reference code itself so that both sides load the same folder.
-Systems, each in a fresh worker process per length (peak RSS is per system and length):
+Systems, each in a worker process of its own per length (peak RSS is per system and length):
 
 * ortseq-lsg:        our encoder.onnx (LSG attention as ortseq::LSGAttention) on onnxruntime CPU
+* ortseq-lsg-int8:   the same graph after `ortseq quantize --to int8`'s transform (dynamic int8 MatMuls)
 * reference-lsg:     the reference LSG encoder (lsg-converter 0.1.9's modeling file, torch) in .venv-lsg-ref
 * transformers-full: the same weights as a plain Pegasus encoder (full attention), transformers 5.x
 
-Encoder only (no decoder, no cross K/V), batch 1, THREADS threads, median of --rounds timed runs
-after one warm-up. Results: benchmarks/results/bench_lsg.{json,md,png}.
+Encoder only (no decoder, no cross K/V), batch 1, THREADS threads. At each length the four workers
+load and warm up, then time one call each, round after round, the systems interleaved, so that a
+change of machine load hits every system alike; the table gives the median of the rounds and every
+round's sample, with the load average before each round. Results: benchmarks/results/bench_lsg.{json,md,png}.
 
-    python benchmarks/bench_lsg.py [--lengths 1024,2048,4096] [--rounds 2]
+    python benchmarks/bench_lsg.py [--lengths 1024,2048,4096] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,7 +39,10 @@ from bench import rss_mb  # noqa: E402  (stdlib-only module: also imports in the
 
 REFERENCE_PYTHON = ROOT / ".venv-lsg-ref" / "bin" / "python"
 THREADS = 2
-SYSTEMS = ("ortseq-lsg", "reference-lsg", "transformers-full")
+SYSTEMS = ("ortseq-lsg", "ortseq-lsg-int8", "reference-lsg", "transformers-full")
+# The export is cached; these files make it, so a change to them makes a new one.
+EXPORT_SOURCES = ("exporter/lsg_attention.py", "exporter/families/lsg_pegasus.py", "exporter/families/pegasus.py",
+                  "exporter/onnx_export.py", "exporter/quantization/formats.py", "graphs/lsg.py")  # fmt: skip
 
 # google/pegasus-large's architecture (shared/LSG.md, "Real configuration values") with the LSG keys
 # of ccdv/lsg-pegasus-large-4096. One decoder layer: only the encoder is measured.
@@ -94,24 +103,55 @@ def export_ortseq_encoder(checkpoint: Path, out: Path) -> None:
     print(f"[bench-lsg] exported encoder, max abs diff vs torch at 1000 tokens: {error:.2e}", flush=True)
 
 
-def prepare() -> tuple[Path, Path]:
-    checkpoint, export_dir = CACHE / "checkpoint", CACHE / "ortseq"
+def export_int8_encoder(export_dir: Path, out: Path) -> None:
+    """The fp32 encoder through the int8 transform of `ortseq quantize --to int8` (default settings)."""
+    from ortseq.exporter.quantization.formats import Int8Settings, quantize_int8
+
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_size = LARGE_LSG_CONFIG["vocab_size"]
+    quantize_int8(export_dir / "encoder.onnx", out / "encoder.onnx", Int8Settings(), vocab_size, external_data=True)
+    print("[bench-lsg] quantized the encoder to int8", flush=True)
+
+
+def export_fingerprint() -> str:
+    digest = hashlib.sha256()
+    for name in EXPORT_SOURCES:
+        digest.update((ROOT / name).read_bytes())
+    return digest.hexdigest()
+
+
+def prepare() -> tuple[Path, dict[str, Path]]:
+    """The reference checkpoint and our two encoders (fp32, int8), built once and re-built when stale."""
+    checkpoint, exports = (
+        CACHE / "checkpoint",
+        {"ortseq-lsg": CACHE / "ortseq", "ortseq-lsg-int8": CACHE / "ortseq-int8"},
+    )
     if not (checkpoint / "config.json").is_file():
         print(f"[bench-lsg] building the reference model in {checkpoint}", flush=True)
         subprocess.run([str(REFERENCE_PYTHON), __file__, "build-reference", str(checkpoint)], check=True)
-    if not (export_dir / "encoder.onnx").is_file():
-        print(f"[bench-lsg] exporting our encoder to {export_dir}", flush=True)
-        subprocess.run([sys.executable, __file__, "export", str(checkpoint), str(export_dir)], check=True)
-    return checkpoint, export_dir
+    fingerprint = export_fingerprint()
+    stamp = CACHE / "export.sha256"
+    if (
+        not stamp.is_file()
+        or stamp.read_text() != fingerprint
+        or not (exports["ortseq-lsg-int8"] / "encoder.onnx").is_file()
+    ):
+        print(f"[bench-lsg] exporting our encoder to {exports['ortseq-lsg']}", flush=True)
+        subprocess.run([sys.executable, __file__, "export", str(checkpoint), str(exports["ortseq-lsg"])], check=True)
+        subprocess.run([sys.executable, __file__, "int8", str(exports["ortseq-lsg"]), str(exports["ortseq-lsg-int8"])],
+                       check=True)  # fmt: skip
+        stamp.write_text(fingerprint)
+    return checkpoint, exports
 
 
-def worker(system: str, checkpoint: str, export_dir: str, length: int, rounds: int) -> dict:
-    """Load one system, warm it up at this length, time `rounds` encoder calls; print JSON."""
+def worker(system: str, checkpoint: str, export_dir: str, length: int) -> None:
+    """Load one system and warm it up at this length, then answer stdin's lines: `run` times one
+    encoder call (prints its seconds), `stop` prints the memory figures and ends."""
     import numpy as np
 
     ids = np.random.default_rng(length).integers(3, 96000, size=(1, length), dtype=np.int64)
     mask = np.ones_like(ids)
-    if system == "ortseq-lsg":
+    if system.startswith("ortseq"):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -140,52 +180,88 @@ def worker(system: str, checkpoint: str, export_dir: str, length: int, rounds: i
                 return encoder(input_ids=tensors[0], attention_mask=tensors[1], return_dict=True)[0].numpy()
 
     loaded_mb = rss_mb("VmRSS")
-    run()  # warm-up
-    times = []
-    for _ in range(rounds):
+    rows = run().shape[1]  # warm-up
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
         start = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - start)
+        run()
+        print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
     peak = rss_mb("VmHWM")
-    return dict(seconds=statistics.median(times), peak_rss_mb=peak, working_mb=peak - loaded_mb, rows=out.shape[1])
+    print(json.dumps(dict(peak_rss_mb=peak, working_mb=peak - loaded_mb, rows=rows)), flush=True)
+
+
+class Worker:
+    """One system's worker process at one length, driven line by line."""
+
+    def __init__(self, system: str, checkpoint: Path, export_dir: Path | None, length: int):
+        python = str(REFERENCE_PYTHON) if system == "reference-lsg" else sys.executable
+        cmd = [python, __file__, "worker", system, str(checkpoint), str(export_dir or ""), str(length)]
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.system = system
+
+    def ask(self, line: str) -> dict:
+        if line:
+            self.process.stdin.write(line + "\n")
+            self.process.stdin.flush()
+        for answer in self.process.stdout:
+            if answer.startswith("{"):
+                return json.loads(answer)
+            print(f"[bench-lsg] {self.system}: {answer.rstrip()}", file=sys.stderr)  # a library's print
+        raise SystemExit(f"[bench-lsg] the {self.system} worker died (exit {self.process.wait()})")
+
+    def stop(self) -> dict:
+        result = self.ask("stop")
+        self.process.wait()
+        return result
 
 
 def run_all(lengths: list[int], rounds: int) -> list[dict]:
-    checkpoint, export_dir = prepare()
-    pythons = {
-        "ortseq-lsg": sys.executable,
-        "reference-lsg": str(REFERENCE_PYTHON),
-        "transformers-full": sys.executable,
-    }
+    checkpoint, exports = prepare()
     rows = []
     for length in lengths:
-        for system in SYSTEMS:
-            cmd = [
-                pythons[system],
-                __file__,
-                "worker",
-                system,
-                str(checkpoint),
-                str(export_dir),
-                str(length),
-                str(rounds),
-            ]
-            result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-            rows.append(dict(system=system, length=length, **result))
-            print(f"[bench-lsg] {length} tokens, {system}: {result['seconds']:.2f}s, peak {result['peak_rss_mb']:.0f} MB",
+        workers = []
+        for system in SYSTEMS:  # one at a time: loading and warming up in parallel would time each other
+            workers.append(Worker(system, checkpoint, exports.get(system), length))
+            workers[-1].ask("")
+        samples = {system: [] for system in SYSTEMS}
+        loads = []
+        for _ in range(rounds):
+            loads.append(round(os.getloadavg()[0], 2))
+            for w in workers:
+                samples[w.system].append(w.ask("run")["seconds"])
+        for w in workers:
+            memory = w.stop()
+            seconds = statistics.median(samples[w.system])
+            rows.append(dict(system=w.system, length=length, seconds=seconds, samples=samples[w.system],
+                             load_average=loads, **memory))  # fmt: skip
+            print(f"[bench-lsg] {length} tokens, {w.system}: {seconds:.2f}s "
+                  f"({' '.join(f'{s:.2f}' for s in samples[w.system])}), peak {memory['peak_rss_mb']:.0f} MB",
                   flush=True)  # fmt: skip
+        print(f"[bench-lsg] {length} tokens: load average before each round {loads}", flush=True)
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    ours = {r["length"]: r["seconds"] for r in rows if r["system"] == "ortseq-lsg"}
+def markdown(run: dict) -> str:
+    """Per length and system: median time, its speed-up over full attention and over the reference
+    (same run, same rounds), every round's sample and the memory figures."""
+    rows = run["rows"]
+    by = {(r["length"], r["system"]): r["seconds"] for r in rows}
     lines = [
-        "| tokens | system | time (s) | ortseq speed-up | peak RSS (MB) | working memory over loaded (MB) |",
-        "|---|---|---|---|---|---|",
+        f"{run['date']}, {run['rounds']} interleaved rounds, {THREADS} threads, batch 1; "
+        f"load average (1 min) before each round: "
+        + "; ".join(f"{length}: {loads}" for length, loads in run["load_average"].items()),
+        "",
+        "| tokens | system | median (s) | speed-up over full attention | speed-up over the reference | "
+        "every round (s) | peak RSS (MB) | working memory over loaded (MB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        full, reference = by[(r["length"], "transformers-full")], by[(r["length"], "reference-lsg")]
         lines.append(
-            f"| {r['length']} | {r['system']} | {r['seconds']:.2f} | {r['seconds'] / ours[r['length']]:.2f}x | "
+            f"| {r['length']} | {r['system']} | {r['seconds']:.2f} | {full / r['seconds']:.2f}x | "
+            f"{reference / r['seconds']:.2f}x | {' '.join(f'{s:.2f}' for s in r['samples'])} | "
             f"{r['peak_rss_mb']:.0f} | {r['working_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -214,9 +290,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     commands = {
-        "worker": lambda a: print(json.dumps(worker(a[0], a[1], a[2], int(a[3]), int(a[4])))),
+        "worker": lambda a: worker(a[0], a[1], a[2], int(a[3])),
         "build-reference": lambda a: build_reference_checkpoint(Path(a[0])),
         "export": lambda a: export_ortseq_encoder(Path(a[0]), Path(a[1])),
+        "int8": lambda a: export_int8_encoder(Path(a[0]), Path(a[1])),
     }
     if len(sys.argv) > 1 and sys.argv[1] in commands:
         sys.path.insert(0, str(ROOT))
@@ -224,14 +301,20 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="1024,2048,4096")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    started = time.perf_counter()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rows = run_all([int(x) for x in args.lengths.split(",")], args.rounds)
+    loads = {r["length"]: r["load_average"] for r in rows}
+    run = dict(date=date, rounds=args.rounds, threads=THREADS, load_average=loads, rows=rows,
+               wall_seconds=round(time.perf_counter() - started))  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_lsg.json").write_text(json.dumps(rows, indent=1))
-    (RESULTS / "bench_lsg.md").write_text(markdown(rows))
+    (RESULTS / "bench_lsg.json").write_text(json.dumps(run, indent=1))
+    (RESULTS / "bench_lsg.md").write_text(markdown(run))
     plot(rows, RESULTS / "bench_lsg.png")
-    print(markdown(rows))
+    print(markdown(run))
+    print(f"[bench-lsg] done in {run['wall_seconds']} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ its 3B local keys, never the whole sequence (only the G global rows attend to ev
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,121 +30,128 @@ class LSGAttentionCore(nn.Module):
         self.s = settings
 
     def forward(self, query, key, value, keep, lsh_planes):
-        g, b = self.s.num_global_tokens, self.s.block_size
+        g = self.s.num_global_tokens
         lsh_planes = self.s.split_lsh_planes(lsh_planes, query.shape[1], query.shape[-1])
         scale = math.sqrt(query.shape[-1])
         additive = (1.0 - keep) * MIN  # [n, T]
-        q_local, k_local, v_local = query[:, :, g:], key[:, :, g:], value[:, :, g:]
-        k_global, v_global = key[:, :, :g], value[:, :, :g]
+        n, heads, _, dh = query.shape
 
-        # Global rows attend to every token.
+        # Global rows attend to every token. (K Qᵀ, transposed back: the small operand is the transposed one.)
         full_mask = torch.cat([additive[:, :g] * 0.0, additive], dim=1)[:, None, None, :]
-        global_rows = _attend([query[:, :, :g] @ key.transpose(-1, -2) / scale + full_mask], [value])
+        scores = (key @ query[:, :, :g].transpose(-1, -2)).transpose(-1, -2) / scale
+        global_rows = _attend(scores + full_mask, value)
 
         # Every other row attends, per block of B queries, to: globals, 2S sparse tokens, 3B local tokens.
-        blocks = q_local.reshape(q_local.shape[0], q_local.shape[1], -1, b, q_local.shape[-1])  # [n,H,nb,B,dh]
-        scores = [blocks @ k_global.unsqueeze(2).transpose(-1, -2) / scale]
-        values = [v_global.unsqueeze(2)]
-        sparse = sparse_tokens(self.s, q_local, k_local, v_local, keep, additive, lsh_planes)
-        if sparse is not None:
-            k_win, v_win, m_win = sparse_windows(self.s, *sparse, num_blocks=blocks.shape[2])
-            scores.append(blocks @ k_win.transpose(-1, -2) / scale + m_win.unsqueeze(-2))
-            values.append(v_win)
-        k_win, v_win = local_windows(k_local, b, 0.0), local_windows(v_local, b, 0.0)
-        m_win = local_windows(additive.unsqueeze(-1), b, MIN).squeeze(-1)[:, None, :, None, :]  # [n,1,nb,1,3B]
-        scores.append(blocks @ k_win.transpose(-1, -2) / scale + m_win)
-        values.append(v_win)
-        block_rows = _attend(scores, values).reshape(q_local.shape)
-        return torch.cat([global_rows, block_rows], dim=2)
+        blocks = query[:, :, g:].reshape(n, heads, -1, self.s.block_size, dh)  # [n, H, nb, B, dh]
+        sparse = sparse_tokens(self.s, query, key, value, keep, additive, lsh_planes)
+        k_blocks, v_blocks, m_blocks = block_keys(self.s, key, value, additive, sparse, blocks.shape[2])
+        block_rows = _attend(blocks @ k_blocks.transpose(-1, -2) / scale + m_blocks.unsqueeze(-2), v_blocks)
+        return torch.cat([global_rows, block_rows.reshape(n, heads, -1, dh)], dim=2)
 
 
-def _attend(scores: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
-    """One softmax over the concatenated key groups, then the weighted sum of each group's values."""
-    widths = [s.shape[-1] for s in scores]
-    probs = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
-    out = None
-    for p, v in zip(torch.split(probs, widths, dim=-1), values):
-        out = p @ v if out is None else out + p @ v
-    return out
+def _attend(scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(scores, dim=-1) @ values
 
 
-def local_windows(x: torch.Tensor, block: int, pad_value: float) -> torch.Tensor:
-    """[..., T, d] -> [..., T/B, 3B, d]: block i's previous, own and next block (pad_value outside)."""
-    pad = torch.full_like(x[..., :block, :], pad_value)
-    padded = torch.cat([pad, x, pad], dim=-2)
-    chunks = padded.reshape(*x.shape[:-2], -1, block, x.shape[-1])  # [..., nb + 2, B, d]
-    return torch.cat([chunks[..., :-2, :, :], chunks[..., 1:-1, :, :], chunks[..., 2:, :, :]], dim=-2)
+def block_keys(s: LSGSettings, key, value, additive, sparse, num_blocks):
+    """Every query block's keys and values [n, H, nb, K, dh] and additive mask [n, H, nb, K], K = G + 2S + 3B.
 
-
-def sparse_windows(s: LSGSettings, k, v, mask, num_blocks):
-    """Sparse tokens [n, H, T/f, dh] (mask [n, H|1, T/f]) -> each block's S left + S right ones.
-
-    Returns k, v [n, H, nb, 2S, dh] and mask [n, H|1, nb, 2S]; slots outside the sequence are
-    zeros with mask MIN, as the reference's pad + unfold gives.
+    In key order: the G globals, the S sparse tokens left and the S right of the block's window, and
+    the previous, own and next block, read by ONE Gather per tensor from the op's own key and value
+    (and the computed sparse tokens, for the types that compute them). Slots outside the sequence
+    read global 0 with mask MIN: exp(MIN - max) is 0 as for the reference's zero padding, so they add
+    exactly nothing.
     """
-    step = s.block_size // s.sparsity_factor
-    width = s.sparse_block_size
-    offsets = s.sparse_window_offsets()
-    pad_left = max(0, -min(offsets))
-    pad_right = max(0, max(offsets) + width - step)
-    starts = torch.arange(num_blocks) * step + pad_left
-    idx = torch.cat([starts[:, None] + (offset + torch.arange(width))[None, :] for offset in offsets], dim=1)
-    idx = idx.reshape(-1)  # [nb * 2S]
+    g, b = s.num_global_tokens, s.block_size
+    n, heads, _, dh = key.shape
+    length = additive.shape[1]
+    starts = torch.arange(num_blocks)[:, None]  # [nb, 1]
+    k_source, v_source = key, value  # [n, H, L, dh]: the globals, the T tokens, then any computed sparse tokens
+    m_source = torch.cat([additive[:, :g] * 0.0, additive], dim=1)[:, None, :].expand(-1, heads, -1)  # [n, H, L]
+    globals_ = torch.arange(g).expand(num_blocks, g)
+    local = (starts - 1) * b + torch.arange(3 * b)
+    groups = [(globals_, globals_ >= 0), (g + local, (local >= 0) & (local < length))]
+    if sparse is not None:
+        windows = torch.cat([starts * (b // s.sparsity_factor) + offset + torch.arange(s.sparse_block_size)
+                             for offset in s.sparse_window_offsets()], dim=1)  # fmt: skip
+        inside = (windows >= 0) & (windows < sparse.length)
+        windows = torch.where(inside, windows, torch.zeros_like(windows))
+        if sparse.selected is not None:  # picked tokens: per head, positions in the T tokens
+            positions = g + sparse.selected.index_select(2, windows.reshape(-1)).reshape(
+                -1, heads, num_blocks, windows.shape[1]
+            )
+        else:  # computed tokens: appended to the sources
+            k_source, v_source = torch.cat([key, sparse.key], dim=2), torch.cat([value, sparse.value], dim=2)
+            m_source = torch.cat([m_source, sparse.mask.expand(-1, heads, -1)], dim=2)
+            positions = g + length + windows
+        groups.insert(1, (positions, inside))
+    positions = torch.cat([p.expand(n, heads, num_blocks, p.shape[-1]) for p, _ in groups], dim=3)  # [n, H, nb, K]
+    inside = torch.cat([i for _, i in groups], dim=1)  # [nb, K]
+    positions = torch.where(inside, positions, torch.zeros_like(positions))
+    mask = torch.where(inside, m_source.gather(2, positions.reshape(n, heads, -1)).reshape(positions.shape), MIN)
+    rows = (torch.arange(n * heads).reshape(n, heads, 1, 1) * k_source.shape[2] + positions).reshape(-1)
 
-    def windows(x, pad_value):
-        padded = torch.cat(
-            [torch.full_like(x[..., :1, :], pad_value).expand(*x.shape[:-2], pad_left, x.shape[-1]), x,
-             torch.full_like(x[..., :1, :], pad_value).expand(*x.shape[:-2], pad_right, x.shape[-1])],
-            dim=-2,
-        )  # fmt: skip
-        picked = padded.index_select(-2, idx)
-        return picked.reshape(*x.shape[:-2], -1, 2 * width, x.shape[-1])
+    def gather(source):
+        return source.reshape(-1, dh).index_select(0, rows).reshape(n, heads, num_blocks, -1, dh)
 
-    return windows(k, 0.0), windows(v, 0.0), windows(mask.unsqueeze(-1), MIN).squeeze(-1)
+    return gather(k_source), gather(v_source), mask
 
 
-def sparse_tokens(s: LSGSettings, q, k, v, keep, additive, lsh_planes):
-    """(k, v, additive mask [n, H|1, T/f]) of the compressed sequence (graphs/lsg.py), or None."""
+@dataclass
+class SparseTokens:
+    """The compressed sequence of `length` = T/f tokens: picked from the T tokens (`selected` positions
+    [n|1, H, T/f]) or computed (`key`, `value` [n, H, T/f, dh] and additive `mask` [n, H|1, T/f])."""
+
+    length: int
+    selected: torch.Tensor | None = None
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+def sparse_tokens(s: LSGSettings, query, key, value, keep, additive, lsh_planes) -> SparseTokens | None:
+    """The compressed sequence (graphs/lsg.py) for query, key, value [n, H, G+T, dh], or None."""
     if not s.has_sparse_tokens:
         return None
-    if s.sparsity_factor == 1:
-        return k, v, additive[:, None, :]
+    g, f = s.num_global_tokens, s.sparsity_factor
+    length = keep.shape[1] // f
+    if f == 1:
+        return SparseTokens(length, selected=torch.arange(keep.shape[1]).expand(1, key.shape[1], -1))
     kind = s.effective_type
     if kind in ("norm", "stride", "block_stride"):
-        idx = _selected_tokens(s, kind, k, keep)
-        heads, dh = k.shape[1], k.shape[-1]
-        gather_rows = idx.unsqueeze(-1).expand(-1, -1, -1, dh)
-        mask = additive[:, None, :].expand(-1, heads, -1).gather(2, idx)
-        return k.gather(2, gather_rows), v.gather(2, gather_rows), mask
+        return SparseTokens(length, selected=_selected_tokens(s, kind, key, keep))
+    q, k, v = query[:, :, g:], key[:, :, g:], value[:, :, g:]
     if kind == "pooling":
-        return _pooled_tokens(s.sparsity_factor, k, v, keep)
-    if kind == "bos_pooling":
-        return _bos_pooled_tokens(s.sparsity_factor, q, k, v, additive)
-    if kind == "lsh":
-        return _lsh_tokens(s, k, v, keep, lsh_planes)
-    raise AssertionError(kind)
+        computed = _pooled_tokens(f, k, v, keep)
+    elif kind == "bos_pooling":
+        computed = _bos_pooled_tokens(f, q, k, v, additive)
+    elif kind == "lsh":
+        computed = _lsh_tokens(s, k, v, keep, lsh_planes)
+    else:
+        raise AssertionError(kind)
+    return SparseTokens(length, key=computed[0], value=computed[1], mask=computed[2])
 
 
-def _selected_tokens(s: LSGSettings, kind, k, keep):
-    """Indices [n, H, T/f] of the tokens each head keeps."""
-    n, heads, _, _ = k.shape
-    f, b = s.sparsity_factor, s.block_size
+def _selected_tokens(s: LSGSettings, kind, key, keep):
+    """Positions [n|1, H, T/f] (in the T tokens) of the tokens each head keeps."""
+    n, heads, _, _ = key.shape
+    f, b, t = s.sparsity_factor, s.block_size, keep.shape[1]
     if kind == "norm":  # the B/f... largest-norm keys of every group of min(B, S); masked keys have norm 0
         group = min(b, s.sparse_block_size)
-        norms = k.norm(dim=-1) * keep[:, None, :]
+        norms = key.norm(dim=-1)[:, :, s.num_global_tokens :] * keep[:, None, :]
         norms = norms.reshape(n, heads, -1, group)
         largest = torch.topk(norms, group // f, dim=-1).indices
         offsets = (torch.arange(norms.shape[2]) * group)[None, None, :, None]
         return (largest + offsets).reshape(n, heads, -1)
-    sparse_len = torch.arange(k.shape[2] // f)
+    sparse_len = torch.arange(t // f)
     if kind == "stride":  # head h takes tokens j*f + (h mod f)
         idx = sparse_len[None, :] * f + (torch.arange(heads) % f)[:, None]
     else:  # block_stride: head h takes B/f contiguous tokens of every block, at offset h*B/f mod B
         width = b // f
         within = (torch.arange(width)[None, :] + torch.arange(heads)[:, None] * width) % b
-        block_starts = torch.arange(k.shape[2] // b) * b
+        block_starts = torch.arange(t // b) * b
         idx = (block_starts[None, :, None] + within[:, None, :]).reshape(heads, -1)
-    return idx.unsqueeze(0).expand(n, -1, -1)
+    return idx.unsqueeze(0)
 
 
 def _pooled_tokens(f, k, v, keep):
