@@ -338,3 +338,17 @@ def test_int4_of_a_d_model_the_blocks_do_not_divide_keeps_float_lookups_and_runs
     assert "MatMulNBits" in ops and "GatherBlockQuantized" not in ops
     ids = np.array([[5, 9, 23, 47, 11, 1]], dtype=np.int64)
     assert Seq2SeqModel.load(out).generate(ids, max_new_tokens=4).shape[1] > 1
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp16"])
+def test_a_quantized_export_keeps_the_search_step_graph_and_chooses_on_the_device_with_it(quantized, fmt):
+    """search_step.onnx reads the decoder's float32 logits, which every format keeps: it is carried over."""
+    out, manifest = quantized(fmt)
+    assert contract.SEARCH_STEP_FILE in manifest.files
+    model = Seq2SeqModel.load(out)
+    assert model.sessions.search_step is not None
+    model.engine.search_step_on_cpu = True  # the CPU's default chooses in numpy (runtime/engines.py)
+    ids, mask = model.tokenizer.encode([doc for doc, _ in synthetic_documents(2, seed=7)])
+    on_device = model.generate(ids, mask, num_beams=4, max_new_tokens=12)
+    model.engine.search_step_on_cpu = False
+    assert np.array_equal(on_device, model.generate(ids, mask, num_beams=4, max_new_tokens=12))

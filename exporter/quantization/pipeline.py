@@ -101,8 +101,12 @@ def _write_quantized(source_dir: Path, source: Manifest, staging: Path, to: str,
         files += [name for name in (graph, graph + ".data") if (staging / name).is_file()]
     if shared.written():
         files.append(contract.SHARED_WEIGHTS_FILE)
-    shutil.copy(source_dir / source.tokenizer.file, staging / source.tokenizer.file)
-    files.append(source.tokenizer.file)
+    # the tokenizer, and the search step where the source has one: it reads the decoder's float32 logits,
+    # which every format keeps
+    for name in (source.tokenizer.file, contract.SEARCH_STEP_FILE):
+        if name in source.files:
+            shutil.copy(source_dir / name, staging / name)
+            files.append(name)
     manifest = replace(
         source,
         files={name: sha256_of(staging / name) for name in files},
