@@ -12,11 +12,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import padded_batch, torch_generate
+from helpers import ortseq, padded_batch, torch_generate
 
 from ortseq.exporter import onnx_export
 from ortseq.exporter.families import family_for
-from ortseq.exporter.pipeline import export, load_checked_model
+from ortseq.exporter.pipeline import load_checked_model
 from ortseq.graphs import contract
 from ortseq.graphs.manifest import MANIFEST_FILE, sha256_of
 from ortseq.runtime import Seq2SeqModel
@@ -45,9 +45,10 @@ def test_head_dim_32_decoder_uses_dmmha_and_other_head_sizes_the_plain_body(expo
 
 def test_plain_attention_export_generates_the_dmmha_export_tokens(exported, tmp_path):
     model = exported("head32")
-    manifest = export(str(model.checkpoint), tmp_path / "plain", plain_attention=True)
-    assert manifest.decoder_self_attention == contract.PLAIN_BODY and DMMHA_OP not in _ops(tmp_path / "plain")
+    result = ortseq("export", str(model.checkpoint), "--out", str(tmp_path / "plain"), "--plain-attention")
+    assert result.returncode == 0, result.stderr
     plain, dmmha = Seq2SeqModel.load(tmp_path / "plain"), Seq2SeqModel.load(model.export_dir)
+    assert plain.manifest.decoder_self_attention == contract.PLAIN_BODY and DMMHA_OP not in _ops(tmp_path / "plain")
     ids, mask = _batch(dmmha)
     for settings in (dict(num_beams=1, max_new_tokens=12), dict(num_beams=8, max_new_tokens=12)):
         np.testing.assert_array_equal(plain.generate(ids, mask, **settings), dmmha.generate(ids, mask, **settings))
