@@ -85,20 +85,16 @@ class ExportOptions:
 
 
 def _export_checkpoint(checkpoint: Path, staging: Path, source: str, options: ExportOptions) -> Manifest:
-    external_data, add_special_tokens, beam_search_op = (
-        options.external_data,
-        options.add_special_tokens,
-        options.beam_search_op,
-    )
+    external_data, beam_search_op = options.external_data, options.beam_search_op
+    add_special_tokens = options.add_special_tokens
     family = family_for(checkpoint)
     if add_special_tokens is None:  # a family may know model cards that tokenize without them
         add_special_tokens = family.add_special_tokens(ALIASES.get(source, source))
     check_tokenizer_files(checkpoint)  # before minutes of export work
     log(f"loading {family.name} checkpoint from {checkpoint}")
     model = load_checked_model(family, checkpoint)
-    generation, ignored = generation_defaults(
-        model, checkpoint, options.ignore_generation_fields
-    )  # before minutes of work
+    # before minutes of work
+    generation, ignored = generation_defaults(model, checkpoint, options.ignore_generation_fields)
     dims = family.dims(model)
     if beam_search_op:
         check_supported(family)  # before minutes of export work
