@@ -25,7 +25,9 @@ class StepFn(Protocol):
     def __call__(self, tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
         """tokens [rows] int64 (the newest token of every row), beam_idx [rows] int64 (the row of the
         previous step each row continues) -> logits [rows, vocab] float32. The search owns the
-        returned array until the next call and overwrites it (no 24 MB copies per step)."""
+        returned array until the next call and overwrites it (no 24 MB copies per step). A driver whose
+        logits stay on a device returns anything np.asarray() turns into that array (a copy made only
+        when the host chooses the step's candidates) with their `shape`."""
 
 
 @dataclass(frozen=True)
@@ -249,12 +251,14 @@ class HostCandidates:
         self._scratch: np.ndarray | None = None
 
     def greedy(self, logits: np.ndarray, sequences: np.ndarray) -> np.ndarray:
+        logits = np.asarray(logits)  # a device driver's logits come to the host here, and only here
         scores = process_scores(self.settings, sequences, logits, self.encoder)
         return np.argmax(scores, axis=-1).astype(np.int64)
 
     def beam(
         self, logits: np.ndarray, sequences: np.ndarray, running_scores: np.ndarray, keep: int
     ) -> tuple[np.ndarray, np.ndarray]:
+        logits = np.asarray(logits)  # a device driver's logits come to the host here, and only here
         if self._scratch is None or self._scratch.shape != logits.shape:
             self._scratch = np.empty_like(logits)
         log_probs = log_softmax_(logits, self._scratch)

@@ -148,7 +148,7 @@ class EncoderDecoderSessions:
         step = self.start(input_ids, attention_mask, rows=batch, max_len=steps)
         rows = np.arange(batch, dtype=np.int64)
         # copy: a step returns its logits buffer, which the next step overwrites
-        return np.stack([step(decoder_ids[:, t], rows).astype(np.float32) for t in range(steps)], axis=1)
+        return np.stack([np.array(step(decoder_ids[:, t], rows), dtype=np.float32) for t in range(steps)], axis=1)
 
 
 def _check_inputs(session: ort.InferenceSession, kv_names: list[str], directory: Path, decoder_contract: str) -> None:
@@ -287,4 +287,18 @@ class DecoderStep:
         self._step += 1
         if self.device == "cpu":
             return self._host_logits
-        return self.logits_value.numpy()
+        return DeviceLogits(self.logits_value)
+
+
+class DeviceLogits:
+    """A step's logits left on the device: their shape for whoever needs only that (the search step
+    graph reads logits_value itself), and np.asarray() copies them to the host, which only a step whose
+    candidates are chosen on the host asks for. Nothing vocab-sized crosses otherwise."""
+
+    def __init__(self, value: ort.OrtValue):
+        self.value = value
+        self.shape = tuple(value.shape())
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        host = self.value.numpy()
+        return host if dtype is None else host.astype(dtype)

@@ -26,6 +26,7 @@ from ortseq.runtime.search import (
     row_independent_state,
 )
 from ortseq.runtime.search_step import DeviceCandidates, processor_bias
+from ortseq.runtime.sessions import DeviceLogits
 
 VOCAB = 1003
 
@@ -305,3 +306,48 @@ def test_needs_scores_only_for_processors_that_read_the_values():
     assert not needs_scores(settings)
     assert needs_scores(replace(settings, repetition_penalty=1.2))
     assert needs_scores(replace(settings, remove_invalid_values=True))
+
+
+class CountedDeviceLogits(DeviceLogits):
+    """DeviceLogits that count their copies to the host."""
+
+    copies = 0
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        CountedDeviceLogits.copies += 1
+        return super().__array__(dtype, copy)
+
+
+class LogitsLeftOnDevice:
+    """A CPU decoder step that hands the search its logits as a GPU driver does: a handle, not an array."""
+
+    def __init__(self, step):
+        self.step, self.device, self.logits_value = step, step.device, step.logits_value
+
+    def __call__(self, tokens, beam_idx):
+        self.step(tokens, beam_idx)
+        return CountedDeviceLogits(self.logits_value)
+
+
+@pytest.mark.parametrize(
+    "settings, on_device",
+    [
+        (dict(num_beams=4, max_new_tokens=10, min_new_tokens=10, no_repeat_ngram_size=2), True),
+        (dict(num_beams=1, max_new_tokens=10, min_new_tokens=10), True),
+        (dict(num_beams=4, max_new_tokens=10, min_new_tokens=10, repetition_penalty=1.3), False),
+    ],
+    ids=["beam4", "greedy", "beam4_repetition_penalty"],
+)
+def test_logits_left_on_the_device_cross_to_the_host_only_for_a_host_choice(counted, monkeypatch, settings, on_device):
+    """Only the steps chosen on the host copy the logits: those of a forced token (this model forces EOS
+    last) and every step of a setting that reads the scores."""
+    model, ours, made = counted
+    start = ours.sessions.start
+    monkeypatch.setattr(ours.sessions, "start", lambda *args, **kwargs: LogitsLeftOnDevice(start(*args, **kwargs)))
+    CountedDeviceLogits.copies = 0
+    ids, mask = padded_batch(ours.manifest.dims.vocab_size, [12, 5], seed=8)
+    out = ours.generate(ids, mask, **settings)
+    np.testing.assert_array_equal(out, torch_generate(model.torch_model, ids, mask, settings))
+    (candidates,) = made
+    assert CountedDeviceLogits.copies == candidates.host_steps
+    assert (candidates.device_steps >= 9) if on_device else (candidates.device_steps == 0)
