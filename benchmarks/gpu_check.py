@@ -192,6 +192,7 @@ def phase_copies(work: Path, provider: str, quick: bool) -> dict:
         model = Seq2SeqModel.load(directory, provider=provider)
     finally:
         ort.SessionOptions, sessions.create_session = options_class, original
+    model.engine.search_step_on_cpu = True  # on CPU too: count what a GPU run moves (runtime/engines.py)
     ids, mask = padded_batch(model.manifest.dims.vocab_size, batch=2)
     with TransferCounter() as counter:
         out = model.generate(ids, mask, num_beams=4, max_new_tokens=16, min_new_tokens=16)
