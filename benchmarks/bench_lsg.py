@@ -232,6 +232,8 @@ def run_all(lengths: list[int], rounds: int) -> list[dict]:
             loads.append(round(os.getloadavg()[0], 2))
             for w in workers:
                 samples[w.system].append(w.ask("run")["seconds"])
+            done = ", ".join(f"{system} {times[-1]:.2f}s" for system, times in samples.items())
+            print(f"[bench-lsg] {length} tokens, round {len(loads)} (load average {loads[-1]}): {done}", flush=True)
         for w in workers:
             memory = w.stop()
             seconds = statistics.median(samples[w.system])
