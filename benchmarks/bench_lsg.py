@@ -16,6 +16,7 @@ change of machine load hits every system alike; the table gives the median of th
 round's sample, with the load average before each round. Results: benchmarks/results/bench_lsg.{json,md,png}.
 
     python benchmarks/bench_lsg.py [--lengths 1024,2048,4096] [--rounds 3]
+    python benchmarks/bench_lsg.py profile .cache/bench/lsg-large-shaped/ortseq[-int8] 4096   # after a run
 """
 
 from __future__ import annotations
@@ -231,6 +232,8 @@ def run_all(lengths: list[int], rounds: int) -> list[dict]:
             loads.append(round(os.getloadavg()[0], 2))
             for w in workers:
                 samples[w.system].append(w.ask("run")["seconds"])
+            done = ", ".join(f"{system} {times[-1]:.2f}s" for system, times in samples.items())
+            print(f"[bench-lsg] {length} tokens, round {len(loads)} (load average {loads[-1]}): {done}", flush=True)
         for w in workers:
             memory = w.stop()
             seconds = statistics.median(samples[w.system])
@@ -241,6 +244,52 @@ def run_all(lengths: list[int], rounds: int) -> list[dict]:
                   flush=True)  # fmt: skip
         print(f"[bench-lsg] {length} tokens: load average before each round {loads}", flush=True)
     return rows
+
+
+# Outside the LSG body every matrix product multiplies by a weight (fp32 and int8 forms).
+LINEAR_OPS = {"MatMul", "Gemm", "FusedMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger"}
+
+
+def profile(export_dir: str, length: int) -> None:
+    """Where one encoder call's time goes: onnxruntime's profiler, kernel times summed by part and op type.
+
+    Parts: the LSG attention body (the nodes onnxruntime inlined from the ortseq::LSGAttention
+    function), the linear layers (outside it, every matrix product is one, and their bias Adds) and the rest.
+    """
+    import collections
+    import re
+    import tempfile
+
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="bench-lsg-profile-")) / "profile")
+    session = ort.InferenceSession(f"{export_dir}/encoder.onnx", options, providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(length).integers(3, 96000, size=(1, length), dtype=np.int64)
+    for _ in range(2):  # the first call warms up
+        session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    last_call = [e for e in events if e.get("name") == "model_run"][-1]["ts"]
+    parts = collections.Counter()
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < last_call:
+            continue
+        name, op = e["name"], e["args"]["op_name"]
+        if name.startswith("_inlfunc_"):
+            part = "LSG attention body"
+        elif re.match(r"/(q_proj|k_proj|v_proj|out_proj|fc1|fc2)/", name) or op in LINEAR_OPS:
+            part = "linear layers"
+        else:
+            part = "other"
+        parts[(part, op)] += e["dur"] / 1e6
+    total = sum(parts.values())
+    for part in ("linear layers", "LSG attention body", "other"):
+        mine = {op: s for (p, op), s in parts.items() if p == part}
+        ops = ", ".join(f"{op} {s:.2f}" for op, s in sorted(mine.items(), key=lambda x: -x[1])[:6])
+        print(f"{part}: {sum(mine.values()):.2f} s ({100 * sum(mine.values()) / total:.0f}%): {ops}")
 
 
 def markdown(run: dict) -> str:
@@ -294,6 +343,7 @@ def main() -> None:
         "build-reference": lambda a: build_reference_checkpoint(Path(a[0])),
         "export": lambda a: export_ortseq_encoder(Path(a[0]), Path(a[1])),
         "int8": lambda a: export_int8_encoder(Path(a[0]), Path(a[1])),
+        "profile": lambda a: profile(a[0], int(a[1])),
     }
     if len(sys.argv) > 1 and sys.argv[1] in commands:
         sys.path.insert(0, str(ROOT))
