@@ -179,3 +179,45 @@ def static_self_attention(q, k, v, cache_k, cache_v, step: CacheStep, heads: int
     return _DecoderMaskedAttention.apply(
         q, k, v, cache_k, cache_v, step.past_length, beam_width, indirection, heads, scaling
     )
+
+
+class StaticCacheDecoderStep(torch.nn.Module):
+    """The graph I/O of a static-cache decoder step (graphs/contract.py, contract 0.3), for every family.
+
+    forward splits the inputs, runs the family's `step` with a self-attention that reads and writes the
+    cache (static_self_attention, `body`), and returns the logits, the new indirection and the caches.
+    A family's subclass sets num_layers and body, and gives:
+      step(input_ids, positions [rows, 1], encoder_attention_mask, cross, self_attention) -> logits, calling
+          self_attention(layer index, attention module, h [rows, 1, D]) for each layer;
+      project(attention module, h) -> (q, k, v [rows, 1, D], heads, scaling);
+      finish(attention module, context [rows, 1, D]) -> the sublayer's output (e.g. its out projection).
+    """
+
+    num_layers: int
+    body: str
+
+    def forward(
+        self,
+        input_ids,
+        encoder_attention_mask,
+        beam_idx,
+        position_ids,
+        past_sequence_length,
+        cache_indirection,
+        *tensors,
+    ):
+        n = self.num_layers
+        cache, cross = tensors[: 2 * n], tensors[2 * n :]
+        step = CacheStep.of_step(beam_idx, past_sequence_length, cache_indirection, encoder_attention_mask.shape[0])
+        presents = []
+
+        def self_attention(i: int, attn: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+            q, k, v, heads, scaling = self.project(attn, h)
+            context, *present = static_self_attention(
+                q, k, v, cache[2 * i], cache[2 * i + 1], step, heads, scaling, self.body
+            )
+            presents.extend(present)
+            return self.finish(attn, context)
+
+        logits = self.step(input_ids, position_ids[:, None], encoder_attention_mask, cross, self_attention)
+        return (logits, step.indirection, *presents)

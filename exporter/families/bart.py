@@ -22,13 +22,12 @@ from torch import nn
 
 from ortseq.exporter.attention import (
     DMMHA,
-    CacheStep,
+    StaticCacheDecoderStep,
     additive_mask,
     attend,
     cross_attend_shared,
     merge_heads,
     split_heads,
-    static_self_attention,
 )
 from ortseq.exporter.checkpoint_check import CheckpointLayout
 from ortseq.exporter.families.base import Family
@@ -184,7 +183,7 @@ class EncoderExport(nn.Module):
         return (x, attention_mask.clone(), *cross_key_values(self.cross_attentions, x))
 
 
-class DecoderExport(nn.Module):
+class DecoderExport(StaticCacheDecoderStep):
     """One decoder step for every row, decoder contract 0.3 (graphs/contract.py): self-attention K/V in
     the static cache, written in place at past_sequence_length and read through the cache indirection;
     the self-attention is `body` (exporter/attention.py: DMMHA or plain ONNX)."""
@@ -198,31 +197,13 @@ class DecoderExport(nn.Module):
         self.layout = layout
         self.body = body
 
-    def forward(
-        self,
-        input_ids,
-        encoder_attention_mask,
-        beam_idx,
-        position_ids,
-        past_sequence_length,
-        cache_indirection,
-        *tensors,
-    ):
-        n = self.num_layers
-        cache, cross = tensors[: 2 * n], tensors[2 * n :]
-        step = CacheStep.of_step(beam_idx, past_sequence_length, cache_indirection, encoder_attention_mask.shape[0])
-        presents = []
+    @staticmethod
+    def project(attn: nn.Module, h: torch.Tensor):
+        return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), attn.num_heads, attn.scaling
 
-        def self_attention(i: int, attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
-            q, k, v = (proj(h) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-            context, *present = static_self_attention(
-                q, k, v, cache[2 * i], cache[2 * i + 1], step, attn.num_heads, attn.scaling, self.body
-            )
-            presents.extend(present)
-            return attn.out_proj(context)
-
-        logits = self.step(input_ids, position_ids[:, None], encoder_attention_mask, cross, self_attention)
-        return (logits, step.indirection, *presents)
+    @staticmethod
+    def finish(attn: nn.Module, context: torch.Tensor) -> torch.Tensor:
+        return attn.out_proj(context)
 
     def step(self, input_ids, positions, encoder_attention_mask, cross, self_attention: Callable) -> torch.Tensor:
         """The logits of one step; self_attention(layer index, attention module, h) -> its output [rows, 1, D]."""

@@ -24,13 +24,12 @@ from torch import nn
 
 from ortseq.exporter.attention import (
     DMMHA,
-    CacheStep,
+    StaticCacheDecoderStep,
     additive_mask,
     attend,
     cross_attend_shared,
     merge_heads,
     split_heads,
-    static_self_attention,
 )
 from ortseq.exporter.checkpoint_check import CheckpointLayout
 from ortseq.exporter.families.base import Family, UnsupportedModelError
@@ -254,7 +253,7 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.decoder.base_model.encoder.layer
 
 
-class DecoderExport(nn.Module):
+class DecoderExport(StaticCacheDecoderStep):
     """One decoder step for every row, decoder contract 0.3 (graphs/contract.py): self-attention K/V in
     the static cache, written in place at past_sequence_length and read through the cache indirection;
     the self-attention is `body` (exporter/attention.py: DMMHA or plain ONNX)."""
@@ -265,33 +264,16 @@ class DecoderExport(nn.Module):
         self.embeddings = model.decoder.base_model.embeddings
         self.layers = _decoder_layers(model)
         self.lm_head = getattr(model.decoder, self.stack.lm_head)  # transform (if any) + projection + bias
+        self.num_layers = len(self.layers)
         self.body = body
 
-    def forward(
-        self,
-        input_ids,
-        encoder_attention_mask,
-        beam_idx,
-        position_ids,
-        past_sequence_length,
-        cache_indirection,
-        *tensors,
-    ):
-        n = len(self.layers)
-        cache, cross = tensors[: 2 * n], tensors[2 * n :]
-        step = CacheStep.of_step(beam_idx, past_sequence_length, cache_indirection, encoder_attention_mask.shape[0])
-        presents = []
+    @staticmethod
+    def project(attn: nn.Module, x: torch.Tensor):
+        return attn.query(x), attn.key(x), attn.value(x), attn.num_attention_heads, attn.scaling
 
-        def self_attention(i: int, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            q, k, v = (proj(x) for proj in (attn.query, attn.key, attn.value))
-            context, *present = static_self_attention(
-                q, k, v, cache[2 * i], cache[2 * i + 1], step, attn.num_attention_heads, attn.scaling, self.body
-            )
-            presents.extend(present)
-            return context
-
-        logits = self.step(input_ids, position_ids[:, None], encoder_attention_mask, cross, self_attention)
-        return (logits, step.indirection, *presents)
+    @staticmethod
+    def finish(attn: nn.Module, context: torch.Tensor) -> torch.Tensor:
+        return context  # BERT's output projection comes after, in the layer's output block (step)
 
     def step(self, input_ids, past, encoder_attention_mask, cross, self_attention: Callable) -> torch.Tensor:
         """The logits of one step; past: the position of the new token (int or [rows, 1]);
