@@ -72,28 +72,39 @@ def main() -> None:
     logits_mb = 2 * rows * dims.vocab_size * 4 / MB  # the logits buffer and the search's scratch
 
     progress = {"call": 0, "step": 0}
-    encode = model.sessions.encode
+    encode, encode_on_device = model.sessions.encode, model.sessions.encode_on_device
 
     def staged_encode(input_ids, attention_mask):
         memory = encode(input_ids, attention_mask)
         _report(f"call {progress['call']} encode", loaded + cross_mb)
         return memory
 
-    class StagedStep(sessions.CpuDecoderStep):
+    def staged_encode_on_device(input_ids, attention_mask):
+        memory = encode_on_device(input_ids, attention_mask)
+        _report(f"call {progress['call']} encode", loaded + cross_mb)
+        return memory
+
+    static = model.sessions.static_cache
+    driver = sessions.DecoderStep if static else sessions.CpuDecoderStep
+
+    class StagedStep(driver):
         def __call__(self, tokens, beam_idx):
             logits = super().__call__(tokens, beam_idx)
             progress["step"] = step = progress["step"] + 1
             if step % args.every == 0 or step == args.new_tokens:
-                past_mb, present_mb = (rows * n * kv_per_token / MB for n in (step - 1, step))
-                alive = cross_mb + past_mb + present_mb + logits_mb
-                _report(f"call {progress['call']} step {step}", loaded + alive)
+                # a static cache holds every slot from the start; a concat one the past and the present
+                slots = [args.new_tokens + 1] if static else [step - 1, step]
+                cache_mb = sum(rows * n * kv_per_token / MB for n in slots)
+                _report(f"call {progress['call']} step {step}", loaded + cross_mb + cache_mb + logits_mb)
             return logits
 
     model.sessions.encode = staged_encode
-    sessions.CpuDecoderStep = StagedStep
+    model.sessions.encode_on_device = staged_encode_on_device
+    setattr(sessions, driver.__name__, StagedStep)
     for call in range(1, args.calls + 1):
         progress.update(call=call, step=0)
         model.generate(ids, num_beams=args.beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+        _report(f"call {call} returned", loaded)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,10 @@ class LoopEngine:
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, settings: SearchSettings) -> np.ndarray:
         batch = input_ids.shape[0]
+        # the decoder reads every token but the last one generated: max_length - 1 steps at most (a search
+        # makes its first step whatever max_length says)
         step = self.sessions.start(
-            input_ids, attention_mask, rows=batch * settings.num_beams, max_len=settings.max_length
+            input_ids, attention_mask, rows=batch * settings.num_beams, max_len=max(settings.max_length - 1, 1)
         )
         encoder = EncoderTokens(input_ids, settings.num_beams, settings)
         candidates = self.candidates(step, settings, encoder)

@@ -178,13 +178,20 @@ def _remove_invalid_values(scores: np.ndarray) -> None:
 def log_softmax_(logits: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     """Log-probabilities in place of the float32 logits (as torch.log_softmax computes them).
 
-    In place, with a scratch buffer reused across steps: fresh 8 x 8 x 96k temporaries per step
-    cost more in page faults than the arithmetic itself.
+    In place, with a scratch buffer of up to LOG_SOFTMAX_ROWS rows reused across steps: fresh
+    8 x 8 x 96k temporaries per step cost more in page faults than the arithmetic itself, and a
+    scratch as large as the logits would add their size to the peak memory of a call. Each row's
+    arithmetic is the same whatever the rows around it.
     """
-    logits -= logits.max(axis=-1, keepdims=True)
-    np.exp(logits, out=scratch)
-    logits -= np.log(scratch.sum(axis=-1, keepdims=True))
+    for start in range(0, len(logits), len(scratch)):
+        rows = logits[start : start + len(scratch)]
+        rows -= rows.max(axis=-1, keepdims=True)
+        exp = np.exp(rows, out=scratch[: len(rows)])
+        rows -= np.log(exp.sum(axis=-1, keepdims=True))
     return logits
+
+
+LOG_SOFTMAX_ROWS = 8
 
 
 def top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -218,9 +225,14 @@ def _best_block_members(values: np.ndarray, k: int) -> np.ndarray:
         maxima = np.concatenate([maxima, values[:, whole * block :].max(axis=1, keepdims=True)], axis=1)
     blocks = maxima.shape[1]
     kth_best = np.partition(maxima, blocks - k, axis=1)[:, blocks - k, None]
-    needed = int((maxima >= kth_best).sum(axis=1).max())  # blocks tied with the k-th one come too
-    # the `needed` largest maxima of every row: all of its blocks that reach its k-th best maximum
-    chosen = np.argpartition(-maxima, needed - 1, axis=1)[:, :needed] if needed < blocks else np.arange(blocks)[None]
+    # Every block above the k-th best maximum, and of the blocks tied with it the first k: each holds
+    # an element equal to it, so the lowest-index ties (torch's pick) lie in them. Not every tied block:
+    # a step that forces one token leaves -inf everywhere else, and all its blocks tie.
+    above = (maxima > kth_best).sum(axis=1)
+    tied = (maxima == kth_best).sum(axis=1)
+    needed = int((above + np.minimum(tied, k)).max())
+    # best maximum first, ties in block order
+    chosen = np.argsort(-maxima, axis=1, kind="stable")[:, :needed]
     members = chosen[:, :, None] * block + np.arange(block)
     return np.broadcast_to(members.reshape(chosen.shape[0], -1), (rows, needed * block))
 
@@ -259,8 +271,9 @@ class HostCandidates:
         self, logits: np.ndarray, sequences: np.ndarray, running_scores: np.ndarray, keep: int
     ) -> tuple[np.ndarray, np.ndarray]:
         logits = np.asarray(logits)  # a device driver's logits come to the host here, and only here
-        if self._scratch is None or self._scratch.shape != logits.shape:
-            self._scratch = np.empty_like(logits)
+        scratch_shape = (min(len(logits), LOG_SOFTMAX_ROWS), logits.shape[1])
+        if self._scratch is None or self._scratch.shape != scratch_shape:
+            self._scratch = np.empty(scratch_shape, dtype=logits.dtype)
         log_probs = log_softmax_(logits, self._scratch)
         log_probs = process_scores(self.settings, sequences, log_probs, self.encoder)
         batch, beams = running_scores.shape

@@ -1,0 +1,62 @@
+"""The beam search's candidates on the host (runtime/search.py). top_k: torch.topk's values, and on
+ties the lower id first (a whole-row stable sort's pick; torch leaves the order of ties to its
+kernel), and a step that forces one token (every other score -inf) reads a few blocks of the row, not
+all of it. log_softmax_: the same values whatever the size of its scratch buffer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ortseq.runtime.search import _best_block_members, log_softmax_, top_k
+
+BEAMS, VOCAB = 8, 96103  # pegasus-xsum: 8 beams of a 96k vocabulary, flattened per input
+KEEP = 2 * BEAMS
+
+
+def check_top_k(scores: np.ndarray) -> None:
+    values, ids = top_k(scores, KEEP)
+    np.testing.assert_array_equal(values, torch.topk(torch.from_numpy(scores), KEEP, dim=1).values.numpy())
+    stable_ids = np.argsort(-scores, axis=1, kind="stable")[:, :KEEP]
+    np.testing.assert_array_equal(ids, stable_ids)
+
+
+def forced_token_scores(batch: int, token: int) -> np.ndarray:
+    """Log-probs plus running scores on a forced-token step (forced EOS at max_length - 1): each beam's
+    `token` is finite, every other id -inf."""
+    scores = np.full((batch, BEAMS, VOCAB), -np.inf, dtype=np.float32)
+    scores[:, :, token] = -np.arange(1, BEAMS + 1, dtype=np.float32)
+    return scores.reshape(batch, -1)
+
+
+def test_top_k_picks_torchs_values_and_the_lowest_tied_ids_on_a_forced_token_step():
+    check_top_k(forced_token_scores(batch=2, token=1))
+    check_top_k(forced_token_scores(batch=2, token=VOCAB - 1))  # in the last, shorter block
+
+
+def test_a_forced_token_step_reads_only_a_few_blocks_of_the_row():
+    # all blocks but the beams' tie at -inf: before, every one of them became a candidate ([2, 769k]
+    # int64 ids and their scores, ~100 MB at batch 8, the peak of a whole generate() call)
+    scores = forced_token_scores(batch=2, token=1)
+    block = int(np.sqrt(scores.shape[1] / KEEP))
+    assert _best_block_members(scores, KEEP).shape[1] <= 2 * KEEP * block
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_k_picks_torchs_values_and_the_lowest_tied_ids_on_tied_and_infinite_scores(seed):
+    rng = np.random.default_rng(seed)
+    scores = (rng.integers(-6, 2, size=(3, BEAMS * 5003)) / 2).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.5] = -np.inf
+    scores[1] = -np.inf  # a row with no finite score at all
+    scores[1, 40000] = 0.0
+    check_top_k(scores)
+
+
+@pytest.mark.parametrize("rows, scratch_rows", [(64, 8), (13, 8), (3, 8), (64, 64)])
+def test_log_softmax_is_the_same_with_a_scratch_of_a_few_rows(rows, scratch_rows):
+    logits = np.random.default_rng(rows).normal(0, 4, size=(rows, VOCAB)).astype(np.float32)
+    whole = log_softmax_(logits.copy(), np.empty_like(logits))
+    scratch = np.empty((min(rows, scratch_rows), VOCAB), dtype=np.float32)
+    np.testing.assert_array_equal(log_softmax_(logits.copy(), scratch), whole)
+    np.testing.assert_allclose(whole, torch.log_softmax(torch.from_numpy(logits), dim=-1).numpy(), atol=2e-5)
