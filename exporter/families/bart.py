@@ -223,7 +223,10 @@ class DecoderExport(StaticCacheDecoderStep):
             x = residual(layout, layer.final_layer_norm, x, _feed_forward(layer))
         if layout.final_layer_norm:
             x = dec.layer_norm(x)
-        return lm_head_logits(x[:, 0, :], self.lm_head.weight) + self.final_logits_bias
+        logits = lm_head_logits(x[:, 0, :], self.lm_head.weight)
+        # Released checkpoints keep final_logits_bias at zero, and adding zeros changes no logit (at most
+        # the sign of a zero): not traced, it keeps a vocabulary of float32 (384 KB) out of the graph.
+        return logits + self.final_logits_bias if self.final_logits_bias.any() else logits
 
 
 class ConcatDecoderExport(DecoderExport):
