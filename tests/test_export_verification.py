@@ -8,10 +8,13 @@ from_pretrained, forward and generate(): the export fails and nothing is written
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from ortseq.exporter import pipeline
 from ortseq.exporter.families import bart, encoder_decoder, tiny_builder
@@ -167,3 +170,21 @@ def test_a_loader_that_gets_a_stored_tensor_wrong_is_corrected_from_the_checkpoi
     monkeypatch.setattr(PegasusFamily, "load_model", load)
     export(str(pegasus_checkpoint), tmp_path / "out")
     assert (tmp_path / "out" / "manifest.json").is_file()
+
+
+def _vocab_sized_tensors(export_dir, vocab: int) -> list[str]:
+    """Names of the decoder graph's float constants and initializers of shape [1, vocab] (a logits bias)."""
+    graph = onnx.load(str(export_dir / "decoder.onnx"), load_external_data=False).graph
+    tensors = [*graph.initializer, *(a.t for node in graph.node if node.op_type == "Constant" for a in node.attribute)]
+    return [t.name for t in tensors if list(t.dims) == [1, vocab] and numpy_helper.to_array(t).dtype.kind == "f"]
+
+
+@pytest.mark.parametrize("eos_logit_bias", [0.0, 3.0])
+def test_final_logits_bias_is_in_the_graph_only_when_it_is_not_zero(tmp_path, eos_logit_bias):
+    # released checkpoints keep it at zero: the graph then does without a vocabulary of float32; the
+    # export is verified against transformers either way
+    shape = dataclasses.replace(SMALL_PEGASUS, eos_logit_bias=eos_logit_bias)
+    checkpoint = build_tiny_pegasus(tmp_path / "checkpoint", shape, seed=7)
+    export(str(checkpoint), tmp_path / "export")
+    vocab = json.loads((tmp_path / "export" / "manifest.json").read_text())["dims"]["vocab_size"]
+    assert bool(_vocab_sized_tensors(tmp_path / "export", vocab)) == (eos_logit_bias != 0.0)

@@ -20,9 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ortseq.exporter.quantization import vocab_tables
 from ortseq.exporter.shared_weights import SharedFile
@@ -80,7 +78,7 @@ def quantize_int8(
             )
         model = onnx.load(str(quantized))
     _rename_op(model, lm_heads, HIDDEN_GEMM, "Gemm")
-    _scalar_zero_points(model)
+    del model.graph.value_info[:]  # quantize_dynamic's shape inference: onnxruntime infers them itself
     model = vocab_tables.store_tables_once(
         model, vocab_size, shared, vocab_tables.Int8Rows(), settings.embeddings, settings.lm_head
     )
@@ -88,21 +86,6 @@ def quantize_int8(
 
 
 HIDDEN_GEMM = "OrtseqHiddenGemm"  # an op type no quantizer knows
-
-
-def _scalar_zero_points(model: onnx.ModelProto) -> None:
-    """Symmetric int8 weights have a zero point of 0 in every column: one scalar 0 says the same as
-    quantize_dynamic's vector of them (a column's worth of bytes per MatMul: ~0.4 MB of graph at
-    pegasus-xsum's size). MatMulInteger takes either."""
-    b_zero_points = {
-        node.input[3] for node in model.graph.node if node.op_type == "MatMulInteger" and len(node.input) > 3
-    }
-    for tensor in model.graph.initializer:
-        if tensor.name not in b_zero_points or len(tensor.dims) != 1:
-            continue
-        zero_points = numpy_helper.to_array(tensor)
-        if not zero_points.any():
-            tensor.CopyFrom(numpy_helper.from_array(np.zeros((), zero_points.dtype), tensor.name))
 
 
 def _rename_op(model: onnx.ModelProto, names: list[str], old: str, new: str) -> None:
