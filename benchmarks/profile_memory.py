@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ortseq.runtime import sessions  # noqa: E402
 from ortseq.runtime.model import Seq2SeqModel  # noqa: E402
+from ortseq.runtime.search import LOG_SOFTMAX_ROWS  # noqa: E402
 
 THREADS = 2
 MB = 1e6
@@ -69,7 +70,8 @@ def main() -> None:
     itemsize = np.dtype(model.sessions.past_dtype).itemsize
     kv_per_token = 2 * dims.decoder_layers * dims.decoder_heads * dims.head_dim * itemsize  # K and V, every layer
     cross_mb = args.batch * length * kv_per_token / MB
-    logits_mb = 2 * rows * dims.vocab_size * 4 / MB  # the logits buffer and the search's scratch
+    # the logits buffer and the host search's log-softmax scratch (a few rows)
+    logits_mb = (rows + min(rows, LOG_SOFTMAX_ROWS)) * dims.vocab_size * 4 / MB
 
     progress = {"call": 0, "step": 0}
     encode, encode_on_device = model.sessions.encode, model.sessions.encode_on_device
@@ -93,7 +95,7 @@ def main() -> None:
             progress["step"] = step = progress["step"] + 1
             if step % args.every == 0 or step == args.new_tokens:
                 # a static cache holds every slot from the start; a concat one the past and the present
-                slots = [args.new_tokens + 1] if static else [step - 1, step]
+                slots = [args.new_tokens] if static else [step - 1, step]  # max_length - 1 static slots
                 cache_mb = sum(rows * n * kv_per_token / MB for n in slots)
                 _report(f"call {progress['call']} step {step}", loaded + cross_mb + cache_mb + logits_mb)
             return logits
