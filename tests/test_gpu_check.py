@@ -7,6 +7,7 @@ run will: every phase must finish without an error and report what the GPU issue
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -30,5 +31,7 @@ def test_gpu_check_script_runs_every_phase_on_the_cpu_provider(tmp_path):
     assert copies["steps"] == 16 and set(copies["driver_transfers_per_step"]) >= {"update_inplace", "numpy"}
     systems = {row["system"] for row in phases["speed"]["rows"]}
     assert systems == {"ortseq-fp32", "ortseq-fp16", "ortseq-int4", "transformers-fp32"}
-    assert all(row["per_step_ms"] > 0 and row["floor_ms"] > 0 for row in phases["speed"]["rows"])
+    # timed on a tiny model, a per-step time is a difference of two short medians: only its presence is
+    # checked here (on a busy machine it can come out negative); the GPU run reads its value
+    assert all(math.isfinite(row["per_step_ms"]) and row["floor_ms"] > 0 for row in phases["speed"]["rows"])
     assert set(phases["lsg"]["rows"]) == {"ortseq-lsg", "torch-full-attention"}
