@@ -178,7 +178,7 @@ class EncoderExport(nn.Module):
             h = layer.final_layer_norm(x)
             x = x + conv_feed_forward(layer.fc1, layer.activation_fn, layer.fc2, h)
         memory, memory_mask = self._trimmed(enc.layer_norm(x), attention_mask)
-        return (memory, memory_mask, *cross_key_values(self.cross_attentions, memory))
+        return (memory, memory_mask, *cross_key_values(self.cross_attentions, memory, conv_linear))
 
     def _padded(self, input_ids, attention_mask):
         """ids, keep [n, T] and positions [T] after right-padding to T = LSGSettings.padded_length(t)."""
