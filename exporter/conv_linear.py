@@ -4,7 +4,9 @@ Why: onnxruntime's CPU MatMul (MLAS SGEMM) ran the LSG encoder's linear shapes (
 4096) at 85-120 GFLOP/s, torch's at 115-145. The same product as a 1x1 Conv over [n, D, t, 1] runs
 in MLAS's NCHWc pointwise kernel, which onnxruntime picks at its default optimization level: one
 pegasus-large-shaped LSG layer at 4096 tokens took 0.73x the time with one thread and 0.85x with two
-(benchmarks/micro_lsg_layer.py, paired rounds). The channels-first transposes around each Conv are
+(benchmarks/micro_lsg_layer.py, paired rounds); 0.89x at 2048 tokens, 0.94x at 1024. The gain
+grows with the row count, which is why only LSG's long encoder uses it: at 512-1024 rows MLAS's
+MatMul is as fast (the plain Pegasus encoder would gain 0-3%). The channels-first transposes around each Conv are
 folded by onnxruntime into the NCHWc reorders it needs anyway, and fc1 -> ReLU -> fc2 stays in that
 layout throughout. Outputs differ from the MatMul form by float rounding only (about 1e-6).
 
