@@ -43,6 +43,7 @@ THREADS = 2
 SYSTEMS = ("ortseq-lsg", "ortseq-lsg-int8", "reference-lsg", "transformers-full")
 # The export is cached; these files make it, so a change to them makes a new one.
 EXPORT_SOURCES = ("exporter/lsg_attention.py", "exporter/families/lsg_pegasus.py", "exporter/families/pegasus.py",
+                  "exporter/conv_linear.py",
                   "exporter/onnx_export.py", "exporter/quantization/formats.py", "graphs/lsg.py")  # fmt: skip
 
 # google/pegasus-large's architecture (shared/LSG.md, "Real configuration values") with the LSG keys
@@ -74,23 +75,12 @@ def export_ortseq_encoder(checkpoint: Path, out: Path) -> None:
     import numpy as np
     import onnxruntime as ort
     import torch
-    from torch import nn
 
-    from ortseq.exporter import onnx_export
     from ortseq.exporter.families import lsg_pegasus
 
     torch.set_num_threads(THREADS)
     model = lsg_pegasus.LSGPegasusFamily().load_model(str(checkpoint))
-    encoder = lsg_pegasus.EncoderExport(model).eval()
-    encoder.cross_attentions = nn.ModuleList()  # the benchmark is the encoder proper
-    ids = torch.randint(3, 1000, (1, 300))
-    out.mkdir(parents=True, exist_ok=True)
-    names = ["last_hidden_state", "encoder_attention_mask"]
-    axes = {name: {0: "batch", 1: "length"} for name in ["input_ids", "attention_mask", *names]}
-    onnx_export.export_graph(
-        encoder, (ids, torch.ones_like(ids)), out / "encoder.onnx", ["input_ids", "attention_mask"], names, axes,
-        external_data=True, finalize=lambda graph: lsg_pegasus.finalize_encoder_graph(encoder, graph),
-    )  # fmt: skip
+    encoder = export_encoder_proper(model, out, external_data=True)
     check = torch.randint(3, 1000, (1, 1000))
     with torch.no_grad():
         want = encoder(check, torch.ones_like(check))[0].numpy()
@@ -102,6 +92,27 @@ def export_ortseq_encoder(checkpoint: Path, out: Path) -> None:
     if error > 1e-3:
         raise SystemExit(f"exported encoder differs from torch by {error}")
     print(f"[bench-lsg] exported encoder, max abs diff vs torch at 1000 tokens: {error:.2e}", flush=True)
+
+
+def export_encoder_proper(model, out: Path, external_data: bool):
+    """model's LSG encoder without the decoder's cross K/V to out/encoder.onnx; returns the exported module."""
+    import torch
+    from torch import nn
+
+    from ortseq.exporter import onnx_export
+    from ortseq.exporter.families import lsg_pegasus
+
+    encoder = lsg_pegasus.EncoderExport(model).eval()
+    encoder.cross_attentions = nn.ModuleList()  # the benchmark is the encoder proper
+    ids = torch.randint(3, 1000, (1, 300))
+    out.mkdir(parents=True, exist_ok=True)
+    names = ["last_hidden_state", "encoder_attention_mask"]
+    axes = {name: {0: "batch", 1: "length"} for name in ["input_ids", "attention_mask", *names]}
+    onnx_export.export_graph(
+        encoder, (ids, torch.ones_like(ids)), out / "encoder.onnx", ["input_ids", "attention_mask"], names, axes,
+        external_data=external_data, finalize=lambda graph: lsg_pegasus.finalize_encoder_graph(encoder, graph),
+    )  # fmt: skip
+    return encoder
 
 
 def export_int8_encoder(export_dir: Path, out: Path) -> None:
@@ -182,6 +193,13 @@ def worker(system: str, checkpoint: str, export_dir: str, length: int) -> None:
 
     loaded_mb = rss_mb("VmRSS")
     rows = run().shape[1]  # warm-up
+    serve_runs(run)
+    peak = rss_mb("VmHWM")
+    print(json.dumps(dict(peak_rss_mb=peak, working_mb=peak - loaded_mb, rows=rows)), flush=True)
+
+
+def serve_runs(run) -> None:
+    """Say ready, then time one run() per `run` line of stdin (prints its seconds), until another line."""
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if line.strip() != "run":
@@ -189,8 +207,6 @@ def worker(system: str, checkpoint: str, export_dir: str, length: int) -> None:
         start = time.perf_counter()
         run()
         print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
-    peak = rss_mb("VmHWM")
-    print(json.dumps(dict(peak_rss_mb=peak, working_mb=peak - loaded_mb, rows=rows)), flush=True)
 
 
 class Worker:

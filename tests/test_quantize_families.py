@@ -13,11 +13,13 @@ quantizations about 30 s more to the default run, and int8/int4/fp16 worked for 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from ortseq.exporter.pipeline import export
 from ortseq.exporter.quantization import pipeline
 from ortseq.exporter.quantization.quality import ReportSettings, default_texts
+from ortseq.graphs import contract
 from ortseq.graphs.manifest import Manifest
 from ortseq.runtime.model import Seq2SeqModel
 
@@ -65,6 +67,10 @@ def test_every_family_quantizes_to_every_format_and_generates(family_export, gat
     assert np.isfinite(report["logits"]["max_abs_error"])
     [(gated_report, (mode, agreement))] = gate_calls  # the gate ran once, on the report that was written
     assert gated_report == report and agreement == min(report[m]["token_agreement"] for m in ("greedy", "beam2"))
+
+    if fmt in ("int8", "int4"):  # LSG's linear layers, exported as 1x1 Convs (exporter/conv_linear.py), too
+        encoder = onnx.load(str(out / contract.ENCODER_FILE), load_external_data=False)
+        assert not [node.name for node in encoder.graph.node if node.op_type == "Conv"]
 
     model = Seq2SeqModel.load(out)
     ids, mask = model.tokenizer.encode(["The river bridge will open next year. " * 20, "The museum was closed."])

@@ -152,11 +152,15 @@ def _feed_forward(layer: nn.Module) -> Callable:
     return lambda h: layer.fc2(layer.activation_fn(layer.fc1(h)))
 
 
-def cross_key_values(cross_attentions: nn.ModuleList, memory: torch.Tensor) -> list[torch.Tensor]:
-    """[k_0, v_0, k_1, v_1, ...]: every decoder layer's cross-attention K/V of the encoder output."""
+def cross_key_values(
+    cross_attentions: nn.ModuleList, memory: torch.Tensor, linear: Callable = nn.Linear.__call__
+) -> list[torch.Tensor]:
+    """[k_0, v_0, k_1, v_1, ...]: every decoder layer's cross-attention K/V of the encoder output.
+
+    linear(projection, x) applies a projection (LSG passes exporter/conv_linear.py's form)."""
     cross = []
     for attn in cross_attentions:
-        cross += [split_heads(attn.k_proj(memory), attn.num_heads), split_heads(attn.v_proj(memory), attn.num_heads)]
+        cross += [split_heads(linear(proj, memory), attn.num_heads) for proj in (attn.k_proj, attn.v_proj)]
     return cross
 
 

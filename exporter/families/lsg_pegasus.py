@@ -10,7 +10,8 @@ The decoder is plain Pegasus (pegasus.DecoderExport). The encoder export differs
 each copied from the reference: learned global tokens are prepended (no position, no scaling);
 the sequence is padded to a multiple of block_size (at least two blocks, see LSGSettings.
 padded_length); each layer's attention is one ortseq::LSGAttention node; and the output is
-trimmed, keeping or folding the globals, with the cross-attention mask to match.
+trimmed, keeping or folding the globals, with the cross-attention mask to match. (Its linear
+layers are also exported as 1x1 Convs, for speed alone: exporter/conv_linear.py.)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 
 from ortseq.exporter.attention import merge_heads, split_heads
 from ortseq.exporter.checkpoint_check import CheckpointLayout, read_checkpoint_tensors
+from ortseq.exporter.conv_linear import conv_feed_forward, conv_linear
 from ortseq.exporter.families.pegasus import PegasusFamily, cross_key_values
 from ortseq.exporter.lsg_attention import LSGAttentionCore, lsg_attention
 from ortseq.exporter.tiny.lsg_pegasus import build_tiny_lsg_pegasus
@@ -174,9 +176,9 @@ class EncoderExport(nn.Module):
             planes = getattr(self, lsh_planes_name(i))
             x = x + self._self_attention(layer.self_attn, layer.self_attn_layer_norm(x), keep, planes)
             h = layer.final_layer_norm(x)
-            x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
+            x = x + conv_feed_forward(layer.fc1, layer.activation_fn, layer.fc2, h)
         memory, memory_mask = self._trimmed(enc.layer_norm(x), attention_mask)
-        return (memory, memory_mask, *cross_key_values(self.cross_attentions, memory))
+        return (memory, memory_mask, *cross_key_values(self.cross_attentions, memory, conv_linear))
 
     def _padded(self, input_ids, attention_mask):
         """ids, keep [n, T] and positions [T] after right-padding to T = LSGSettings.padded_length(t)."""
@@ -190,8 +192,11 @@ class EncoderExport(nn.Module):
         return ids, keep.to(self.positions.dtype), positions
 
     def _self_attention(self, attn, x, keep, planes):
-        q, k, v = (split_heads(proj(x), attn.num_heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        return attn.out_proj(merge_heads(lsg_attention(self.core, q, k, v, keep, planes)))
+        # the linear layers as 1x1 Convs: faster on onnxruntime's CPU (exporter/conv_linear.py)
+        q, k, v = (
+            split_heads(conv_linear(proj, x), attn.num_heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )
+        return conv_linear(attn.out_proj, merge_heads(lsg_attention(self.core, q, k, v, keep, planes)))
 
     def _trimmed(self, x, attention_mask):
         """Drop the padding; keep the globals in front, or fold global 0 into token 0 (pool_with_global)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import onnx
 
+from ortseq.exporter.conv_linear import convs_to_matmuls
 from ortseq.exporter.quantization import vocab_tables
 from ortseq.exporter.shared_weights import SharedFile
 
@@ -57,7 +58,7 @@ def quantize_int8(
     """The MatMuls by quantize_dynamic; the token embedding and LM head read one int8 table in the shared file."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = name_nodes(onnx.load(str(source)))
+    model = name_nodes(convs_to_matmuls(onnx.load(str(source))))  # linear layers exported as Convs: MatMuls again
     lm_heads = [node.name for node in vocab_tables.vocab_readers(model, vocab_size).lm_heads]
     # quantize_dynamic turns every Gemm into a MatMul over a transposed copy of its weight before anything
     # else (nodes_to_exclude does not stop that): the LM head Gemm goes in under another name
@@ -100,7 +101,7 @@ def quantize_int4(
     """The MatMuls into MatMulNBits; the token embedding and LM head read one block-quantized table."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    model = name_nodes(onnx.load(str(source)))
+    model = name_nodes(convs_to_matmuls(onnx.load(str(source))))  # linear layers exported as Convs: MatMuls again
     readers = vocab_tables.vocab_readers(model, vocab_size)
     quantizer = MatMulNBitsQuantizer(
         model,
