@@ -118,10 +118,13 @@ def export_encoder_proper(model, out: Path, external_data: bool):
 def export_int8_encoder(export_dir: Path, out: Path) -> None:
     """The fp32 encoder through the int8 transform of `ortseq quantize --to int8` (default settings)."""
     from ortseq.exporter.quantization.formats import Int8Settings, quantize_int8
+    from ortseq.exporter.shared_weights import SharedFile
 
     out.mkdir(parents=True, exist_ok=True)
     vocab_size = LARGE_LSG_CONFIG["vocab_size"]
-    quantize_int8(export_dir / "encoder.onnx", out / "encoder.onnx", Int8Settings(), vocab_size, external_data=True)
+    # the int8 token table goes to out/embeddings.data, as in a quantized export (the graph names it)
+    shared = SharedFile(out)
+    quantize_int8(export_dir / "encoder.onnx", out / "encoder.onnx", Int8Settings(), vocab_size, True, shared)
     print("[bench-lsg] quantized the encoder to int8", flush=True)
 
 

@@ -207,7 +207,9 @@ def _read_format(model: onnx.ModelProto, vocab_size: int, table_format: TableFor
             replacement = table_format.lookup(stored[table.name], node.input[1], node.output[0], node.name)
         _replace(model, node, replacement)
     _add_opsets(model)
-    _drop_unread(model, set(stored))
+    # the float tables replaced, and the format's arrays no reader of this graph reads (an encoder's
+    # lookups read no zero points)
+    _drop_unread(model, set(stored) | {name for roles in stored.values() for name in roles.values()})
     return stored
 
 
@@ -254,7 +256,7 @@ def _add_opsets(model: onnx.ModelProto) -> None:
 
 
 def _drop_unread(model: onnx.ModelProto, names: set[str]) -> None:
-    """Drop the initializers of `names` (the float tables a format replaced) that no node reads any more."""
+    """Drop the initializers of `names` that no node reads (any more)."""
     read = set()
     for graph in _graphs(model.graph):
         read.update(name for node in graph.node for name in node.input)
