@@ -128,6 +128,19 @@ def export_int8_encoder(export_dir: Path, out: Path) -> None:
     print("[bench-lsg] quantized the encoder to int8", flush=True)
 
 
+def profiled_session(export_dir, threads: int):
+    """An onnxruntime CPU session over export_dir/encoder.onnx with its profiler on (end_profiling() -> file)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="lsg-profile-")) / "profile")
+    return ort.InferenceSession(f"{export_dir}/encoder.onnx", options, providers=["CPUExecutionProvider"])
+
+
 def export_fingerprint() -> str:
     digest = hashlib.sha256()
     for name in EXPORT_SOURCES:
@@ -266,7 +279,8 @@ def run_all(lengths: list[int], rounds: int) -> list[dict]:
 
 
 # Outside the LSG body every matrix product multiplies by a weight (fp32 and int8 forms).
-LINEAR_OPS = {"MatMul", "Gemm", "FusedMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger"}
+# Conv: the fp32 LSG encoder exports its linear layers as 1x1 Convs (exporter/conv_linear.py)
+LINEAR_OPS = {"MatMul", "Gemm", "FusedMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger", "Conv"}
 
 
 def profile(export_dir: str, length: int) -> None:
@@ -277,16 +291,10 @@ def profile(export_dir: str, length: int) -> None:
     """
     import collections
     import re
-    import tempfile
 
     import numpy as np
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    options.enable_profiling = True
-    options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="bench-lsg-profile-")) / "profile")
-    session = ort.InferenceSession(f"{export_dir}/encoder.onnx", options, providers=["CPUExecutionProvider"])
+    session = profiled_session(export_dir, THREADS)
     ids = np.random.default_rng(length).integers(3, 96000, size=(1, length), dtype=np.int64)
     for _ in range(2):  # the first call warms up
         session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})

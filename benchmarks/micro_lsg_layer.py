@@ -16,12 +16,11 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_lsg import LARGE_LSG_CONFIG, export_encoder_proper, serve_runs  # noqa: E402
+from bench_lsg import LARGE_LSG_CONFIG, export_encoder_proper, profiled_session, serve_runs  # noqa: E402
 
 LSG_KEYS = ("block_size", "sparse_block_size", "sparsity_factor", "sparsity_type", "num_global_tokens",
             "pass_global_tokens_to_decoder", "adaptive")  # fmt: skip
@@ -136,13 +135,8 @@ def profile(directory: str, length: int, threads: int) -> None:
     import collections
 
     import numpy as np
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.enable_profiling = True
-    options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="micro-lsg-")) / "profile")
-    sess = ort.InferenceSession(f"{directory}/encoder.onnx", options, providers=["CPUExecutionProvider"])
+    sess = profiled_session(directory, threads)
     ids = np.random.default_rng(length).integers(3, 1000, size=(1, length), dtype=np.int64)
     for _ in range(3):
         sess.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
