@@ -25,7 +25,7 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # onnxruntime's device name of each provider's memory (OrtValue.ortvalue_from_shape_and_type, bind_output)
 DEVICES = {"cpu": "cpu", "cuda": "cuda"}
 KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-_NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+_NUMPY_DTYPES = KV_DTYPES | {"tensor(int64)": np.int64}  # what the encoder outputs
 
 
 def create_session(
