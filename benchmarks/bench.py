@@ -96,18 +96,28 @@ def _build_random(checkpoint: Path, shape: dict) -> None:
     model.save_pretrained(checkpoint)
 
 
-def input_ids(batch: int, length: int):
+def input_ids(batch: int, length: int, vocab: int):
+    """Ids drawn from the whole vocabulary, as real text's are: where the lookups read their rows matters
+    to a memory-mapped table (README "What a call's peak is made of")."""
     import numpy as np
 
-    return np.random.default_rng(0).integers(3, 400, size=(batch, length)).astype(np.int64)
+    return np.random.default_rng(0).integers(3, vocab, size=(batch, length)).astype(np.int64)
 
 
 def worker(
-    module: str, variant: str, model_dir: str, mode: str, batch: int, length: int, per_step: bool, repeats: int
+    module: str,
+    variant: str,
+    model_dir: str,
+    mode: str,
+    batch: int,
+    length: int,
+    vocab: int,
+    per_step: bool,
+    repeats: int,
 ) -> dict:
     """Load one system, warm it up, time generate (median of `repeats` calls; and short ones for per-step time)."""
     system = importlib.import_module(f"benchmarks.systems.{module}")
-    beams, ids = MODES[mode], input_ids(batch, length)
+    beams, ids = MODES[mode], input_ids(batch, length, vocab)
     start = time.perf_counter()
     generate = system.load(model_dir, variant, THREADS)
     load_s = time.perf_counter() - start
@@ -148,9 +158,9 @@ def disk_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
-def run_worker(system, model_dir: Path, model: str, mode: str, batch: int, length: int) -> dict:
+def run_worker(system, model_dir: Path, model: str, mode: str, batch: int, length: int, vocab: int) -> dict:
     per_step, repeats = int(model in PER_STEP_MODELS), REPEATS.get(model, 1)
-    args = [system.module, system.variant, str(model_dir), mode, str(batch), str(length), str(per_step), str(repeats)]
+    args = [system.module, system.variant, str(model_dir), mode, *map(str, (batch, length, vocab, per_step, repeats))]
     cmd = [str(system.python), str(Path(__file__).resolve()), "worker", *args]
     env = os.environ | {"OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
     if system.source_ref:
@@ -181,7 +191,8 @@ def run_all(models, systems, modes, batches, rounds: int) -> list[dict]:
     done_points = 0
     for name in models:
         model = prepare_model(name)
-        length = min(512, json.loads((model.checkpoint / "config.json").read_text())["max_position_embeddings"])
+        config = json.loads((model.checkpoint / "config.json").read_text())
+        length, vocab = min(512, config["max_position_embeddings"]), config["vocab_size"]
         dirs = {}
         for system in systems:
             dirs[system.name] = importlib.import_module(f"benchmarks.systems.{system.module}").prepare(
@@ -192,7 +203,7 @@ def run_all(models, systems, modes, batches, rounds: int) -> list[dict]:
                 samples: dict[str, list[dict]] = {s.name: [] for s in systems}
                 for round_ in range(rounds):
                     for system in systems:  # systems alternate within every round
-                        result = run_worker(system, dirs[system.name], name, mode, batch, length)
+                        result = run_worker(system, dirs[system.name], name, mode, batch, length, vocab)
                         samples[system.name].append(result)
                         print(
                             f"[bench] {name} {mode} batch {batch} round {round_ + 1}/{rounds} {system.name}: "
@@ -343,8 +354,10 @@ def _choose(value: str, allowed, what: str) -> list[str]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
-        module, variant, model_dir, mode, batch, length, per_step, repeats = sys.argv[2:10]
-        result = worker(module, variant, model_dir, mode, int(batch), int(length), per_step == "1", int(repeats))
+        module, variant, model_dir, mode, batch, length, vocab, per_step, repeats = sys.argv[2:11]
+        result = worker(
+            module, variant, model_dir, mode, int(batch), int(length), int(vocab), per_step == "1", int(repeats)
+        )
         print(json.dumps(result))
         return
     from benchmarks.systems import SYSTEMS
@@ -372,6 +385,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(
         date=time.strftime("%Y-%m-%d"), cpu_count=os.cpu_count(), threads=THREADS, rounds=args.rounds,
+        input_ids="uniform over [3, vocab_size)",
         new_tokens=NEW_TOKENS, per_step=f"(t({NEW_TOKENS} new tokens) - t({SHORT_TOKENS})) / {NEW_TOKENS - SHORT_TOKENS}",
     )  # fmt: skip
     lines = verdicts(rows)
