@@ -149,6 +149,7 @@ def _export_checkpoint(checkpoint: Path, staging: Path, source: str, options: Ex
         ignored_generation_fields=ignored,
         decoder_contract=contract.STATIC_CACHE_CONTRACT,
         decoder_self_attention=body,
+        lookup_tables=shared.lookup_tables(),
     )
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ortseq.graphs import contract
 from ortseq.graphs.contract import SHARED_WEIGHTS_FILE
 
 if TYPE_CHECKING:
@@ -78,6 +79,8 @@ class SharedFile:
         self.path = Path(directory) / SHARED_WEIGHTS_FILE
         self._arrays: list[np.ndarray] = []
         self._offsets: dict[int, int] = {}  # index in _arrays -> offset in the file, once written
+        self._looked_up: set[str] = set()  # shared initializers some token lookup reads
+        self._read_otherwise: set[str] = set()  # ... and those some other node reads
         for array in arrays:
             self.add(array)
 
@@ -89,25 +92,40 @@ class SharedFile:
 
     def point_at_shared(self, model: onnx.ModelProto, names: Iterable[str] | None = None) -> int:
         """Move every initializer (of `names`, if given) equal to a kept array into the shared file;
-        returns how many moved."""
+        returns how many moved. Where a table moved is read by token lookups and by other nodes (the LM
+        head), the others read it under a name of their own (read_whole_apart): the manifest's
+        lookup_tables (lookup_tables()) then name what only lookups read."""
         wanted = None if names is None else set(names)
-        moved = 0
+        indices = {}  # initializer name -> index of the kept array holding its bytes
         for tensor in model.graph.initializer:
             if tensor.data_location == onnx.TensorProto.EXTERNAL or (wanted is not None and tensor.name not in wanted):
                 continue
             index = self._index_of_tensor(tensor)
-            if index is None:
-                continue
-            offset, length = self._offset_of(index), self._arrays[index].nbytes
-            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
-                tensor.ClearField(field)
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            del tensor.external_data[:]
-            for key, value in (("location", SHARED_WEIGHTS_FILE), ("offset", offset), ("length", length)):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, str(value)
-            moved += 1
-        return moved
+            if index is not None:
+                indices[tensor.name] = index
+        for alias, original in read_whole_apart(model, set(indices)).items():
+            indices[alias] = indices[original]
+        looked_up, read_otherwise = readers_of(model, set(indices))
+        self._looked_up |= looked_up
+        self._read_otherwise |= read_otherwise
+        for tensor in model.graph.initializer:
+            if tensor.name in indices:
+                self._point(tensor, indices[tensor.name])
+        return sum(tensor.name in indices for tensor in model.graph.initializer)
+
+    def lookup_tables(self) -> list[str]:
+        """The initializers in the shared file that, in every graph pointed at it, only token lookups read."""
+        return sorted(self._looked_up - self._read_otherwise)
+
+    def _point(self, tensor: onnx.TensorProto, index: int) -> None:
+        offset, length = self._offset_of(index), self._arrays[index].nbytes
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+            tensor.ClearField(field)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", SHARED_WEIGHTS_FILE), ("offset", offset), ("length", length)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
 
     def written(self) -> bool:
         return bool(self._offsets)
@@ -139,6 +157,62 @@ class SharedFile:
                 )
             self._offsets[index] = start
         return self._offsets[index]
+
+
+# The nodes that read rows of a table at the graph's token ids and nothing else of it: op type -> its
+# axis attribute (must be 0) and the inputs it reads rows of (GatherBlockQuantized: data, scales, zero points)
+ROW_LOOKUPS = {"Gather": ("axis", (0,)), "GatherBlockQuantized": ("gather_axis", (0, 2, 3))}
+
+
+def _row_inputs(node: onnx.NodeProto) -> tuple[int, ...]:
+    """The inputs node reads only the rows of, at the ids of input_ids (graphs/contract.py); () if none."""
+    if node.op_type not in ROW_LOOKUPS or len(node.input) < 2 or node.input[1] != contract.LOOKUP_IDS:
+        return ()
+    axis_name, inputs = ROW_LOOKUPS[node.op_type]
+    axis = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == axis_name), 0)
+    return inputs if axis == 0 else ()
+
+
+def readers_of(model: onnx.ModelProto, names: set[str]) -> tuple[set[str], set[str]]:
+    """(those of names some token lookup reads, those some other node or a graph output reads); a name
+    read inside a subgraph counts as read otherwise."""
+    looked_up, otherwise = set(), {output.name for output in model.graph.output} & names
+    for node in model.graph.node:
+        rows = _row_inputs(node)
+        for position, name in enumerate(node.input):
+            (looked_up if position in rows else otherwise).add(name)
+        otherwise |= _subgraph_reads(node)
+    return looked_up & names, otherwise & names
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    reads = set()
+    for attribute in node.attribute:
+        for graph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+            for inner in graph.node:
+                reads |= set(inner.input) | _subgraph_reads(inner)
+    return reads
+
+
+def read_whole_apart(model: onnx.ModelProto, names: set[str]) -> dict[str, str]:
+    """Where a table of names is read by token lookups and by other nodes of the graph (the LM head), the
+    others read a second initializer over the same bytes, named table + WHOLE_TABLE_SUFFIX (stored once:
+    equal bytes are). Returns alias -> table."""
+    looked_up, _ = readers_of(model, names)
+    tables = {tensor.name: tensor for tensor in model.graph.initializer}
+    aliases: dict[str, str] = {}
+    for node in model.graph.node:
+        rows = _row_inputs(node)
+        for position, name in enumerate(node.input):
+            if name in looked_up and position not in rows:
+                alias = name + contract.WHOLE_TABLE_SUFFIX
+                if alias not in aliases:
+                    copy = model.graph.initializer.add()
+                    copy.CopyFrom(tables[name])
+                    copy.name = alias
+                    aliases[alias] = name
+                node.input[position] = alias
+    return aliases
 
 
 def _bytes(array: np.ndarray) -> np.ndarray:

@@ -79,6 +79,12 @@ BEAM_SEARCH_FILE = "beam_search.onnx"
 # (exporter/shared_weights.py writes it, runtime/shared_weights.py reads it). Exports made before it
 # keep a copy in each graph and still run.
 SHARED_WEIGHTS_FILE = "embeddings.data"
+# Of the tables in that file, those only token lookups read (the manifest's `lookup_tables`): a Gather,
+# or GatherBlockQuantized, of their rows at the graph input `input_ids`. Readers of the whole table (the
+# LM head) read the same bytes under another name (the table's name + WHOLE_TABLE_SUFFIX). So the runtime
+# may hold just the rows a call looks up (runtime/shared_weights.py): a lookup reads nothing else.
+LOOKUP_IDS = "input_ids"
+WHOLE_TABLE_SUFFIX = ".whole"
 
 ENCODER_INPUTS = ("input_ids", "attention_mask")
 DECODER_STATIC_INPUTS = ("input_ids", "encoder_attention_mask", "beam_idx")

@@ -107,6 +107,9 @@ class Manifest:
     decoder_contract: str = contract.STATIC_CACHE_CONTRACT
     # static-cache only: "dmmha" (onnxruntime's DecoderMaskedMultiHeadAttention) or "plain" (standard ONNX)
     decoder_self_attention: str = contract.PLAIN_BODY
+    # the shared file's tables that only token lookups read, by the graphs' input_ids (graphs/contract.py
+    # LOOKUP_TABLES); manifests older than the field name none
+    lookup_tables: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -147,6 +150,7 @@ class Manifest:
                 ignored_generation_fields=raw.get("ignored_generation_fields", {}),
                 decoder_contract=raw.get("decoder_contract", contract.CONCAT_CONTRACT),
                 decoder_self_attention=raw.get("decoder_self_attention", ""),
+                lookup_tables=raw.get("lookup_tables", []),
             )
         except (
             json.JSONDecodeError,
@@ -234,6 +238,8 @@ def _check_fields(m: Manifest) -> None:
             raise ManifestError(f"{name} must be an object, got {getattr(m, name)!r}")
     if not isinstance(m.source, str):
         raise ManifestError(f"source must be a string, got {m.source!r}")
+    if not isinstance(m.lookup_tables, list) or not all(isinstance(name, str) for name in m.lookup_tables):
+        raise ManifestError(f"lookup_tables must be a list of initializer names, got {m.lookup_tables!r}")
 
 
 def _check_files(m: Manifest) -> None:

@@ -94,7 +94,9 @@ class EncoderDecoderSessions:
         self.manifest = manifest
         self.layers = manifest.dims.decoder_layers
         self.device = DEVICES.get(provider, "cpu")
-        self.shared_weights = SharedWeights(directory)  # kept: the sessions read its buffers
+        # kept: the sessions read its buffers; a GPU session copies every row of its tables at once
+        lookup_tables = manifest.lookup_tables if self.device == "cpu" else ()
+        self.shared_weights = SharedWeights(directory, lookup_tables)
         encoder, decoder = Path(directory) / contract.ENCODER_FILE, Path(directory) / contract.DECODER_FILE
         # The decoder first: packing its LM head holds the table three times for a moment (the mapped
         # file, a transposed copy, the packed one) and is the peak of loading; the transposed copy then
@@ -121,6 +123,7 @@ class EncoderDecoderSessions:
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
         """What every decoder step reads: the cross-attention mask and every layer's cross K/V, by name."""
+        self.shared_weights.fill_rows(input_ids)
         outputs = self.encoder.run(self._memory_names, {"input_ids": input_ids, "attention_mask": attention_mask})
         return dict(zip(self._memory_names, outputs))
 
@@ -150,6 +153,7 @@ class EncoderDecoderSessions:
 
     def _encode_into(self, input_ids, attention_mask, outputs: dict[str, np.ndarray] | None):
         """One encoder run; its outputs into `outputs` (host arrays, written in place), or left to onnxruntime."""
+        self.shared_weights.fill_rows(input_ids)
         binding = self.encoder.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", attention_mask)
@@ -214,6 +218,7 @@ class CpuDecoderStep:
     def __init__(self, sessions: EncoderDecoderSessions, memory: dict[str, np.ndarray], rows: int):
         dims = sessions.manifest.dims
         self._session = sessions.decoder
+        self._fill_rows = sessions.shared_weights.fill_rows
         self._past_names = sessions.past_names
         self._binding = self._session.io_binding()
         self._inputs = dict(memory)  # bound arrays must outlive the binding's use of them
@@ -233,6 +238,7 @@ class CpuDecoderStep:
 
     def __call__(self, tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
         self._inputs["input_ids"] = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1, 1)
+        self._fill_rows(self._inputs["input_ids"])
         self._inputs["beam_idx"] = np.ascontiguousarray(beam_idx, dtype=np.int64)
         self._binding.bind_cpu_input("input_ids", self._inputs["input_ids"])
         self._binding.bind_cpu_input("beam_idx", self._inputs["beam_idx"])
@@ -267,6 +273,7 @@ class DecoderStep:
         dims = sessions.manifest.dims
         self.device = sessions.device
         self._session = sessions.decoder
+        self._fill_rows = sessions.shared_weights.fill_rows
         self._binding = self._session.io_binding()
         self._max_len = max_len
         self._step = 0
@@ -307,7 +314,9 @@ class DecoderStep:
         if self._step >= self._max_len:
             raise InvalidInputError(f"the search ran past the {self._max_len} decoder tokens this call allocated for")
         rows = self._host_logits.shape[0]
-        self._small["input_ids"].update_inplace(np.ascontiguousarray(tokens, dtype=np.int64).reshape(rows, 1))
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(rows, 1)
+        self._fill_rows(tokens)
+        self._small["input_ids"].update_inplace(tokens)
         self._small["beam_idx"].update_inplace(np.ascontiguousarray(beam_idx, dtype=np.int64))
         self._small["position_ids"].update_inplace(np.full(rows, self._step, dtype=np.int64))
         self._small["past_sequence_length"].update_inplace(np.array([self._step], dtype=np.int32))

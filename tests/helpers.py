@@ -130,3 +130,38 @@ def inline_shared_tables(export_dir: Path, target: Path) -> Path:
     manifest["files"].update({graph: sha256_of(target / graph) for graph in graphs})
     (target / MANIFEST_FILE).write_text(json.dumps(manifest))
     return target
+
+
+def readers_by_table(export_dir: Path) -> dict[str, set[tuple[str, int, str]]]:
+    """For each initializer the graphs keep in the shared file: (op type, input position, that node's
+    second input) of each node reading it, over both graphs."""
+    import onnx
+
+    from ortseq.graphs import contract
+
+    readers: dict[str, set] = {}
+    for graph in (contract.ENCODER_FILE, contract.DECODER_FILE):
+        model = onnx.load(str(export_dir / graph), load_external_data=False)
+        shared = {
+            tensor.name
+            for tensor in model.graph.initializer
+            if {entry.key: entry.value for entry in tensor.external_data}.get("location")
+            == contract.SHARED_WEIGHTS_FILE
+        }
+        for node in model.graph.node:
+            for position, name in enumerate(node.input):
+                if name in shared:
+                    readers.setdefault(name, set()).add((node.op_type, position, node.input[1]))
+    return readers
+
+
+def rows_through_the_mapping(export_dir: Path, target: Path) -> Path:
+    """A copy of export_dir whose manifest names no lookup tables (as manifests older than the field):
+    the sessions read every table through the file's mapping."""
+    from ortseq.graphs.manifest import MANIFEST_FILE
+
+    shutil.copytree(export_dir, target)
+    manifest = json.loads((target / MANIFEST_FILE).read_text())
+    manifest.pop("lookup_tables")
+    (target / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return target

@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import inline_shared_tables, ortseq
+from helpers import inline_shared_tables, ortseq, readers_by_table, rows_through_the_mapping
 
 from ortseq.exporter.pipeline import export
 from ortseq.exporter.quantization import formats, vocab_tables
@@ -308,14 +308,17 @@ def test_every_initializer_of_a_quantized_graph_is_read_by_a_node(quantized, fmt
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp16"])
-def test_both_sessions_of_a_quantized_export_read_one_mapped_table(quantized, fmt):
-    out, _ = quantized(fmt)
+def test_both_sessions_of_a_quantized_export_read_one_copy_of_each_table(quantized, fmt):
+    """The LM head reads the file's mapping; the lookups of both graphs one buffer of the rows read."""
+    out, manifest = quantized(fmt)
     shared = Seq2SeqModel.load(out).sessions.shared_weights
-    encoder = {value.data_ptr() for _, value in shared.initializers(out / contract.ENCODER_FILE)}
-    decoder = {value.data_ptr() for _, value in shared.initializers(out / contract.DECODER_FILE)}
-    assert encoder and encoder <= decoder  # the decoder's LM head reads what both lookups read
+    encoder = dict(shared.initializers(out / contract.ENCODER_FILE))
+    decoder = dict(shared.initializers(out / contract.DECODER_FILE))
+    assert encoder and {v.data_ptr() for v in encoder.values()} <= {v.data_ptr() for v in decoder.values()}
     mapped = _mapped_ranges(out / contract.SHARED_WEIGHTS_FILE)
-    assert all(any(start <= pointer < end for start, end in mapped) for pointer in encoder | decoder)
+    for name, value in {**encoder, **decoder}.items():
+        in_mapping = any(start <= value.data_ptr() < end for start, end in mapped)
+        assert in_mapping == (name not in manifest.lookup_tables), name
 
 
 def _mapped_ranges(path) -> list[tuple[int, int]]:
@@ -362,3 +365,24 @@ def test_a_quantized_export_keeps_the_search_step_graph_and_chooses_on_the_devic
     on_device = model.generate(ids, mask, num_beams=4, max_new_tokens=12)
     model.engine.search_step_on_cpu = False
     assert np.array_equal(on_device, model.generate(ids, mask, num_beams=4, max_new_tokens=12))
+
+
+LOOKUPS = {("Gather", 0, "input_ids")} | {("GatherBlockQuantized", i, "input_ids") for i in (0, 2, 3)}
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp16"])
+def test_each_format_lists_tables_only_lookups_read_and_rows_read_as_needed_change_no_token(quantized, fmt, tmp_path):
+    """The runtime holds only the rows a call looks up of the manifest's lookup_tables
+    (runtime/shared_weights.py): no other node may read them, and the tokens must not change."""
+    export_dir, manifest = quantized(fmt)
+    readers = readers_by_table(export_dir)
+    assert manifest.lookup_tables
+    assert set(manifest.lookup_tables) == {table for table, nodes in readers.items() if nodes & LOOKUPS}
+    for table in manifest.lookup_tables:
+        assert readers[table] <= LOOKUPS, (table, readers[table])
+
+    whole = rows_through_the_mapping(export_dir, tmp_path / "whole")
+    ids = np.array([[5, 9, 23, 47, 11, 1], [7, 30, 12, 1, 0, 0]], dtype=np.int64)
+    for settings in (dict(num_beams=1, max_new_tokens=8), dict(num_beams=4, max_new_tokens=8)):
+        expected = Seq2SeqModel.load(whole).generate(ids, **settings)
+        np.testing.assert_array_equal(Seq2SeqModel.load(export_dir).generate(ids, **settings), expected)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import inline_shared_tables
+from helpers import inline_shared_tables, readers_by_table, rows_through_the_mapping
 
 from ortseq.graphs import contract
 from ortseq.graphs.manifest import MANIFEST_FILE, ManifestError, sha256_of
@@ -38,7 +38,10 @@ def test_a_tied_export_stores_its_token_embedding_once_for_encoder_decoder_and_l
     manifest = json.loads((export_dir / MANIFEST_FILE).read_text())
     vocab, d_model = manifest["dims"]["vocab_size"], manifest["dims"]["d_model"]
     tensors = _vocab_tensors(export_dir, vocab)
-    assert len(tensors) == 2  # the encoder's table and the decoder's (read by its Gather and its LM head)
+    # the encoder's table and the decoder's, as its Gather reads it and as its LM head does
+    assert sorted(tensor.name for tensor in tensors) == sorted(
+        [*manifest["lookup_tables"], manifest["lookup_tables"][0] + contract.WHOLE_TABLE_SUFFIX]
+    )
     assert {_where(tensor) for tensor in tensors} == {(contract.SHARED_WEIGHTS_FILE, "0", str(vocab * d_model * 4))}
     assert (export_dir / contract.SHARED_WEIGHTS_FILE).stat().st_size == vocab * d_model * 4
     assert manifest["files"][contract.SHARED_WEIGHTS_FILE] == sha256_of(export_dir / contract.SHARED_WEIGHTS_FILE)
@@ -53,13 +56,53 @@ def test_an_untied_export_stores_each_of_its_tables_once(exported):
 
 
 def test_the_encoder_and_decoder_sessions_read_one_buffer_of_the_shared_table(exported):
+    """Both graphs' lookups read one buffer (the rows read so far), the LM head the file's mapping."""
     export_dir = exported("deep_decoder").export_dir
     model = Seq2SeqModel.load(export_dir)
     shared = model.sessions.shared_weights
-    encoder = shared.initializers(export_dir / contract.ENCODER_FILE)
-    decoder = shared.initializers(export_dir / contract.DECODER_FILE)
-    addresses = {value.data_ptr() for _, value in encoder + decoder}
-    assert len(encoder) == 1 and len(decoder) == 1 and len(addresses) == 1
+    encoder = dict(shared.initializers(export_dir / contract.ENCODER_FILE))
+    decoder = dict(shared.initializers(export_dir / contract.DECODER_FILE))
+    (lm_head,) = [name for name in decoder if name.endswith(contract.WHOLE_TABLE_SUFFIX)]
+    lookups = [*encoder.values(), *(value for name, value in decoder.items() if name != lm_head)]
+    assert len(encoder) == 1 and len(decoder) == 2
+    assert len({value.data_ptr() for value in lookups}) == 1
+    assert decoder[lm_head].data_ptr() not in {value.data_ptr() for value in lookups}
+
+
+def test_the_lookup_tables_are_read_by_token_lookups_only_and_every_lookup_reads_one(exported):
+    """What the runtime may hold only some rows of (the manifest's lookup_tables) no other node reads."""
+    for name in ("deep_decoder", "base"):  # tied, untied
+        export_dir = exported(name).export_dir
+        lookup_tables = set(json.loads((export_dir / MANIFEST_FILE).read_text())["lookup_tables"])
+        readers = readers_by_table(export_dir)
+        lookups = {table for table, nodes in readers.items() if ("Gather", 0, "input_ids") in nodes}
+        assert lookup_tables == lookups
+        for table in lookup_tables:
+            assert readers[table] == {("Gather", 0, "input_ids")}
+
+
+def test_a_call_reads_the_rows_it_looks_up_and_no_others(exported):
+    export_dir = exported("deep_decoder").export_dir
+    model = Seq2SeqModel.load(export_dir)
+    sequences = model.generate(INPUT_IDS, num_beams=1, max_new_tokens=6)
+    # the encoder looks up the inputs; the decoder every token it is fed: all but each row's last
+    looked_up = set(INPUT_IDS.ravel()) | set(sequences[:, :-1].ravel())
+    table = np.fromfile(export_dir / contract.SHARED_WEIGHTS_FILE, dtype=np.float32)
+    vocab = json.loads((export_dir / MANIFEST_FILE).read_text())["dims"]["vocab_size"]
+    table = table.reshape(vocab, -1)
+    (value,) = [value for _, value in model.sessions.shared_weights.initializers(export_dir / contract.ENCODER_FILE)]
+    held = value.numpy()
+    read = {row for row in range(vocab) if held[row].any()}
+    assert read == {row for row in looked_up if table[row].any()}  # the pad row is zeros in the file too
+    np.testing.assert_array_equal(held[sorted(read)], table[sorted(read)])
+
+
+def test_rows_read_as_needed_give_the_tokens_of_the_whole_table(exported, tmp_path):
+    export_dir = exported("base").export_dir
+    whole = rows_through_the_mapping(export_dir, tmp_path / "whole")
+    for settings in (dict(num_beams=1, max_new_tokens=8), dict(num_beams=3, max_new_tokens=8)):
+        expected = Seq2SeqModel.load(whole).generate(INPUT_IDS, **settings)
+        np.testing.assert_array_equal(Seq2SeqModel.load(export_dir).generate(INPUT_IDS, **settings), expected)
 
 
 def test_an_export_with_a_copy_of_the_table_in_each_graph_still_runs(exported, tmp_path):
@@ -94,12 +137,21 @@ def _resident_kb(path: Path) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
-def test_the_shared_tables_pages_are_not_held_once_the_sessions_have_prepacked_them(exported):
+def test_the_shared_tables_pages_are_not_held_once_the_sessions_have_prepacked_them(exported, tmp_path):
     """onnxruntime reads the whole table to prepack the LM head and keeps its own packed copy: the mapped
-    pages it read would be a second resident copy. A lookup faults back only the rows it reads."""
+    pages it read would be a second resident copy. The lookups then read rows copied out of the file,
+    not the mapping; where they read the mapping (manifests without lookup_tables) they fault it in."""
     export_dir = exported("deep_decoder").export_dir
-    model = Seq2SeqModel.load(export_dir)
     shared = (export_dir / contract.SHARED_WEIGHTS_FILE).resolve()
+    model = Seq2SeqModel.load(export_dir)
     assert _resident_kb(shared) == 0
     model.generate(INPUT_IDS[:1, :2], max_new_tokens=2)
-    assert 0 < _resident_kb(shared) <= shared.stat().st_size // 1024 + 4
+    assert _resident_kb(shared) == 0
+    del model
+
+    whole = rows_through_the_mapping(export_dir, tmp_path / "whole")
+    model = Seq2SeqModel.load(whole)
+    mapped = (whole / contract.SHARED_WEIGHTS_FILE).resolve()
+    assert _resident_kb(mapped) == 0
+    model.generate(INPUT_IDS[:1, :2], max_new_tokens=2)
+    assert 0 < _resident_kb(mapped) <= mapped.stat().st_size // 1024 + 4

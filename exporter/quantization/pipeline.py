@@ -113,6 +113,7 @@ def _write_quantized(source_dir: Path, source: Manifest, staging: Path, to: str,
         precision=to,
         engines=[LOOP_ENGINE],  # the BeamSearch-op graph is fp32 and not carried over
         quantization=Quantization(format=to, settings=asdict(settings), source=str(source_dir)),
+        lookup_tables=shared.lookup_tables(),
     )
     manifest.write(staging)
     return manifest
