@@ -18,12 +18,16 @@ Measured 2026-11-30 on the shared 2-core machine (load average ~7, so +-20%), ms
 d 512: fp32 Gemm 44 / 165, int8 dynamic MatMul 17.1 / 48.0, QGemm 16.6 / 52.0, MatMulNBits 8 bits
 block 32 16.2 / 138, block 128 16.0 / 114, block 256 16.0 / 108, block 128 float compute 624 / 712;
 d 1024: fp32 152 / 540, dynamic 40.0 / 148, QGemm 39.4 / 128, MatMulNBits 8 bits block 128 32.0 / 223.
+The table as MatMulInteger's A (no prepack), quiet machine 2026-11-30 (results/lm_head_table_as_a.json):
+d 512 11.3 / 45.7 against QGemm's 2.07 / 10.6; d 1024 23.4 / 74.2 against 4.41 / 18.6.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -92,6 +96,30 @@ def qgemm_int8(table: np.ndarray) -> onnx.ModelProto:
     return _model(nodes, weights, table.shape[1])
 
 
+def table_as_a_int8(table: np.ndarray) -> onnx.ModelProto:
+    """logitsᵀ = MatMulInteger(table, xᵀ): the table as A, which onnxruntime never prepacks, so the LM head
+    would read the lookups' table with no packed copy and no transposing scratch. MatMulIntegerToFloat (what
+    onnxruntime fuses this into) takes a signed A only with a signed B, so the table is stored as uint8 with
+    zero point 128 (the same values)."""
+    scales = (np.abs(table).max(axis=1) / 127).astype(np.float32)
+    quantized = np.clip(np.round(table / scales[:, None]), -127, 127).astype(np.int16) + 128
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+        helper.make_node("Transpose", ["xq"], ["xqT"], perm=[1, 0]),
+        helper.make_node("MatMulInteger", ["W", "xqT", "wz", "xz"], ["acc"]),
+        helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["ws", "xs"], ["scale"]),
+        helper.make_node("Mul", ["accf", "scale"], ["yT"]),
+        helper.make_node("Transpose", ["yT"], ["y"], perm=[1, 0]),
+    ]
+    weights = [
+        numpy_helper.from_array(quantized.astype(np.uint8), "W"),
+        numpy_helper.from_array(scales[:, None], "ws"),
+        numpy_helper.from_array(np.array(128, dtype=np.uint8), "wz"),
+    ]
+    return _model(nodes, weights, table.shape[1])
+
+
 def matmul_nbits(table: np.ndarray, bits: int, block: int, accuracy_level: int) -> onnx.ModelProto:
     vocab, d = table.shape
     blocks, blob = -(-d // block), block * bits // 8
@@ -141,6 +169,7 @@ def variants(table: np.ndarray, scratch: Path) -> dict:
         "fp32 Gemm(transB=1)": lambda: gemm_fp32(table),
         "int8 dynamic MatMul (before)": lambda: dynamic_int8(table, scratch),
         "int8 QGemm(transB=1), row scales": lambda: qgemm_int8(table),
+        "int8 MatMulInteger, table as A": lambda: table_as_a_int8(table),
     }
     for bits, block, level in ((8, 32, 4), (8, 128, 4), (8, 256, 4), (8, 128, 0), (4, 32, 4)):
         built[f"MatMulNBits {bits}b block {block} acc {level}"] = functools.partial(
@@ -155,7 +184,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--only", nargs="*", default=None, help="substrings of the variants to run")
+    parser.add_argument("--out", help="also write every row, with the date and load average, to this JSON file")
     args = parser.parse_args()
+    rows = []
     print(f"onnxruntime {ort.__version__}, vocab {VOCAB}, {THREADS} threads, median of {args.repeats}")
     columns = " ".join(f"{'rows ' + str(rows) + ' ms':>11}" for rows in args.rows)
     print(f"{'d':>5} {'variant':<34} {'session RSS MB':>15} {columns}")
@@ -167,6 +198,12 @@ def main() -> None:
                     continue
                 grown, times = measure(build(), d, args.rows, args.repeats)
                 print(f"{d:>5} {name:<34} {grown:>15.0f} " + " ".join(f"{t:>11.2f}" for t in times), flush=True)
+                rows.append(dict(d=d, variant=name, session_rss_mb=grown, ms_by_rows=dict(zip(args.rows, times)),
+                                 load_average=os.getloadavg()[0], at=time.strftime("%Y-%m-%dT%H:%M:%S")))  # fmt: skip
+    if args.out:
+        meta = dict(date=time.strftime("%Y-%m-%d"), onnxruntime=ort.__version__, vocab=VOCAB, threads=THREADS,
+                    repeats=args.repeats)  # fmt: skip
+        Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
 
 
 if __name__ == "__main__":
