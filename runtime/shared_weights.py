@@ -120,10 +120,13 @@ class _RowsReadSoFar:
         return self._memory
 
     def fill(self, ids: np.ndarray) -> None:
-        wanted = np.unique(np.asarray(ids, dtype=np.int64))
+        ids = np.asarray(ids, dtype=np.int64).ravel()
         for (offset, row_bytes), read in self._tables.items():
-            ids_in = wanted[(wanted >= 0) & (wanted < len(read))]
-            missing = ids_in[~read[ids_in]]
+            inside = ids[(ids >= 0) & (ids < len(read))]
+            missing = inside[~read[inside]]
+            if not missing.size:  # most decoder steps: every row was read before
+                continue
+            missing = np.unique(missing)
             for first, last in _runs(missing):
                 self._read(offset + first * row_bytes, (last + 1 - first) * row_bytes)
             read[missing] = True
