@@ -7,6 +7,11 @@ against a constant Wᵀ). Here the LM head is exported as Gemm(x, W, transB=1), 
 in its stored layout, and every initializer holding one of the model's embedding tables is pointed
 at that table's bytes in the shared file, written once.
 
+Where a table is read both by token lookups and by the LM head, the LM head reads it under a second
+name over the same bytes (read_whole_apart), so that the tables only lookups read can be listed in the
+manifest (`lookup_tables`): the runtime holds just the rows a call looks up of those
+(runtime/shared_weights.py).
+
 Quantized exports (exporter/quantization/vocab_tables.py) store their quantized tables the same way
 (SharedFile: any dtype, and one run of bytes may back initializers of different shapes). Only
 lm_head_logits needs torch, imported when called: `ortseq quantize` runs without torch.
