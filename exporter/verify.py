@@ -256,9 +256,7 @@ def _reference_inputs(ours, family, ids: np.ndarray, mask: np.ndarray, dtype=tor
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
     from transformers.modeling_outputs import BaseModelOutput
 
-    memory, memory_mask = ours.sessions.encoder.run(
-        ["last_hidden_state", "encoder_attention_mask"], {"input_ids": ids, "attention_mask": mask}
-    )
+    memory, memory_mask = ours.sessions.run_encoder(["last_hidden_state", "encoder_attention_mask"], ids, mask)
     memory = BaseModelOutput(last_hidden_state=torch.from_numpy(memory).to(dtype))
     return {"encoder_outputs": memory, "attention_mask": torch.from_numpy(memory_mask)}
 

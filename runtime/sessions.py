@@ -123,9 +123,12 @@ class EncoderDecoderSessions:
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
         """What every decoder step reads: the cross-attention mask and every layer's cross K/V, by name."""
+        return dict(zip(self._memory_names, self.run_encoder(self._memory_names, input_ids, attention_mask)))
+
+    def run_encoder(self, names: list[str], input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
+        """The encoder's outputs `names` (graphs/contract.py) as numpy; the rows its lookups read are read first."""
         self.shared_weights.fill_rows(input_ids)
-        outputs = self.encoder.run(self._memory_names, {"input_ids": input_ids, "attention_mask": attention_mask})
-        return dict(zip(self._memory_names, outputs))
+        return self.encoder.run(names, {"input_ids": input_ids, "attention_mask": attention_mask})
 
     def encode_on_device(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, ort.OrtValue]:
         """encode(), its outputs left on the session's device (never copied through numpy).

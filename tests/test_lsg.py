@@ -117,9 +117,7 @@ def test_export_matches_reference_goldens(lsg_exported, variant, tmp_path):
     for length, model in _models_per_length(lsg_exported(variant), golden, tmp_path):
         key = f"L{length}"
         ids, mask = golden[f"input_ids__{key}"], golden[f"attention_mask__{key}"]
-        hidden, memory_mask = model.sessions.encoder.run(
-            ["last_hidden_state", "encoder_attention_mask"], {"input_ids": ids, "attention_mask": mask}
-        )
+        hidden, memory_mask = model.sessions.run_encoder(["last_hidden_state", "encoder_attention_mask"], ids, mask)
         np.testing.assert_allclose(
             hidden, golden[f"encoder_last_hidden_state__{key}"], rtol=0, atol=HIDDEN_ATOL, err_msg=key
         )
