@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -111,12 +110,11 @@ class _RowsReadSoFar:
         self._memory = np.frombuffer(self._buffer, dtype=np.uint8)
         self._fd = os.open(path, os.O_RDONLY)
         self._tables: dict[tuple[int, int], np.ndarray] = {}  # (offset, row bytes) -> which rows are read
-        self._lock = threading.Lock()  # guards _tables while sessions are built
 
     def table(self, offset: int, length: int, rows: int) -> np.ndarray:
-        """Register a table of `rows` rows at offset; returns the buffer (its bytes there fill as read)."""
-        with self._lock:
-            self._tables.setdefault((offset, length // rows), np.zeros(rows, dtype=bool))
+        """Register a table of `rows` rows at offset (while the sessions are built); returns the buffer
+        (its bytes there fill as read)."""
+        self._tables.setdefault((offset, length // rows), np.zeros(rows, dtype=bool))
         return self._memory
 
     def fill(self, ids: np.ndarray) -> None:
