@@ -107,8 +107,8 @@ class Manifest:
     decoder_contract: str = contract.STATIC_CACHE_CONTRACT
     # static-cache only: "dmmha" (onnxruntime's DecoderMaskedMultiHeadAttention) or "plain" (standard ONNX)
     decoder_self_attention: str = contract.PLAIN_BODY
-    # the shared file's tables that only token lookups read, by the graphs' input_ids (graphs/contract.py
-    # LOOKUP_TABLES); manifests older than the field name none
+    # the shared file's tables that only token lookups read, at the graphs' input_ids (graphs/contract.py,
+    # LOOKUP_IDS); manifests older than the field name none
     lookup_tables: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:

@@ -86,7 +86,7 @@ class SharedWeights:
         rows_on_demand = tensor.name in self._lookup_tables and len(tensor.dims) > 0 and tensor.dims[0] > 0
         key = (tensor.offset, tensor.dims, tensor.data_type, rows_on_demand)
         if key not in self._values:  # the same bytes named by both graphs become one value
-            memory = self._rows.table(tensor.offset, tensor.length, tensor.dims[0]) if rows_on_demand else self._file
+            memory = self._rows.register(tensor.offset, tensor.length, tensor.dims[0]) if rows_on_demand else self._file
             array = memory[tensor.offset : tensor.offset + tensor.length].view(dtype).reshape(tensor.dims)
             self._values[key] = ort.OrtValue.ortvalue_from_numpy(array)
         return self._values[key]
@@ -111,7 +111,7 @@ class _RowsReadSoFar:
         self._fd = os.open(path, os.O_RDONLY)
         self._tables: dict[tuple[int, int], np.ndarray] = {}  # (offset, row bytes) -> which rows are read
 
-    def table(self, offset: int, length: int, rows: int) -> np.ndarray:
+    def register(self, offset: int, length: int, rows: int) -> np.ndarray:
         """Register a table of `rows` rows at offset (while the sessions are built); returns the buffer
         (its bytes there fill as read)."""
         self._tables.setdefault((offset, length // rows), np.zeros(rows, dtype=bool))
