@@ -37,6 +37,50 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
+# The largest negative float32: the additive mask transformers builds (additive_mask), and the value
+# onnxruntime's MultiHeadAttention adds where its key_padding_mask is 0.
+MASKED = float(torch.finfo(torch.float32).min)
+
+
+def _plain_encoder_attention(q, k, v, attention_mask, heads: int, scaling: float) -> torch.Tensor:
+    mask = additive_mask(attention_mask, q.dtype)
+    return merge_heads(attend(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), mask, scaling))
+
+
+class _EncoderMultiHeadAttention(torch.autograd.Function):
+    """onnxruntime's com.microsoft MultiHeadAttention over the padding mask: one node in the graph (whose
+    scores never leave the kernel); traced in torch, the plain body's math (the same numbers)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attention_mask, heads, scaling):
+        return _plain_encoder_attention(q, k, v, attention_mask, heads, scaling)
+
+    @staticmethod
+    def symbolic(g, q, k, v, attention_mask, heads, scaling):
+        absent = g.op("prim::Constant").setType(torch._C.NoneType.get())
+        key_padding_mask = g.op("Cast", attention_mask, to_i=torch.onnx.TensorProtoDataType.INT32)
+        context = g.op(
+            "com.microsoft::MultiHeadAttention",
+            *(q, k, v, absent, key_padding_mask),
+            num_heads_i=heads,
+            scale_f=scaling,
+            mask_filter_value_f=MASKED,
+        )
+        context.setType(q.type())  # the exporter cannot infer a contrib op's type
+        return context
+
+
+def encoder_self_attention(q, k, v, attention_mask, heads: int, scaling: float, fused: bool) -> torch.Tensor:
+    """Bidirectional self-attention of an encoder layer.
+
+    q, k, v [n, s, D] (projected, heads not split); attention_mask [n, s] 0/1 -> context [n, s, D].
+    fused: one MultiHeadAttention node (an onnxruntime contrib op), which exporter/unpadded_attention.py
+    then lets skip its mask when no input is padded; else standard ONNX ops."""
+    if not fused:
+        return _plain_encoder_attention(q, k, v, attention_mask, heads, scaling)
+    return _EncoderMultiHeadAttention.apply(q, k, v, attention_mask, heads, scaling)
+
+
 def cross_attend_shared(
     q_rows: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor, mask: torch.Tensor, scaling: float
 ):

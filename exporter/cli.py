@@ -141,8 +141,9 @@ def add_export(commands) -> None:
     export.add_argument(
         "--plain-attention",
         action="store_true",
-        help="decoder self-attention in standard ONNX ops only, for runtimes without onnxruntime's "
-        "com.microsoft DecoderMaskedMultiHeadAttention (default: that op where the head size allows)",
+        help="self-attention in standard ONNX ops only, for runtimes without onnxruntime's contrib ops "
+        "(default: the encoder's is com.microsoft MultiHeadAttention, the decoder's "
+        "DecoderMaskedMultiHeadAttention where the head size allows)",
     )
     export.add_argument(
         "--ignore-generation-fields",

@@ -23,6 +23,7 @@ from ortseq.exporter.search_step import write_search_step
 from ortseq.exporter.shared_weights import SharedWeights, embedding_tables
 from ortseq.exporter.sources import ALIASES, resolved_source
 from ortseq.exporter.tokenizer_files import check_tokenizer_files, save_tokenizer
+from ortseq.exporter.unpadded_attention import skip_mask_when_unpadded
 from ortseq.graphs import contract
 from ortseq.graphs.directories import check_out_dir, replace_dir
 from ortseq.graphs.generation import settings_from_generation_config
@@ -48,8 +49,9 @@ def export(
     ignore_generation_fields: export even when the generation config sets fields that change the tokens
     and that ortseq does not honour (graphs/generation.py's REFUSED); the manifest records them.
     force: replace an existing export at out_dir (a directory ortseq did not write is never replaced).
-    plain_attention: the decoder's self-attention in standard ONNX ops even where onnxruntime's
-    DecoderMaskedMultiHeadAttention takes the head size (exporter/attention.py; the manifest records it)."""
+    plain_attention: self-attention in standard ONNX ops, not onnxruntime's contrib ops: the encoder's
+    MultiHeadAttention and the decoder's DecoderMaskedMultiHeadAttention (exporter/attention.py; the
+    manifest records the decoder's)."""
     out_dir = Path(out_dir).absolute()
     local_source = Path(os.path.expanduser(source))
     check_out_dir(out_dir, force, [local_source] if local_source.is_dir() else [])
@@ -102,7 +104,7 @@ def _export_checkpoint(checkpoint: Path, staging: Path, source: str, options: Ex
     shared = SharedWeights(staging, embedding_tables(model))
 
     log("exporting encoder")
-    _export_encoder(family, model, dims, staging, external_data, files, shared)
+    _export_encoder(family, model, dims, staging, external_data, files, shared, options.plain_attention)
 
     body = self_attention_body(dims.head_dim, options.plain_attention)
     log(f"exporting decoder (self-attention: {body})")
@@ -162,9 +164,16 @@ def load_checked_model(family: Family, checkpoint: Path):
 
 
 def _export_encoder(
-    family: Family, model, dims, staging: Path, external_data: bool | None, files: list[str], shared: SharedWeights
+    family: Family,
+    model,
+    dims,
+    staging: Path,
+    external_data: bool | None,
+    files: list[str],
+    shared: SharedWeights,
+    plain_attention: bool,
 ) -> None:
-    encoder = family.encoder_export(model).eval()
+    encoder = family.encoder_export(model, fused=not plain_attention).eval()
     ids = torch.randint(3, dims.vocab_size, (TRACE_BATCH, family.encoder_trace_length(model)))
     mask = torch.ones_like(ids)
     mask[1, -2:] = 0
@@ -176,7 +185,11 @@ def _export_encoder(
         contract.encoder_outputs(dims.decoder_layers),
         contract.encoder_dynamic_axes(dims.decoder_layers),
         external_data,
-        finalize=lambda graph: (family.finalize_encoder_graph(encoder, graph), shared.point_at_shared(graph)),
+        finalize=lambda graph: (
+            family.finalize_encoder_graph(encoder, graph),
+            skip_mask_when_unpadded(graph),
+            shared.point_at_shared(graph),
+        ),
     )
     verify.verify_encoder(
         staging / contract.ENCODER_FILE,

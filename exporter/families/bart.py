@@ -26,6 +26,7 @@ from ortseq.exporter.attention import (
     additive_mask,
     attend,
     cross_attend_shared,
+    encoder_self_attention,
     merge_heads,
     split_heads,
 )
@@ -110,8 +111,8 @@ class BartFamily(Family):
             else model.config.decoder_start_token_id,
         )
 
-    def encoder_export(self, model: nn.Module) -> nn.Module:
-        return EncoderExport(model, self.layout)
+    def encoder_export(self, model: nn.Module, fused: bool = True) -> nn.Module:
+        return EncoderExport(model, self.layout, fused)
 
     def decoder_export(self, model: nn.Module, body: str = DMMHA) -> nn.Module:
         return DecoderExport(model, self.layout, body)
@@ -143,9 +144,9 @@ def residual(layout: Layout, norm: nn.Module, x: torch.Tensor, sublayer: Callabl
     return norm(x + sublayer(x))
 
 
-def _self_attention(attn: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    q, k, v = (split_heads(proj(x), attn.num_heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    return attn.out_proj(merge_heads(attend(q, k, v, mask, attn.scaling)))
+def _self_attention(attn: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor, fused: bool) -> torch.Tensor:
+    q, k, v = (proj(x) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    return attn.out_proj(encoder_self_attention(q, k, v, attention_mask, attn.num_heads, attn.scaling, fused))
 
 
 def _feed_forward(layer: nn.Module) -> Callable:
@@ -167,19 +168,20 @@ def cross_key_values(
 class EncoderExport(nn.Module):
     """input_ids, attention_mask -> last_hidden_state, cross-attention mask, cross K/V of every decoder layer."""
 
-    def __init__(self, model: nn.Module, layout: Layout):
+    def __init__(self, model: nn.Module, layout: Layout, fused: bool = True):
         super().__init__()
         self.encoder = model.model.encoder
         self.cross_attentions = nn.ModuleList(layer.encoder_attn for layer in model.model.decoder.layers)
-        self.layout = layout
+        self.layout, self.fused = layout, fused
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         enc, layout = self.encoder, self.layout
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = embed(enc, layout, input_ids, positions)
-        mask = additive_mask(attention_mask, x.dtype)
         for layer in enc.layers:
-            attention = functools.partial(_self_attention, layer.self_attn, mask=mask)
+            attention = functools.partial(
+                _self_attention, layer.self_attn, attention_mask=attention_mask, fused=self.fused
+            )
             x = residual(layout, layer.self_attn_layer_norm, x, attention)
             x = residual(layout, layer.final_layer_norm, x, _feed_forward(layer))
         if layout.final_layer_norm:

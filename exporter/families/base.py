@@ -63,8 +63,9 @@ class Family:
         """The pad, EOS and decoder-start ids transformers' generate() uses for this model."""
         raise NotImplementedError
 
-    def encoder_export(self, model: nn.Module) -> nn.Module:
-        """input_ids, attention_mask -> the encoder outputs of graphs/contract.py."""
+    def encoder_export(self, model: nn.Module, fused: bool = True) -> nn.Module:
+        """input_ids, attention_mask -> the encoder outputs of graphs/contract.py; fused: self-attention as
+        onnxruntime's MultiHeadAttention (exporter/attention.py encoder_self_attention), else plain ONNX."""
         raise NotImplementedError
 
     def decoder_export(self, model: nn.Module, body: str = contract.DMMHA_BODY) -> nn.Module:

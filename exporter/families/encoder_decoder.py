@@ -28,6 +28,7 @@ from ortseq.exporter.attention import (
     additive_mask,
     attend,
     cross_attend_shared,
+    encoder_self_attention,
     merge_heads,
     split_heads,
 )
@@ -186,8 +187,8 @@ class EncoderDecoderFamily(Family):
         """Whether inputs are tokenized with the tokenizer's special tokens, as the source's model card does."""
         return not source.startswith(_SOURCES_WITHOUT_SPECIAL_TOKENS)
 
-    def encoder_export(self, model: nn.Module) -> nn.Module:
-        return EncoderExport(model)
+    def encoder_export(self, model: nn.Module, fused: bool = True) -> nn.Module:
+        return EncoderExport(model, fused)
 
     def decoder_export(self, model: nn.Module, body: str = DMMHA) -> nn.Module:
         return DecoderExport(model, body)
@@ -210,14 +211,15 @@ class EncoderDecoderFamily(Family):
 
 
 def _post_ln_attention(block: nn.Module, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """BertSelfOutput: LayerNorm(x + dense(context)), context [n, H, t, dh]."""
-    return block.output.LayerNorm(block.output.dense(merge_heads(context)) + x)
+    """BertSelfOutput: LayerNorm(x + dense(context)), context [n, t, D]."""
+    return block.output.LayerNorm(block.output.dense(context) + x)
 
 
-def _self_attention(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _self_attention(block: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor, fused: bool) -> torch.Tensor:
     attn = block.self
-    q, k, v = (split_heads(proj(x), attn.num_attention_heads) for proj in (attn.query, attn.key, attn.value))
-    return _post_ln_attention(block, x, attend(q, k, v, mask, attn.scaling))
+    q, k, v = (proj(x) for proj in (attn.query, attn.key, attn.value))
+    heads = attn.num_attention_heads
+    return _post_ln_attention(block, x, encoder_self_attention(q, k, v, attention_mask, heads, attn.scaling, fused))
 
 
 def _feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -227,8 +229,9 @@ def _feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class EncoderExport(nn.Module):
     """input_ids, attention_mask -> last_hidden_state, cross-attention mask, cross K/V of every decoder layer."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fused: bool = True):
         super().__init__()
+        self.fused = fused
         self.stack = _stack(model.config.encoder)
         self.embeddings = model.encoder.base_model.embeddings
         self.layers = model.encoder.base_model.encoder.layer
@@ -238,9 +241,8 @@ class EncoderExport(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         x = embed(self.embeddings, self.stack, input_ids, 0)
-        mask = additive_mask(attention_mask, x.dtype)
         for layer in self.layers:
-            x = _feed_forward(layer, _self_attention(layer.attention, x, mask))
+            x = _feed_forward(layer, _self_attention(layer.attention, x, attention_mask, self.fused))
         memory = self.to_decoder(x)
         cross = []
         for attn in self.cross_attentions:
@@ -286,7 +288,7 @@ class DecoderExport(StaticCacheDecoderStep):
             cross_attn = layer.crossattention.self
             q = split_heads(cross_attn.query(x), cross_attn.num_attention_heads)
             context = cross_attend_shared(q, cross[2 * i], cross[2 * i + 1], cross_mask, cross_attn.scaling)
-            x = _feed_forward(layer, _post_ln_attention(layer.crossattention, x, context))
+            x = _feed_forward(layer, _post_ln_attention(layer.crossattention, x, merge_heads(context)))
         return self.lm_head(x[:, 0, :])  # [rows, vocab]
 
 

@@ -78,8 +78,8 @@ class LSGPegasusFamily(PegasusFamily):
         layout = super().checkpoint_layout(model)
         return replace(layout, computed={name: why for name, why in layout.computed.items() if name != POSITIONS_KEY})
 
-    def encoder_export(self, model: nn.Module) -> nn.Module:
-        return EncoderExport(model)
+    def encoder_export(self, model: nn.Module, fused: bool = True) -> nn.Module:
+        return EncoderExport(model)  # its attention is one ortseq::LSGAttention node either way
 
     def reference_model(self, source_dir: str) -> nn.Module:
         """transformers' own Pegasus loaded from the LSG checkpoint: its decoder and LM head are the reference."""

@@ -29,17 +29,21 @@ from pathlib import Path
 
 import onnx
 
+from ortseq.exporter import unpadded_attention
 from ortseq.exporter.quantization import vocab_tables
 from ortseq.exporter.shared_weights import SharedFile
 from ortseq.graphs import contract
 
-FP32_OPS = ("LayerNormalization", "Softmax")
+# The encoder's MultiHeadAttention: onnxruntime's CPU kernel is float32 only (and its mask value is
+# float32's minimum), so it stays float32 even in the naive conversion.
+FLOAT32_ONLY_OPS = ("MultiHeadAttention",)
+FP32_OPS = ("LayerNormalization", "Softmax", *FLOAT32_ONLY_OPS)
 FLOAT16 = onnx.TensorProto.FLOAT16
 
 
 @dataclass(frozen=True)
 class Fp16Settings:
-    keep_residual_fp32: bool = True  # False: the naive conversion (every op in fp16), for comparison
+    keep_residual_fp32: bool = True  # False: the naive conversion (every op in fp16 that has a CPU kernel), to compare
 
 
 def constant_tensors(model: onnx.ModelProto) -> set[str]:
@@ -81,11 +85,13 @@ def to_fp16(model: onnx.ModelProto, settings: Fp16Settings) -> onnx.ModelProto:
 
     from ortseq.exporter.quantization.formats import name_nodes
 
+    # the converter's casts and the clean-ups below read the graph's own nodes, not If branches
+    branched = unpadded_attention.masked_nodes_back(model)
     model = name_nodes(model)
     if settings.keep_residual_fp32:
         op_block_list, node_block_list = list(FP32_OPS), residual_adds(model)
     else:
-        op_block_list, node_block_list = [], []
+        op_block_list, node_block_list = list(FLOAT32_ONLY_OPS), []
     node_block_list += function_calls(model)
     converted = convert_float_to_float16(
         model,
@@ -94,7 +100,10 @@ def to_fp16(model: onnx.ModelProto, settings: Fp16Settings) -> onnx.ModelProto:
         node_block_list=node_block_list,
         disable_shape_infer=True,
     )
-    return name_nodes(_without_round_trip_casts(_without_duplicate_casts(converted)))
+    converted = name_nodes(_without_round_trip_casts(_without_duplicate_casts(converted)))
+    if branched:
+        unpadded_attention.skip_mask_when_unpadded(converted)
+    return converted
 
 
 def _without_duplicate_casts(model: onnx.ModelProto) -> onnx.ModelProto:
