@@ -121,12 +121,14 @@ def worker(
     start = time.perf_counter()
     generate = system.load(model_dir, variant, THREADS)
     load_s = time.perf_counter() - start
+    load_peak = rss_mb("VmHWM")  # where the peak is the load's (a packing copy), not a call's
     generate(ids, beams, NEW_TOKENS)  # warm-up (first-run allocations, lazy initialisation)
     seconds, out = _timed(generate, ids, beams, NEW_TOKENS, repeats)
     if out.shape != (batch, 1 + NEW_TOKENS):
         raise RuntimeError(f"{module}/{variant} returned shape {out.shape}, not exactly {NEW_TOKENS} new tokens")
     result = dict(
         seconds=seconds, load_s=load_s, tokens=batch * NEW_TOKENS, peak_rss_mb=rss_mb("VmHWM"),
+        load_peak_rss_mb=load_peak,
         load_average=os.getloadavg()[0], at=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )  # fmt: skip
     if per_step:
