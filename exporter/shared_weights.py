@@ -78,7 +78,8 @@ def embedding_tables(model: torch.nn.Module) -> list[torch.Tensor]:
 class SharedFile:
     """The shared file being written for one export: arrays are appended once (equal bytes: once), and
     initializers holding those bytes are pointed at them, whatever their shape (an int4 table is read as
-    [vocab, blocks, bytes] by MatMulNBits and as [vocab, bytes] by GatherBlockQuantized)."""
+    [vocab, blocks, bytes] by MatMulNBits and as [vocab, bytes] by GatherBlockQuantized), and so are
+    initializers holding a run of a kept array's rows (the int8 LM head reads the table in row chunks)."""
 
     def __init__(self, directory: Path, arrays: Iterable[np.ndarray] = ()):
         self.path = Path(directory) / SHARED_WEIGHTS_FILE
@@ -90,9 +91,9 @@ class SharedFile:
             self.add(array)
 
     def add(self, array: np.ndarray) -> None:
-        """Keep array for the file, unless equal bytes are already kept (untied tables may hold equal
-        values: a checkpoint saved them once)."""
-        if self._index_of(array) is None:
+        """Keep array for the file, unless its bytes are already kept: equal (untied tables may hold equal
+        values: a checkpoint saved them once), or rows of a kept array."""
+        if self._place_of(array) is None:
             self._arrays.append(np.ascontiguousarray(array))
 
     def point_at_shared(self, model: onnx.ModelProto, names: Iterable[str] | None = None) -> int:
@@ -101,13 +102,13 @@ class SharedFile:
         head), the others read it under a name of their own (read_whole_apart): the manifest's
         lookup_tables (lookup_tables()) then name what only lookups read."""
         wanted = None if names is None else set(names)
-        indices = {}  # initializer name -> index of the kept array holding its bytes
+        indices = {}  # initializer name -> (index of the kept array holding its bytes, where in it)
         for tensor in model.graph.initializer:
             if tensor.data_location == onnx.TensorProto.EXTERNAL or (wanted is not None and tensor.name not in wanted):
                 continue
-            index = self._index_of_tensor(tensor)
-            if index is not None:
-                indices[tensor.name] = index
+            place = self._place_of_tensor(tensor)
+            if place is not None:
+                indices[tensor.name] = place
         for alias, original in read_whole_apart(model, set(indices)).items():
             indices[alias] = indices[original]
         looked_up, read_otherwise = readers_of(model, set(indices))
@@ -122,8 +123,10 @@ class SharedFile:
         """The initializers in the shared file that, in every graph pointed at it, only token lookups read."""
         return sorted(self._looked_up - self._read_otherwise)
 
-    def _point(self, tensor: onnx.TensorProto, index: int) -> None:
-        offset, length = self._offset_of(index), self._arrays[index].nbytes
+    def _point(self, tensor: onnx.TensorProto, place: tuple[int, int]) -> None:
+        index, start = place
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        offset, length = self._offset_of(index) + start, int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
         for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
             tensor.ClearField(field)
         tensor.data_location = onnx.TensorProto.EXTERNAL
@@ -135,21 +138,26 @@ class SharedFile:
     def written(self) -> bool:
         return bool(self._offsets)
 
-    def _index_of_tensor(self, tensor: onnx.TensorProto) -> int | None:
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        nbytes = int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
-        if not any(kept.dtype == dtype and kept.nbytes == nbytes for kept in self._arrays):
+    def _place_of_tensor(self, tensor: onnx.TensorProto) -> tuple[int, int] | None:
+        dtype, dims = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type), tuple(tensor.dims)
+        nbytes = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+        if not any(
+            kept.dtype == dtype and (kept.nbytes == nbytes or _may_hold_rows(kept, dims)) for kept in self._arrays
+        ):
             return None  # not converted: most initializers of a graph are not tables
-        return self._index_of(numpy_helper.to_array(tensor))
+        return self._place_of(numpy_helper.to_array(tensor))
 
-    def _index_of(self, array: np.ndarray) -> int | None:
+    def _place_of(self, array: np.ndarray) -> tuple[int, int] | None:
+        """(index of the kept array holding array's bytes, byte offset in it), or None."""
         for index, kept in enumerate(self._arrays):
-            if (
-                kept.dtype == array.dtype
-                and kept.nbytes == array.nbytes
-                and np.array_equal(_bytes(kept), _bytes(array))
-            ):
-                return index
+            if kept.dtype != array.dtype:
+                continue
+            if kept.nbytes == array.nbytes and np.array_equal(_bytes(kept), _bytes(array)):
+                return index, 0
+            if _may_hold_rows(kept, array.shape):
+                first = _first_row_of(kept, array)
+                if first is not None:
+                    return index, first * (kept.nbytes // len(kept))
         return None
 
     def _offset_of(self, index: int) -> int:
@@ -218,6 +226,23 @@ def read_whole_apart(model: onnx.ModelProto, names: set[str]) -> dict[str, str]:
                     aliases[alias] = name
                 node.input[position] = alias
     return aliases
+
+
+def _may_hold_rows(kept: np.ndarray, dims: tuple) -> bool:
+    """Whether an array of dims could be a run of kept's rows (fewer rows, the same row shape)."""
+    return kept.ndim > 0 and len(dims) == kept.ndim and 0 < dims[0] < len(kept) and tuple(dims[1:]) == kept.shape[1:]
+
+
+def _first_row_of(kept: np.ndarray, rows: np.ndarray) -> int | None:
+    """The first i with kept[i : i + len(rows)] equal to rows, byte for byte; None if there is none."""
+    flat_kept, flat_rows = kept.reshape(len(kept), -1).view(np.uint8), _bytes(rows).reshape(len(rows), -1)
+    head = min(8, flat_rows.shape[1])  # rows starting like rows[0] first: no row-sized temporary per kept row
+    starts = flat_kept[: len(kept) - len(rows) + 1, :head]
+    candidates = np.flatnonzero((starts == flat_rows[0, :head]).all(axis=1))
+    for start in candidates:
+        if np.array_equal(flat_kept[start : start + len(rows)], flat_rows):
+            return int(start)
+    return None
 
 
 def _bytes(array: np.ndarray) -> np.ndarray:

@@ -5,7 +5,6 @@ Written by the exporter, read by the runtime; plain JSON so that a person can re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -190,6 +189,8 @@ class Manifest:
 
 
 def sha256_of(path: Path) -> str:
+    import hashlib  # here: it loads OpenSSL (3 MiB resident), which a load without verification never needs
+
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

@@ -390,3 +390,49 @@ def test_each_format_lists_tables_only_lookups_read_and_rows_read_as_needed_chan
     for settings in (dict(num_beams=1, max_new_tokens=8), dict(num_beams=4, max_new_tokens=8)):
         expected = Seq2SeqModel.load(whole).generate(ids, **settings)
         np.testing.assert_array_equal(Seq2SeqModel.load(export_dir).generate(ids, **settings), expected)
+
+
+def test_int8_lm_head_reads_the_table_in_chunks_of_rows_stored_once_with_the_same_logits(
+    trained_export, quantized, tmp_path, monkeypatch
+):
+    """The int8 LM head is one QGemm per run of the table's rows (vocab_tables.LM_HEAD_CHUNK_BYTES: a
+    QGemm's prepack transposes its whole B into a scratch copy, the peak of loading). The tiny table is one
+    chunk at the real size; a smaller chunk size makes several."""
+    whole, _ = quantized("int8")
+    monkeypatch.setattr(vocab_tables, "LM_HEAD_CHUNK_BYTES", 1500)
+    chunked = tmp_path / "chunked"
+    manifest = quantize(trained_export, chunked, "int8", min_agreement=0.95)
+    vocab, d_model = manifest.dims.vocab_size, manifest.dims.d_model
+    chunks = vocab_tables.row_chunks(vocab, d_model)
+    assert len(chunks) > 2
+
+    decoder = onnx.load(str(chunked / contract.DECODER_FILE), load_external_data=False)
+    heads = [node for node in decoder.graph.node if node.op_type == "QGemm"]
+    assert len(heads) == len(chunks) and len(_qgemms(whole)) == 1
+    # each chunk's B is its rows of the lookups' table, in place in the shared file: one copy
+    places = {tensor.name: _external_place(tensor) for tensor in decoder.graph.initializer}
+    (table,) = [name for name in manifest.lookup_tables if name.startswith("decoder") and name.endswith(".int8")]
+    table_offset, table_length = places[table]
+    assert table_length == vocab * d_model
+    for head, (start, end) in zip(heads, chunks):
+        assert places[head.input[3]] == (table_offset + start * d_model, (end - start) * d_model), head.name
+    shared = contract.SHARED_WEIGHTS_FILE
+    assert (chunked / shared).stat().st_size <= (whole / shared).stat().st_size
+
+    ids = np.array([[5, 9, 23, 47, 11, 1], [7, 30, 12, 1, 0, 0]], dtype=np.int64)
+    mask = (np.arange(ids.shape[1]) < np.array([[6], [4]])).astype(np.int64)
+    decoder_ids = np.array([[0, 17, 4, 250, 3], [0, 8, 8, 91, 2]], dtype=np.int64)
+    logits = [Seq2SeqModel.load(d).sessions.teacher_forced_logits(ids, mask, decoder_ids) for d in (whole, chunked)]
+    np.testing.assert_array_equal(*logits)  # the same integer dot products, scaled the same way
+
+
+def _qgemms(export_dir: Path) -> list[onnx.NodeProto]:
+    decoder = onnx.load(str(export_dir / contract.DECODER_FILE), load_external_data=False)
+    return [node for node in decoder.graph.node if node.op_type == "QGemm"]
+
+
+def _external_place(tensor: onnx.TensorProto) -> tuple[int, int] | None:
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    if entries.get("location") != contract.SHARED_WEIGHTS_FILE:
+        return None
+    return int(entries["offset"]), int(entries["length"])

@@ -250,3 +250,11 @@ def test_cpu_encoder_encodes_one_input_per_run_into_the_batchs_buffers(exported)
     for name, value in per_input.items():
         np.testing.assert_array_equal(value.numpy()[padded], whole[name][padded], err_msg=name)
         np.testing.assert_allclose(value.numpy()[~padded], whole[name][~padded], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_encoder_runs_without_a_memory_pattern_and_the_decoder_with_one(exported):
+    # the encoder's pattern block comes on a shape's second run, on top of the first run's freed chunks
+    # (runtime/sessions.py); the decoder's shapes are fixed for a call, and its pattern saves per-step work
+    sessions = Seq2SeqModel.load(exported("base").export_dir).sessions
+    assert sessions.encoder.get_session_options().enable_mem_pattern is False
+    assert sessions.decoder.get_session_options().enable_mem_pattern is True

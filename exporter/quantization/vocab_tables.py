@@ -11,6 +11,10 @@ and the quantized export writes it once, into its own embeddings.data:
   Chosen by measurement (benchmarks/probe_lm_head_speed.py, README "Quantization"): QGemm is as fast as
   quantize_dynamic's MatMulInteger over a transposed copy (the LM head before), while MatMulNBits at 8
   bits, which GatherBlockQuantized could share too, took twice as long at 64 rows.
+  The LM head reads the table in chunks of rows (LM_HEAD_CHUNK_BYTES each; one QGemm per chunk, the
+  logits concatenated): onnxruntime prepacks a QGemm's B through a transposed scratch copy of it, and
+  with one QGemm that copy was the whole table, the peak of loading (the mapped table, the scratch and
+  the packed copy at once). The chunks are runs of the table's rows: the shared file stores them once.
 * int4: MatMulNBits' block layout: GatherBlockQuantized (lookups) and MatMulNBits (LM head) read the
   same bytes, as [vocab, blocks · bytes per block] and [vocab, blocks, bytes per block]
   (benchmarks/probe_block_quantized_sharing.py).
@@ -82,6 +86,25 @@ class TableFormat:
         return True
 
 
+# One QGemm per this many bytes of the int8 table: its transposed scratch while being prepacked. Mid-size
+# Pegasus (96k x 512): 12 chunks; the benchmark's peak at load 241 -> 197 MiB. The LM head alone, by
+# benchmarks/probe_lm_head_speed.py (results/lm_head_chunks.json): as fast at 1 and 8 rows, ~2 ms slower
+# at 64 (d 512: 12-13 -> 14-16 ms; d 1024 20-22 -> 20-22 ms).
+LM_HEAD_CHUNK_BYTES = 4 << 20
+INT8_ROLES = (".int8", ".scales", ".zero_points")
+
+
+def row_chunks(rows: int, row_bytes: int) -> list[tuple[int, int]]:
+    """[start, end) row ranges of about LM_HEAD_CHUNK_BYTES each, in order, covering all rows."""
+    count = max(1, -(-rows * row_bytes // LM_HEAD_CHUNK_BYTES))
+    bounds = [rows * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _chunk_role(role: str, start: int, end: int) -> str:
+    return f"{role}/rows_{start}_{end}"
+
+
 class Int8Rows(TableFormat):
     """int8 rows, one symmetric scale per row (range ±127, as quantize_dynamic's QInt8 weights)."""
 
@@ -89,7 +112,15 @@ class Int8Rows(TableFormat):
         largest = np.abs(table).max(axis=1)
         scales = np.where(largest > 0, largest / 127, 1).astype(np.float32)
         rows = np.clip(np.rint(table / scales[:, None]), -127, 127).astype(np.int8)
-        return {".int8": rows, ".scales": scales, ".zero_points": np.zeros(len(table), dtype=np.int8)}
+        whole = {".int8": rows, ".scales": scales, ".zero_points": np.zeros(len(table), dtype=np.int8)}
+        # The LM head's, after the whole arrays and the longest first: the shared file keeps the whole table
+        # and scales, and the longest chunk's zero points (the decoder's lookups read none), once; every
+        # other chunk is a run of rows of one of those.
+        longest_first = sorted(row_chunks(*rows.shape), key=lambda chunk: chunk[0] - chunk[1])
+        chunks = {
+            _chunk_role(role, start, end): whole[role][start:end] for start, end in longest_first for role in INT8_ROLES
+        }
+        return whole | chunks
 
     def lookup(self, names, ids, out, prefix):
         axes = f"{prefix}/last_axis"
@@ -104,11 +135,19 @@ class Int8Rows(TableFormat):
 
     def lm_head(self, names, x, out, prefix, shape):
         quantized = [f"{prefix}/x_int8", f"{prefix}/x_scale", f"{prefix}/x_zero_point"]
-        table = [names[".int8"], names[".scales"], names[".zero_points"]]
-        return [
-            helper.make_node("DynamicQuantizeLinear", [x], quantized, name=f"{prefix}/quantize_x"),
-            helper.make_node("QGemm", quantized + table, [out], name=prefix, domain=MICROSOFT, transB=1),
-        ]
+        nodes = [helper.make_node("DynamicQuantizeLinear", [x], quantized, name=f"{prefix}/quantize_x")]
+        logits = []
+        for start, end in row_chunks(*shape):
+            chunk = [names[_chunk_role(role, start, end)] for role in INT8_ROLES]
+            logits.append(f"{prefix}/logits_{start}_{end}")
+            nodes.append(
+                helper.make_node("QGemm", quantized + chunk, [logits[-1]], name=logits[-1], domain=MICROSOFT, transB=1)
+            )
+        if len(logits) == 1:  # a table under one chunk: its QGemm is the LM head
+            nodes[-1].output[0], nodes[-1].name = out, prefix
+            return nodes
+        nodes.append(helper.make_node("Concat", logits, [out], name=prefix, axis=-1))
+        return nodes
 
 
 @dataclass(frozen=True)
