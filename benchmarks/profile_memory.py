@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ortseq.runtime import sessions  # noqa: E402
 from ortseq.runtime.model import Seq2SeqModel  # noqa: E402
-from ortseq.runtime.search import LOG_SOFTMAX_ROWS  # noqa: E402
+from ortseq.runtime.search import log_softmax_rows  # noqa: E402
 
 THREADS = 2
 MB = 1e6
@@ -71,7 +71,7 @@ def main() -> None:
     kv_per_token = 2 * dims.decoder_layers * dims.decoder_heads * dims.head_dim * itemsize  # K and V, every layer
     cross_mb = args.batch * length * kv_per_token / MB
     # the logits buffer and the host search's log-softmax scratch (a few rows)
-    logits_mb = (rows + min(rows, LOG_SOFTMAX_ROWS)) * dims.vocab_size * 4 / MB
+    logits_mb = (rows + log_softmax_rows(rows, dims.vocab_size)) * dims.vocab_size * 4 / MB
 
     progress = {"call": 0, "step": 0}
     encode, encode_on_device = model.sessions.encode, model.sessions.encode_on_device

@@ -178,7 +178,7 @@ def _remove_invalid_values(scores: np.ndarray) -> None:
 def log_softmax_(logits: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     """Log-probabilities in place of the float32 logits (as torch.log_softmax computes them).
 
-    In place, with a scratch buffer of up to LOG_SOFTMAX_ROWS rows reused across steps: fresh
+    In place, with a scratch buffer of log_softmax_rows() rows reused across steps: fresh
     8 x 8 x 96k temporaries per step cost more in page faults than the arithmetic itself, and a
     scratch as large as the logits would add their size to the peak memory of a call. Each row's
     arithmetic is the same whatever the rows around it.
@@ -191,7 +191,14 @@ def log_softmax_(logits: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     return logits
 
 
-LOG_SOFTMAX_ROWS = 8
+# The log-softmax scratch's size: one row of a 96k vocabulary (a few numpy calls per row cost nothing
+# next to its 96k exps), all rows of a tiny one (where the calls per row would cost more than the work).
+LOG_SOFTMAX_SCRATCH_BYTES = 512 * 1024
+
+
+def log_softmax_rows(rows: int, vocab: int) -> int:
+    """The scratch's rows for `rows` rows of `vocab` float32 logits."""
+    return max(1, min(rows, LOG_SOFTMAX_SCRATCH_BYTES // (4 * vocab)))
 
 
 def top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -271,7 +278,7 @@ class HostCandidates:
         self, logits: np.ndarray, sequences: np.ndarray, running_scores: np.ndarray, keep: int
     ) -> tuple[np.ndarray, np.ndarray]:
         logits = np.asarray(logits)  # a device driver's logits come to the host here, and only here
-        scratch_shape = (min(len(logits), LOG_SOFTMAX_ROWS), logits.shape[1])
+        scratch_shape = (log_softmax_rows(*logits.shape), logits.shape[1])
         if self._scratch is None or self._scratch.shape != scratch_shape:
             self._scratch = np.empty(scratch_shape, dtype=logits.dtype)
         log_probs = log_softmax_(logits, self._scratch)

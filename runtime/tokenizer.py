@@ -12,7 +12,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from ortseq.graphs.manifest import ManifestError, TokenizerInfo
 
@@ -24,6 +23,10 @@ class TextTokenizer:
     while another thread encodes or decodes fails ("Already borrowed"), so every use takes one lock."""
 
     def __init__(self, directory: Path, info: TokenizerInfo, pad_token_id: int):
+        # imported here, not with the module: loading happens after the sessions are built, so the library
+        # (5 MiB resident) is not under the decoder's packing, the peak of loading
+        from tokenizers import Tokenizer
+
         path = Path(directory) / info.file
         try:
             self._tokenizer = Tokenizer.from_file(str(path))
