@@ -129,9 +129,9 @@ class EncoderDecoderSessions:
         )
         self.shared_weights.release_pages()  # the decoder holds a packed copy of the LM head it prepacked
         # No memory pattern for the encoder: its block for a shape comes on the second run of that shape, on
-        # top of the first run's freed chunks, which it does not fit (mid-size int8, 512 tokens: the peak
-        # of the benchmark's two calls, 8 beams at batch 1, 226 -> 214 MiB, greedy 210 -> 194; the encode
-        # took as long, 55-77 ms either way). Source lengths vary from call to call, and so would blocks.
+        # top of the first run's freed chunks, which it does not fit (mid-size int8, 512 tokens, measured with
+        # the bench worker while making it: the peak of two calls, 8 beams at batch 1, 226 -> 214 MiB, greedy
+        # 210 -> 194; the encode took 55-77 ms either way). Source lengths vary, and so would the blocks.
         self.encoder = create_session(
             encoder, provider, threads, self.shared_weights.initializers(encoder), memory_pattern=False
         )

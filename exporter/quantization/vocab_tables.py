@@ -87,7 +87,8 @@ class TableFormat:
 
 
 # One QGemm per this many bytes of the int8 table: its transposed scratch while being prepacked. Mid-size
-# Pegasus (96k x 512): 12 chunks; the benchmark's peak at load 241 -> 197 MiB. The LM head alone, by
+# Pegasus (96k x 512): 12 chunks; the peak at load 236 -> 192 MiB (benchmarks/compare_exports_memory.py,
+# results/exports_memory_mid.json). The LM head alone, by
 # benchmarks/probe_lm_head_speed.py (results/lm_head_chunks.json): as fast at 1 and 8 rows, ~2 ms slower
 # at 64 (d 512: 12-13 -> 14-16 ms; d 1024 20-22 -> 20-22 ms).
 LM_HEAD_CHUNK_BYTES = 4 << 20
