@@ -172,8 +172,8 @@ def phase_copies(work: Path, provider: str, quick: bool) -> dict:
     profiles = []
     original = sessions.create_session
 
-    def profiled(path, provider, threads=None, initializers=()):
-        session = original(path, provider, threads, initializers)
+    def profiled(*args, **kwargs):  # create_session's own arguments, whatever they are
+        session = original(*args, **kwargs)
         profiles.append(session)
         return session
 

@@ -26,10 +26,11 @@ from ortseq.runtime.model import Seq2SeqModel  # noqa: E402
 THREADS = 2
 
 
-def profiled_session(path, provider, threads=None, initializers=()):
+def profiled_session(path, provider, threads=None, initializers=(), memory_pattern=True):
     """sessions.create_session with the profiler on (initializers: the shared weights, as there)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_mem_pattern = memory_pattern
     options.intra_op_num_threads = THREADS
     options.enable_profiling = True
     options.profile_file_prefix = f"/tmp/ortseq_profile_{Path(path).stem}"
