@@ -56,6 +56,7 @@ TOKENIZER_CLASSES = {
     "bert2bert": lambda d: transformers.BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True),
     "roberta2roberta": lambda d: transformers.RobertaTokenizerFast(str(d / "vocab.json"), str(d / "merges.txt")),
     "bertgeneration": lambda d: transformers.BertGenerationTokenizer(vocab_file=str(d / "spiece.model")),
+    "bart": lambda d: transformers.BartTokenizerFast(str(d / "vocab.json"), str(d / "merges.txt")),
 }
 
 
@@ -99,6 +100,45 @@ def build_pegasus(tokenizers: Path, folder: Path, tied: bool):
     model.generation_config = pegasus_generation_config()
     tune_eos_bias(model, tokenizer, model.final_logits_bias[0], BATCH_LENGTHS)
     return save_and_reload(model, tokenizer, folder, transformers.PegasusForConditionalGeneration), tokenizer, None
+
+
+BART_TOKEN_IDS = dict(  # bart-large-cnn's: start with </s>, force <s> next and </s> last
+    bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=0,
+    forced_eos_token_id=2,
+)  # fmt: skip
+# bart-large-cnn's search, min_length scaled down to the tiny lengths (it counts the decoder start)
+BART_SEARCH = dict(num_beams=4, early_stopping=True, length_penalty=2.0, no_repeat_ngram_size=3, min_length=9)
+
+
+def build_bart_generation_in_config(tokenizers: Path, folder: Path):
+    """A tied BART in bart-large-cnn's layout, its generation fields in config.json and no
+    generation_config.json: checkpoints written before transformers 4.26 (and the hub's copies of them)
+    look so, and 4.x builds the generation config from config.json. The checkpoint is saved by this
+    version, then its generation fields are moved back to where the old versions wrote them."""
+    tokenizer = load_tokenizer(tokenizers, "bart")
+    config = transformers.BartConfig(
+        vocab_size=len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        activation_function="gelu", scale_embedding=False, init_std=0.3, **BART_TOKEN_IDS,
+    )  # fmt: skip
+    torch.manual_seed(SEED)
+    model = transformers.BartForConditionalGeneration(config).eval()
+    strengthen_pegasus(model)  # the same module names: model.shared, decoder.layers[i].encoder_attn
+    model.generation_config = transformers.GenerationConfig(**BART_TOKEN_IDS, **BART_SEARCH)
+    tune_eos_bias(model, tokenizer, model.final_logits_bias[0], BATCH_LENGTHS)
+    save_and_reload(model, tokenizer, folder, transformers.BartForConditionalGeneration)
+    (folder / "generation_config.json").unlink()
+    config_file = folder / "config.json"
+    fields = {**json.loads(config_file.read_text()), **BART_TOKEN_IDS, **BART_SEARCH}
+    config_file.write_text(json.dumps(fields, indent=2) + "\n")
+    reloaded = transformers.BartForConditionalGeneration.from_pretrained(str(folder)).eval()
+    for field, value in {**BART_TOKEN_IDS, **BART_SEARCH}.items():
+        assert getattr(reloaded.generation_config, field) == value, f"{field} not read from config.json"
+    ids, mask = fixture_batch(reloaded, tokenizer, BATCH_LENGTHS)
+    greedy = {"num_beams": 1, "max_new_tokens": MAX_NEW}
+    without_min_length = run(reloaded, ids, mask, {**greedy, "min_length": 0})
+    assert not torch.equal(run(reloaded, ids, mask, greedy), without_min_length), "min_length changes nothing"
+    return reloaded, tokenizer, None
 
 
 ENCODER_DECODER_SPECIALS = {  # decoder start, eos, pad tokens of the real checkpoints
@@ -184,6 +224,7 @@ FIXTURES = {
     # tie_encoder_decoder: 4.x stores the shared weights once, under the encoder's names
     "roberta2roberta_tied": lambda tok, out: build_encoder_decoder(tok, out, "roberta2roberta", True),
     "bertgeneration": lambda tok, out: build_encoder_decoder(tok, out, "bertgeneration"),
+    "bart_generation_in_config": build_bart_generation_in_config,
 }
 
 # ---------------------------------------------------------------- inputs and goldens

@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from ortseq.exporter.tiny.bart import train_bart_tokenizer
 from ortseq.exporter.tiny.encoder_decoder import train_byte_level_bpe, train_wordpiece
 from ortseq.exporter.tiny.pegasus import pegasus_tokenizer_from_spiece
 from ortseq.exporter.tiny.text import (
@@ -41,6 +42,8 @@ def main(out: Path) -> None:
     for kind, train in (("bert2bert", train_wordpiece), ("roberta2roberta", train_byte_level_bpe)):
         (out / kind).mkdir()
         train(out / kind, VOCAB_SIZE, 0)
+    (out / "bart").mkdir()
+    train_bart_tokenizer(out / "bart", VOCAB_SIZE, 0)
 
 
 if __name__ == "__main__":
