@@ -134,19 +134,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_on_ray(args: argparse.Namespace, limits, batching) -> int:
-    # uvicorn's connection limit and drain time are this process's; Ray Serve's proxy has its own
-    unsupported = [flag for flag, value in (("--max-connections", args.max_connections),
-                                            ("--graceful-timeout", args.graceful_timeout)) if value is not None]  # fmt: skip
-    if unsupported:
-        raise InvalidInputError(f"{' and '.join(unsupported)} do not apply with --replicas (Ray Serve's proxy)")
+    # uvicorn's connection limit is this process's; Ray Serve's proxy has its own
+    if args.max_connections is not None:
+        raise InvalidInputError("--max-connections does not apply with --replicas (Ray Serve's proxy)")
     from ortseq.runtime.ray_batch import import_ray
 
     import_ray()
     from ortseq.runtime.serving.ray_serve import serve_on_ray
+    from ortseq.runtime.serving.schema import GRACEFUL_TIMEOUT_S
 
+    graceful_timeout_s = GRACEFUL_TIMEOUT_S if args.graceful_timeout is None else args.graceful_timeout
     serve_on_ray(
         args.export_dir, args.host, args.port, args.replicas, args.provider, args.threads, limits, batching,
-        args.address,
+        args.address, graceful_timeout_s,
     )  # fmt: skip
     return 0
 
@@ -291,7 +291,7 @@ def _add_serve(commands) -> None:
     serve.add_argument(
         "--graceful-timeout",
         type=NON_NEGATIVE,
-        help="seconds to finish requests on SIGTERM (default: 60; not with --replicas)",
+        help="seconds to finish the requests in flight and queued on SIGTERM (default: 60)",
     )
     serve.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider")
     serve.add_argument("--threads", type=THREADS, help="onnxruntime intra-op threads (default: all cores)")

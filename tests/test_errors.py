@@ -170,8 +170,10 @@ CASES = [
     Case("quality_texts_missing", ("quantize", "{export}", "--to", "int8", "--out", "q", "--texts", "missing.txt"),
          "missing.txt is not a file"),
     Case("port_out_of_range", ("serve", "{export}", "--port", "99999"), "--port"),
-    Case("replicas_with_a_uvicorn_flag", ("serve", "{export}", "--replicas", "2", "--graceful-timeout", "5"),
-         "--graceful-timeout do not apply with --replicas"),
+    Case("replicas_with_a_uvicorn_flag", ("serve", "{export}", "--replicas", "2", "--max-connections", "5"),
+         "--max-connections does not apply with --replicas"),
+    Case("replicas_with_inputs_over_the_batch", ("serve", "{export}", "--replicas", "2", "--max-inputs", "64"),
+         "max_inputs (64) must not exceed max_batch_size (16)"),
     Case("address_without_replicas", ("serve", "{export}", "--address", "127.0.0.1:6379"),
          "--address goes with --replicas"),
     # --out: never replace what ortseq did not write, never overlap the source

@@ -236,3 +236,69 @@ def _wait_ready(client, timeout_s: float = 60) -> None:
     while client.get("/readyz").status_code != 200:
         assert time.monotonic() < deadline, "the Ray Serve deployment never became ready"
         time.sleep(0.2)
+
+
+def test_sigterm_lets_the_replicas_answer_what_they_hold_then_exits_0(export_dir):
+    """`ortseq serve --replicas`: SIGTERM drains. The request in flight is answered through Ray Serve's
+    proxy before Serve shuts down (it used to be cut: the proxy went down with Serve)."""
+    port = free_port()
+    command = [sys.executable, "-m", "ortseq.runtime.cli", "serve", str(export_dir), "--replicas", "1"]
+    command += ["--port", str(port), "--graceful-timeout", "60"]
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}  # a local Ray of its own
+    server = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started = []
+    try:
+        import httpx
+
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            _wait_until(lambda: _status(client, "/readyz") == 200, 180, "the deployment never became ready")
+            started = psutil.Process(server.pid).children(recursive=True)
+            # long enough to be running when the signal comes: 16 inputs, 8 beams, 40 tokens each
+            body = {"inputs": [d["text"] for d in corpus(16, seed=2)],
+                    "parameters": {"num_beams": 8, "max_new_tokens": 40, "min_new_tokens": 40}}  # fmt: skip
+            answer: dict = {}
+
+            def post() -> None:
+                try:
+                    answer["response"] = client.post("/v1/summarize", json=body)
+                finally:
+                    answer["at"] = time.monotonic()
+
+            request = threading.Thread(target=post)
+            request.start()
+            _wait_until(lambda: _metric(client, "ortseq_running_batch_rows") > 0, 60, "the request never ran")
+            server.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            request.join(timeout=120)
+        assert answer["at"] > signalled, "the request was answered before SIGTERM: it tested nothing"
+        assert "response" in answer, "the request in flight got no answer"
+        assert answer["response"].status_code == 200, answer["response"].text
+        assert len(answer["response"].json()["summaries"]) == 16
+        assert server.wait(timeout=120) == 0
+        assert "drained; exiting" in server.stdout.read()
+    finally:
+        server.kill()
+        for process in started:  # its local Ray, were it left behind
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def _status(client, path: str) -> int:
+    try:
+        return client.get(path).status_code
+    except Exception:  # not listening yet
+        return 0
+
+
+def _metric(client, series: str) -> float:
+    lines = client.get("/metrics").text.splitlines()
+    return next((float(line.split()[-1]) for line in lines if line.startswith(series + " ")), 0.0)
+
+
+def _wait_until(condition, timeout_s: float, failure: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.1)

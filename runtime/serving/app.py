@@ -49,19 +49,29 @@ class NotReadyError(Exception):
     """The model is still warming up (503)."""
 
 
+def server_settings(
+    model: Seq2SeqModel, limits: RequestLimits | None, batching: BatchingConfig | None
+) -> tuple[RequestLimits, BatchingConfig]:
+    """The limits resolved against the model, and the batching; InvalidInputError names a setting that
+    cannot be honoured (callers check before they open a port or start replicas)."""
+    limits = (limits or RequestLimits()).resolved(model)
+    batching = batching or BatchingConfig()
+    batching.check()
+    if limits.max_inputs > batching.max_batch_size:
+        raise InvalidInputError(
+            f"max_inputs ({limits.max_inputs}) must not exceed max_batch_size ({batching.max_batch_size}): "
+            "a request is never split over generate calls"
+        )
+    return limits, batching
+
+
 def create_app(
     model: Seq2SeqModel,
     limits: RequestLimits | None = None,
     batching: BatchingConfig | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
-    limits = (limits or RequestLimits()).resolved(model)
-    batching = batching or BatchingConfig()
-    if limits.max_inputs > batching.max_batch_size:
-        raise InvalidInputError(
-            f"max_inputs ({limits.max_inputs}) must not exceed max_batch_size ({batching.max_batch_size}): "
-            "a request is never split over generate calls"
-        )
+    limits, batching = server_settings(model, limits, batching)
     metrics = ServingMetrics()
     batcher = DynamicBatcher(lambda kwargs, rows: summarize_rows(model, kwargs, rows), batching, metrics)
     warm_up: dict[str, asyncio.Task] = {}

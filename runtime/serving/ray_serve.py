@@ -18,10 +18,11 @@ from pathlib import Path
 from ortseq.runtime.errors import InvalidInputError
 from ortseq.runtime.ray_batch import import_ray
 from ortseq.runtime.serving.batcher import BatchingConfig
-from ortseq.runtime.serving.schema import RequestLimits
+from ortseq.runtime.serving.schema import GRACEFUL_TIMEOUT_S, RequestLimits
 
 logger = logging.getLogger("ortseq")
 APP_NAME = "ortseq"
+STOPPING_POLL_S = 0.25  # how often a stopping replica looks whether its requests are done (Ray's default: 2 s)
 
 ray = import_ray()
 from ray import serve  # noqa: E402  (after import_ray, which turns a missing Ray into a usage error)
@@ -51,12 +52,17 @@ def build_app(
     threads: int | None = None,
     limits: RequestLimits | None = None,
     batching: BatchingConfig | None = None,
+    graceful_timeout_s: float = GRACEFUL_TIMEOUT_S,
 ):
-    """The deployment bound to an export: pass it to serve.run."""
+    """The deployment bound to an export: pass it to serve.run. A replica being stopped takes no new
+    requests and finishes those it has, queued ones too, for up to graceful_timeout_s."""
     if replicas < 1:
         raise InvalidInputError(f"replicas must be at least 1, got {replicas}")
     deployment = OrtseqDeployment.options(
-        num_replicas=replicas, ray_actor_options={"num_cpus": threads or 1, "num_gpus": int(provider == "cuda")}
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": threads or 1, "num_gpus": int(provider == "cuda")},
+        graceful_shutdown_timeout_s=graceful_timeout_s,
+        graceful_shutdown_wait_loop_s=STOPPING_POLL_S,
     )
     limits, batching = limits or RequestLimits(), batching or BatchingConfig()
     return deployment.bind(str(export_dir), provider, threads, asdict(limits), asdict(batching))
@@ -97,13 +103,17 @@ def serve_on_ray(
     limits: RequestLimits | None = None,
     batching: BatchingConfig | None = None,
     address: str | None = None,
+    graceful_timeout_s: float = GRACEFUL_TIMEOUT_S,
 ) -> None:
-    """Blocks until SIGTERM/SIGINT, then shuts the deployment down. Without an address (nor RAY_ADDRESS),
-    starts a local Ray bound to 127.0.0.1."""
+    """Blocks until SIGTERM/SIGINT, then drains: the application is deleted first, its replicas finishing
+    the requests they hold (up to graceful_timeout_s) while Ray Serve's proxy is still there to answer
+    them, and only then is Serve shut down. Without an address (nor RAY_ADDRESS), starts a local Ray bound
+    to 127.0.0.1."""
     from ortseq.runtime.model import Seq2SeqModel
+    from ortseq.runtime.serving.app import server_settings
 
-    probe = Seq2SeqModel.load(export_dir, threads=1)  # a bad export or limit fails here, before Ray starts
-    (limits or RequestLimits()).resolved(probe)
+    probe = Seq2SeqModel.load(export_dir, threads=1)  # a bad export or setting fails here, before Ray starts
+    server_settings(probe, limits, batching)
     del probe
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -117,20 +127,20 @@ def serve_on_ray(
             _node_ip_address="127.0.0.1",
             logging_level=logging.WARNING,
         )
+    stop = threading.Event()
+    # ray.init installs a SIGTERM handler that exits at once: ours replaces it before the port opens
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(export_dir, replicas, provider, threads, limits, batching), name=APP_NAME, route_prefix="/")
+        app = build_app(export_dir, replicas, provider, threads, limits, batching, graceful_timeout_s)
+        serve.run(app, name=APP_NAME, route_prefix="/")
         logger.info("serving %s on http://%s:%d with %d Ray Serve replicas", export_dir, host, port, replicas)
-        _wait_for_a_stop_signal()
-        logger.info("shutting down the Ray Serve deployment")
-        serve.shutdown()
+        signal.signal(signal.SIGINT, lambda *_: stop.set())  # before this, Ctrl-C interrupts the start at once
+        while not stop.wait(1.0):  # a timed wait, so the main thread gets to run the handlers
+            pass
+        logger.info("draining: the replicas finish the requests they hold (at most %g s)", graceful_timeout_s)
+        serve.delete(APP_NAME)  # blocks until every replica has stopped
+        serve.shutdown()  # before the delete, it would take the proxy and every open connection with it
+        logger.info("drained; exiting")
     finally:
         ray.shutdown()
-
-
-def _wait_for_a_stop_signal() -> None:
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    while not stop.wait(1.0):  # a timed wait, so the main thread gets to run the handlers
-        pass

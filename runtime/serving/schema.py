@@ -50,6 +50,10 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+# on SIGTERM, requests in flight or queued get this long to finish (`ortseq serve`, with or without --replicas)
+GRACEFUL_TIMEOUT_S = 60.0
+
+
 @dataclass(frozen=True)
 class RequestLimits:
     """Per-request limits. max_input_tokens None means the model's maximum input length."""

@@ -15,7 +15,7 @@ from ortseq.runtime.errors import InvalidInputError
 from ortseq.runtime.model import Seq2SeqModel
 from ortseq.runtime.serving.app import create_app
 from ortseq.runtime.serving.batcher import BatchingConfig
-from ortseq.runtime.serving.schema import RequestLimits
+from ortseq.runtime.serving.schema import GRACEFUL_TIMEOUT_S, RequestLimits
 
 logger = logging.getLogger("ortseq")
 
@@ -26,7 +26,7 @@ class ServerOptions:
     port: int = 8080
     provider: str = "cpu"
     threads: int | None = None
-    graceful_timeout_s: float = 60.0  # on SIGTERM, in-flight requests get this long to finish
+    graceful_timeout_s: float = GRACEFUL_TIMEOUT_S
     max_connections: int = 256  # more concurrent connections get uvicorn's plain 503: bounds unqueued bodies too
 
 
