@@ -52,6 +52,41 @@ def import_ray():
     return ray
 
 
+# Ray reads this when it is imported; despite its name it decides on every platform whether a node's
+# address may be 127.0.0.1. Left on (Linux's default), ray.init turns _node_ip_address="127.0.0.1"
+# into the machine's outward address and its services listen there and on every interface.
+_LOOPBACK_NODE_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def start_local_ray(ray, num_cpus: int, **options) -> None:
+    """A Ray of this machine alone, on the loopback address: ray.init(address="local") with `options`.
+
+    Its node address is 127.0.0.1 (Ray's own services listen there only), which ray.init would otherwise
+    replace by the outward address. One listener is Ray Serve's own: each replica's gRPC server for calls
+    between deployments binds every interface (hard-coded in Ray Serve 2.60). The switch is set while
+    Ray starts, for this process and the processes it starts, then restored: a later ray.init to a
+    cluster in this process gets Ray's usual addresses."""
+    from ray._private import ray_constants  # the value Ray read at import; it is consulted at init
+
+    saved_env, saved_constant = os.environ.get(_LOOPBACK_NODE_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_LOOPBACK_NODE_SWITCH], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level=logging.WARNING,
+            **options,
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved_env is None:
+            del os.environ[_LOOPBACK_NODE_SWITCH]
+        else:
+            os.environ[_LOOPBACK_NODE_SWITCH] = saved_env
+
+
 @dataclass(frozen=True)
 class BatchJob:
     export_dir: Path
@@ -155,13 +190,7 @@ def _connect(ray, job: BatchJob) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     workers = job.workers or max(1, (os.cpu_count() or 1) // job.threads)
-    ray.init(
-        address="local",
-        num_cpus=max(os.cpu_count() or 1, workers * job.threads),
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level=logging.WARNING,
-    )
+    start_local_ray(ray, num_cpus=max(os.cpu_count() or 1, workers * job.threads))
 
 
 def _run_pipeline(ray, job: BatchJob, documents: list[Document], done: set) -> int:

@@ -24,7 +24,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.
 psutil = pytest.importorskip("psutil", reason="psutil is not installed: pip install -e '.[bench]'")
 
 from ortseq.runtime import Seq2SeqModel  # noqa: E402
-from ortseq.runtime.ray_batch import BatchJob, run_batch  # noqa: E402
+from ortseq.runtime.ray_batch import BatchJob, run_batch, start_local_ray  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -71,16 +71,27 @@ def expected(export_dir) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def local_ray():
     temp_dir = tempfile.mkdtemp(prefix="ortseq-ray-")  # short: Ray's socket paths must fit in 107 bytes
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=temp_dir,
-        logging_level="WARNING",
-    )
+    start_local_ray(ray, num_cpus=2, _temp_dir=temp_dir)
     yield ray
     ray.shutdown()
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def test_a_local_ray_listens_on_the_loopback_address_only(local_ray, export_dir, tmp_path):
+    """ray.init(_node_ip_address="127.0.0.1") alone gives the outward address and every interface."""
+    documents = write_corpus(tmp_path / "docs.jsonl", corpus(20))
+    run_batch(job(export_dir, tmp_path, documents))  # its workers and Ray Data's services started too
+    listening = set()
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            connections = process.net_connections(kind="inet")
+        except psutil.NoSuchProcess:  # a worker that has just ended
+            continue
+        listening |= {(process.name(), c.laddr.ip) for c in connections if c.status == psutil.CONN_LISTEN}
+    assert len(listening) >= 3  # the GCS, the raylet, this driver at least
+    assert {address for _, address in listening} <= LOOPBACK, sorted(listening)
 
 
 def job(export_dir: Path, tmp_path: Path, documents: Path, **overrides) -> BatchJob:

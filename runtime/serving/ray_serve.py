@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ortseq.runtime.errors import InvalidInputError
-from ortseq.runtime.ray_batch import import_ray
+from ortseq.runtime.ray_batch import import_ray, start_local_ray
 from ortseq.runtime.serving.batcher import BatchingConfig
 from ortseq.runtime.serving.schema import GRACEFUL_TIMEOUT_S, RequestLimits
 
@@ -119,14 +119,7 @@ def serve_on_ray(
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        cpus = max(os.cpu_count() or 1, replicas * (threads or 1))
-        ray.init(
-            address="local",
-            num_cpus=cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            logging_level=logging.WARNING,
-        )
+        start_local_ray(ray, num_cpus=max(os.cpu_count() or 1, replicas * (threads or 1)))
     stop = threading.Event()
     # ray.init installs a SIGTERM handler that exits at once: ours replaces it before the port opens
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
