@@ -146,7 +146,7 @@ def _serve_on_ray(args: argparse.Namespace, limits, batching) -> int:
     graceful_timeout_s = GRACEFUL_TIMEOUT_S if args.graceful_timeout is None else args.graceful_timeout
     serve_on_ray(
         args.export_dir, args.host, args.port, args.replicas, args.provider, args.threads, limits, batching,
-        args.address, graceful_timeout_s,
+        args.address, graceful_timeout_s, args.verbose,
     )  # fmt: skip
     return 0
 

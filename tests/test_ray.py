@@ -286,7 +286,9 @@ def test_sigterm_lets_the_replicas_answer_what_they_hold_then_exits_0(export_dir
         assert answer["response"].status_code == 200, answer["response"].text
         assert len(answer["response"].json()["summaries"]) == 16
         assert server.wait(timeout=120) == 0
-        assert "drained; exiting" in server.stdout.read()
+        output = server.stdout.read()
+        assert "drained; exiting" in output
+        assert " INFO " not in output, output  # Ray Serve's log lines only with -v
     finally:
         server.kill()
         for process in started:  # its local Ray, were it left behind

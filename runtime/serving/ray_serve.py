@@ -26,6 +26,7 @@ STOPPING_POLL_S = 0.25  # how often a stopping replica looks whether its request
 
 ray = import_ray()
 from ray import serve  # noqa: E402  (after import_ray, which turns a missing Ray into a usage error)
+from ray.serve.schema import LoggingConfig  # noqa: E402
 
 
 @serve.deployment
@@ -104,11 +105,13 @@ def serve_on_ray(
     batching: BatchingConfig | None = None,
     address: str | None = None,
     graceful_timeout_s: float = GRACEFUL_TIMEOUT_S,
+    verbose: bool = False,
 ) -> None:
     """Blocks until SIGTERM/SIGINT, then drains: the application is deleted first, its replicas finishing
     the requests they hold (up to graceful_timeout_s) while Ray Serve's proxy is still there to answer
     them, and only then is Serve shut down. Without an address (nor RAY_ADDRESS), starts a local Ray bound
-    to 127.0.0.1."""
+    to 127.0.0.1. Ray Serve's own log lines (its controller, proxy and replicas) show only with verbose,
+    warnings excepted; no access log, as `ortseq serve` without --replicas."""
     from ortseq.runtime.model import Seq2SeqModel
     from ortseq.runtime.serving.app import server_settings
 
@@ -124,9 +127,11 @@ def serve_on_ray(
     # ray.init installs a SIGTERM handler that exits at once: ours replaces it before the port opens
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": host, "port": port})
+        serve_logs = LoggingConfig(log_level="INFO" if verbose else "WARNING", enable_access_log=False)
+        logging.getLogger("ray.serve").setLevel(serve_logs.log_level)  # this process's part of Serve
+        serve.start(http_options={"host": host, "port": port}, logging_config=serve_logs)
         app = build_app(export_dir, replicas, provider, threads, limits, batching, graceful_timeout_s)
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        serve.run(app, name=APP_NAME, route_prefix="/", logging_config=serve_logs)
         logger.info("serving %s on http://%s:%d with %d Ray Serve replicas", export_dir, host, port, replicas)
         signal.signal(signal.SIGINT, lambda *_: stop.set())  # before this, Ctrl-C interrupts the start at once
         while not stop.wait(1.0):  # a timed wait, so the main thread gets to run the handlers
