@@ -24,6 +24,7 @@ from ortseq.exporter.pipeline import export
 from ortseq.exporter.quantization.pipeline import quantize
 from ortseq.exporter.sources import ALIASES
 from ortseq.exporter.tiny.bart import TinyBartShape, build_tiny_bart
+from ortseq.exporter.tiny.trained import synthetic_documents
 from ortseq.runtime import Seq2SeqModel
 from ortseq.runtime.tokenizer import TextTokenizer
 
@@ -170,9 +171,40 @@ def test_tiny_bart_alias_exports_and_summarizes(tmp_path):
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp16"])
 def test_bart_quantizes_to_an_export_that_loads_and_generates(bart, tmp_path, fmt):
     """The post-LN BART graphs go through `quantize` in every format. The gate is set to 0 here: on random
-    weights agreement measures nothing (a trained tiny BART, like tiny-pegasus-trained, is not built yet)."""
+    weights agreement measures nothing (the trained tiny BART below measures it)."""
     manifest = quantize(bart("cnn_layout_no_forced_bos").export_dir, tmp_path / fmt, fmt, min_agreement=0.0)
     assert manifest.precision == fmt and "greedy" in manifest.quantization.quality
     ours = Seq2SeqModel.load(tmp_path / fmt)
     out = ours.generate(*padded_batch(ours.manifest.dims.vocab_size, [9, 4], seed=1), num_beams=2, max_new_tokens=6)
     assert out.shape[0] == 2 and (out[:, 0] == ours.manifest.special_tokens.decoder_start_token_id).all()
+
+
+@pytest.fixture(scope="module")
+def trained_bart(tmp_path_factory) -> Path:
+    """tiny-bart-trained exported: trained once per machine (about 2.5 min, then cached), see
+    exporter/tiny/trained.py."""
+    out = tmp_path_factory.mktemp("trained-bart") / "fp32"
+    export("tiny-bart-trained", out)
+    return out
+
+
+@pytest.mark.slow
+def test_trained_bart_export_summarizes_held_out_documents(trained_bart):
+    docs = synthetic_documents(60, seed=123_456)  # neither the training's nor the held-out report's seed
+    summaries = Seq2SeqModel.load(trained_bart).summarize([doc for doc, _ in docs], num_beams=1)
+    exact = np.mean([summary.strip() == lead for summary, (_, lead) in zip(summaries, docs)])
+    assert exact >= 0.9, exact
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp16"])
+def test_trained_bart_quantizes_past_the_quality_gate(trained_bart, tmp_path, fmt):
+    """A model that has learned its task, so token agreement measures the quantization: the gate at 0.95."""
+    manifest = quantize(trained_bart, tmp_path / fmt, fmt, min_agreement=0.95)
+    report = manifest.quantization.quality
+    for mode in ("greedy", "beam4"):
+        assert report[mode]["token_agreement"] >= 0.95, (mode, report)
+    assert report["logits"]["max_abs_error"] < report["logits"]["fp32_logit_std"]
+    docs = synthetic_documents(40, seed=123_457)
+    summaries = Seq2SeqModel.load(tmp_path / fmt).summarize([doc for doc, _ in docs], num_beams=4)
+    assert np.mean([summary.strip() == lead for summary, (_, lead) in zip(summaries, docs)]) >= 0.9

@@ -34,6 +34,7 @@ from ortseq.exporter.checkpoint_check import CheckpointLayout
 from ortseq.exporter.families.base import Family
 from ortseq.exporter.shared_weights import lm_head_logits
 from ortseq.exporter.tiny.bart import build_tiny_bart
+from ortseq.exporter.tiny.trained import build_trained_tiny_bart
 from ortseq.graphs.manifest import ModelDims, SpecialTokens
 
 
@@ -65,6 +66,7 @@ class BartFamily(Family):
         "bart-large-cnn": "facebook/bart-large-cnn",
         "distilbart-cnn": "sshleifer/distilbart-cnn-12-6",
         "tiny-bart": "tiny:bart",
+        "tiny-bart-trained": "tiny:bart-trained",  # trained on a synthetic task (exporter/tiny/trained.py)
     }
     model_type: ClassVar[str] = "bart"
     model_class: ClassVar[str] = "BartForConditionalGeneration"
@@ -121,7 +123,7 @@ class BartFamily(Family):
         return ConcatDecoderExport(model, self.layout)
 
     def tiny_builders(self) -> dict[str, Callable[[Path], Path]]:
-        return {"bart": build_tiny_bart}
+        return {"bart": build_tiny_bart, "bart-trained": build_trained_tiny_bart}
 
 
 def _first(token_id):

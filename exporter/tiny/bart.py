@@ -38,10 +38,43 @@ class TinyBartShape:
     cross_attention_gain: float = 3.0  # sharper cross-attention: tokens depend on the input
 
 
-def train_bart_tokenizer(out_dir: Path, vocab_size: int, seed: int):
-    """Byte-level BPE in BART's layout; loads as transformers' BartTokenizer."""
-    train_byte_level_bpe_vocab(out_dir, tokenizer_corpus(seed), vocab_size, BART_SPECIALS)
-    return load_saved_tokenizer(out_dir, {"tokenizer_class": "BartTokenizer"})
+def train_bart_tokenizer(out_dir: Path, vocab_size: int, seed: int, lines: list[str] | None = None, **config):
+    """Byte-level BPE in BART's layout, trained on lines (default: the tiny corpus of seed); loads as
+    transformers' BartTokenizer. config: more of tokenizer_config.json (model_max_length, ...)."""
+    train_byte_level_bpe_vocab(out_dir, tokenizer_corpus(seed) if lines is None else lines, vocab_size, BART_SPECIALS)
+    return load_saved_tokenizer(out_dir, {"tokenizer_class": "BartTokenizer", **config})
+
+
+# BART's special tokens, and bart-large-cnn's decoding: start with </s>, force <s> next and </s> last
+BART_TOKEN_IDS = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)
+TRAINED_VOCAB_MARGIN = 100  # byte-level BPE spends ~256 ids on bytes: more ids than sentencepiece for words
+
+
+def untrained_for_task(folder: Path, lines: list[str], sizes):
+    """(model, tokenizer) to train on a task whose text is `lines` (exporter/tiny/trained.py): a tied
+    BART of `sizes` (d_model, heads, layers, ffn_dim, max_position_embeddings, spm_vocab_size), no
+    dropout, forcing <s> first as bart-large-cnn, with a byte-level BPE tokenizer trained on lines."""
+    from transformers import BartConfig, BartForConditionalGeneration, GenerationConfig
+
+    folder.mkdir(parents=True)
+    vocab_size = sizes.spm_vocab_size + TRAINED_VOCAB_MARGIN
+    tokenizer = train_bart_tokenizer(folder, vocab_size, 0, lines, model_max_length=sizes.max_position_embeddings)
+    token_ids = dict(**BART_TOKEN_IDS, forced_bos_token_id=0)
+    config = BartConfig(
+        vocab_size=len(tokenizer), d_model=sizes.d_model, encoder_layers=sizes.encoder_layers,
+        decoder_layers=sizes.decoder_layers, encoder_attention_heads=sizes.heads, decoder_attention_heads=sizes.heads,
+        encoder_ffn_dim=sizes.ffn_dim, decoder_ffn_dim=sizes.ffn_dim,
+        max_position_embeddings=sizes.max_position_embeddings, dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0, tie_word_embeddings=True, **token_ids,
+    )  # fmt: skip
+    model = BartForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(num_beams=4, max_length=40, **token_ids)
+    return model, tokenizer
+
+
+def save_task_checkpoint(model, tokenizer, folder: Path) -> None:
+    """untrained_for_task's model, trained, saved in folder (its tokenizer files are there already)."""
+    model.save_pretrained(folder)
 
 
 def build_tiny_bart(out_dir: Path, shape: TinyBartShape = TinyBartShape(), seed: int = 0) -> Path:
@@ -53,7 +86,7 @@ def build_tiny_bart(out_dir: Path, shape: TinyBartShape = TinyBartShape(), seed:
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"building tiny-bart in {out_dir} (tokenizer trained on the spot)")
     tokenizer = train_bart_tokenizer(out_dir, shape.vocab_size, seed)
-    token_ids = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)
+    token_ids = BART_TOKEN_IDS
     forced_bos = dict(forced_bos_token_id=0) if shape.forced_bos else {}
     config = BartConfig(
         vocab_size=len(tokenizer), d_model=shape.d_model, encoder_layers=shape.encoder_layers,

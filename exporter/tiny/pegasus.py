@@ -62,6 +62,34 @@ def build_tiny_pegasus(out_dir: Path, shape: TinyPegasusShape = TinyPegasusShape
     return out_dir
 
 
+def untrained_for_task(folder: Path, lines: list[str], sizes):
+    """(model, tokenizer) to train on a task whose text is `lines` (exporter/tiny/trained.py): a tied
+    Pegasus of `sizes` (d_model, heads, layers, ffn_dim, max_position_embeddings, spm_vocab_size), no
+    dropout, with a sentencepiece tokenizer trained on lines in folder/_spm."""
+    from transformers import GenerationConfig, PegasusForConditionalGeneration
+
+    (folder / "_spm").mkdir(parents=True)
+    spiece = train_unigram_sentencepiece(
+        folder / "_spm", lines, sizes.spm_vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1
+    )
+    tokenizer = pegasus_tokenizer_from_spiece(spiece, sizes.max_position_embeddings)
+    config = small_pegasus_config(
+        sizes,
+        vocab_size=len(tokenizer),
+        dropout=0.0,
+        attention_dropout=0.0,
+        tie_word_embeddings=True,  # as Pegasus: the LM head is the embedding matrix
+    )
+    model = PegasusForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(num_beams=4, max_length=40, length_penalty=1.0, **PEGASUS_TOKEN_IDS)
+    return model, tokenizer
+
+
+def save_task_checkpoint(model, tokenizer, folder: Path) -> None:
+    """untrained_for_task's model, trained, saved as a Pegasus checkpoint in folder."""
+    save_pegasus_checkpoint(model, tokenizer, folder / "_spm" / "spiece.model", folder)
+
+
 # Pegasus' special-token layout: pad 0 (also the decoder start), EOS 1, forced as the last token.
 PEGASUS_TOKEN_IDS = dict(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, forced_eos_token_id=1)
 

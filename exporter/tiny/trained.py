@@ -1,14 +1,17 @@
-"""`tiny-pegasus-trained`: a tiny Pegasus that has really learned a task, so quantization quality means something.
+"""Tiny models that have really learned a task, so quantization quality means something:
+`tiny-pegasus-trained` and `tiny-bart-trained`.
 
 Random weights give near-uniform logits that flip on any noise, so agreement measured on them says
-nothing. This module trains a small Pegasus (tied embeddings, Pegasus' layout and tokenizer) on a
-deterministic synthetic summarization task: news-like documents of a few sentences whose summary is
-the lead sentence. Everything is seeded and torch runs on one thread, so a clone trains the same
-model; the result is cached under `<cache>/trained-tiny/<key>` (cache_dir(): $ORTSEQ_CACHE, else
-$XDG_CACHE_HOME/ortseq or ~/.cache/ortseq), the key hashing the settings and
-TRAINING_VERSION (bump it when the task or the loop changes).
+nothing. This module trains a small model of a family (tied embeddings, the family's layout and kind of
+tokenizer) on a deterministic synthetic summarization task: news-like documents of a few sentences whose
+summary is the lead sentence. What is family-specific (the untrained model and tokenizer, how the
+checkpoint is saved) is the family's tiny module's `untrained_for_task` and `save_task_checkpoint`.
+Everything is seeded and torch runs on one thread, so a clone trains the same model; the result is
+cached under `<cache>/trained-tiny/<key>` (cache_dir(): $ORTSEQ_CACHE, else $XDG_CACHE_HOME/ortseq or
+~/.cache/ortseq), the key hashing the task model's name, the settings and TRAINING_VERSION (bump it when
+the task or the loop changes).
 
-    python -m ortseq.exporter.tiny.trained      # train (or reuse the cache) and print the held-out report
+    python -m ortseq.exporter.tiny.trained [tiny-bart-trained]   # train (or reuse the cache), print the report
 """
 
 from __future__ import annotations
@@ -20,17 +23,13 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from ortseq.exporter.progress import log
-from ortseq.exporter.tiny.pegasus import (
-    PEGASUS_TOKEN_IDS,
-    pegasus_tokenizer_from_spiece,
-    save_pegasus_checkpoint,
-    small_pegasus_config,
-)
-from ortseq.exporter.tiny.text import train_unigram_sentencepiece
+from ortseq.exporter.tiny import bart, pegasus
 
 TRAINING_VERSION = 1
 CACHE_ENV = "ORTSEQ_CACHE"  # overrides the cache directory (default: $XDG_CACHE_HOME/ortseq or ~/.cache/ortseq)
@@ -108,15 +107,37 @@ class TrainingSettings:
     warmup_steps: int = 100
     held_out: int = 200  # documents from a seed the training never sees
 
+
+@dataclass(frozen=True)
+class TaskModel:
+    """A family's model for the task: its alias, how its untrained model and tokenizer are made from the
+    task's text, how the trained checkpoint is saved, and its training settings."""
+
+    name: str
+    untrained: Callable[[Path, list[str], Any], tuple[Any, Any]]  # (folder, lines, settings) -> (model, tokenizer)
+    save: Callable[[Any, Any, Path], None]  # (model, tokenizer, folder)
+    settings: TrainingSettings = TrainingSettings()
+
     def cache_key(self) -> str:
-        text = json.dumps({"version": TRAINING_VERSION, **asdict(self)}, sort_keys=True)
+        text = json.dumps({"version": TRAINING_VERSION, "model": self.name, **asdict(self.settings)}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def build_trained_tiny_pegasus(out_dir: Path, settings: TrainingSettings = TrainingSettings()) -> Path:
-    """Copy the trained checkpoint (training it first if it is not cached) to out_dir."""
-    cached = trained_checkpoint(settings)
-    shutil.copytree(cached, out_dir)
+PEGASUS = TaskModel("tiny-pegasus-trained", pegasus.untrained_for_task, pegasus.save_task_checkpoint)
+# BART learns the task in fewer steps (held-out greedy exact match 0.945 after 400 steps, measured)
+BART = TaskModel("tiny-bart-trained", bart.untrained_for_task, bart.save_task_checkpoint, TrainingSettings(steps=600))
+TASK_MODELS = {task.name: task for task in (PEGASUS, BART)}
+
+
+def build_trained_tiny_pegasus(out_dir: Path) -> Path:
+    """Copy the trained tiny Pegasus (training it first if it is not cached) to out_dir."""
+    shutil.copytree(trained_checkpoint(PEGASUS), out_dir)
+    return Path(out_dir)
+
+
+def build_trained_tiny_bart(out_dir: Path) -> Path:
+    """Copy the trained tiny BART (training it first if it is not cached) to out_dir."""
+    shutil.copytree(trained_checkpoint(BART), out_dir)
     return Path(out_dir)
 
 
@@ -129,50 +150,36 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "ortseq"
 
 
-def trained_checkpoint(settings: TrainingSettings = TrainingSettings()) -> Path:
-    """The cached checkpoint directory for settings; trains it (a few minutes on CPU) on first use."""
-    target = cache_dir() / "trained-tiny" / settings.cache_key()
+def trained_checkpoint(task: TaskModel = PEGASUS) -> Path:
+    """The cached checkpoint directory of task; trains it (a few minutes on CPU) on first use."""
+    target = cache_dir() / "trained-tiny" / task.cache_key()
     if (target / REPORT_FILE).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".partial-", dir=target.parent) as tmp:
         staging = Path(tmp) / "checkpoint"
-        _train(staging, settings)
+        _train(staging, task)
         if not target.exists():  # another process may have finished the same training meanwhile
             staging.rename(target)
     return target
 
 
-def _train(out_dir: Path, settings: TrainingSettings) -> None:
+def _train(out_dir: Path, task: TaskModel) -> None:
     import torch
-    from transformers import GenerationConfig, PegasusForConditionalGeneration
 
+    settings = task.settings
     torch.set_num_threads(1)
     torch.manual_seed(settings.seed)
-    out_dir.mkdir(parents=True)
     train_docs = synthetic_documents(settings.steps * settings.batch_size, settings.seed)
-    spm_lines = [text for pair in train_docs[:4000] for text in pair]
-    (out_dir / "_spm").mkdir()
-    spiece = train_unigram_sentencepiece(
-        out_dir / "_spm", spm_lines, settings.spm_vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1
-    )
-    tokenizer = pegasus_tokenizer_from_spiece(spiece, settings.max_position_embeddings)
-    config = small_pegasus_config(
-        settings,
-        vocab_size=len(tokenizer),
-        dropout=0.0,
-        attention_dropout=0.0,
-        tie_word_embeddings=True,  # as Pegasus: the LM head is the embedding matrix
-    )
-    model = PegasusForConditionalGeneration(config)
-    log(f"training tiny-pegasus-trained: {settings.steps} steps of {settings.batch_size} documents (CPU, 1 thread)")
+    text_lines = [text for pair in train_docs[:4000] for text in pair]
+    model, tokenizer = task.untrained(out_dir, text_lines, settings)
+    log(f"training {task.name}: {settings.steps} steps of {settings.batch_size} documents (CPU, 1 thread)")
     _fit(model, tokenizer, train_docs, settings)
     model.eval()
-    model.generation_config = GenerationConfig(num_beams=4, max_length=40, length_penalty=1.0, **PEGASUS_TOKEN_IDS)
     report = held_out_report(model, tokenizer, settings)
     log(f"held-out greedy exact match: {report['greedy_exact_match']:.3f} on {report['documents']} documents")
-    save_pegasus_checkpoint(model, tokenizer, spiece, out_dir)
-    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    task.save(model, tokenizer, out_dir)
+    (out_dir / REPORT_FILE).write_text(json.dumps({"model": task.name, **report}, indent=2) + "\n")
 
 
 def _fit(model, tokenizer, docs: list[tuple[str, str]], settings: TrainingSettings) -> None:
@@ -223,8 +230,9 @@ def held_out_report(model, tokenizer, settings: TrainingSettings) -> dict:
 
 if __name__ == "__main__":
     import logging
+    import sys
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    checkpoint = trained_checkpoint()
+    checkpoint = trained_checkpoint(TASK_MODELS[sys.argv[1] if len(sys.argv) > 1 else PEGASUS.name])
     print(checkpoint)
     print((checkpoint / REPORT_FILE).read_text())
