@@ -15,9 +15,9 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from bench import rss_mb  # this script's folder is on sys.path when it runs
 
 MODES = {"greedy_b1": (1, 1), "beam8_b8": (8, 8)}  # name -> (batch, beams)
 THREADS = 2
@@ -41,15 +41,8 @@ def worker(export_dir: str, new_tokens: int, length: int) -> dict:
             "ms_per_step": 1e3 * (times[new_tokens] - times[2]) / (new_tokens - 2),
             "tokens": out.tolist(),
         }
-    result["peak_rss_mb"] = _rss_mb()
+    result["peak_rss_mb"] = rss_mb("VmHWM")
     return result
-
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:

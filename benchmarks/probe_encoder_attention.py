@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench import rss_mb  # this script's folder is on sys.path when it runs
+
 VARIANTS = ("plain", "mha-masked", "mha-unmasked")
 HEADS, HEAD_DIM, LAYERS, THREADS = 8, 64, 6, 2
 
@@ -85,13 +87,6 @@ def _graph(variant: str):
     return model
 
 
-def _hwm_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker(variant: str, length: int) -> dict:
     import numpy as np
     import onnxruntime as ort
@@ -104,7 +99,7 @@ def worker(variant: str, length: int) -> dict:
         feed["mask"] = np.zeros((1, 1, 1, length), np.float32)
     if variant == "mha-masked":
         feed["key_padding_mask"] = np.ones((1, length), np.int32)
-    before = _hwm_mib()
+    before = rss_mb("VmHWM")
     session.run(None, feed)  # first-run allocations (counted in the peak, not timed)
     times = []
     for _ in range(20):
@@ -112,7 +107,7 @@ def worker(variant: str, length: int) -> dict:
         session.run(None, feed)
         times.append(time.perf_counter() - start)
     ms = [1000 * t for t in times]
-    return {"peak_growth_mib": _hwm_mib() - before, "ms": statistics.median(ms), "ms_all": ms}
+    return {"peak_growth_mib": rss_mb("VmHWM") - before, "ms": statistics.median(ms), "ms_all": ms}
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,15 @@ def rows_through_the_mapping(export_dir: Path, target: Path) -> Path:
     manifest.pop("lookup_tables")
     (target / MANIFEST_FILE).write_text(json.dumps(manifest))
     return target
+
+
+def wait_until(condition, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
+def metric_value(metrics_text: str, series: str) -> float:
+    """The value of one series in a /metrics page (Prometheus text format)."""
+    return next(float(line.split()[-1]) for line in metrics_text.splitlines() if line.startswith(series + " "))

@@ -23,6 +23,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]' (make setup does)")
 psutil = pytest.importorskip("psutil", reason="psutil is not installed: pip install -e '.[bench]'")
 
+from helpers import metric_value, wait_until  # noqa: E402
+
 from ortseq.runtime import Seq2SeqModel  # noqa: E402
 from ortseq.runtime.ray_batch import BatchJob, run_batch, start_local_ray  # noqa: E402
 
@@ -262,7 +264,7 @@ def test_sigterm_lets_the_replicas_answer_what_they_hold_then_exits_0(export_dir
         import httpx
 
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-            _wait_until(lambda: _status(client, "/readyz") == 200, 180, "the deployment never became ready")
+            wait_until(lambda: _status(client, "/readyz") == 200, "the deployment is ready", 180)
             started = psutil.Process(server.pid).children(recursive=True)
             # long enough to be running when the signal comes: 16 inputs, 8 beams, 40 tokens each
             body = {"inputs": [d["text"] for d in corpus(16, seed=2)],
@@ -277,7 +279,7 @@ def test_sigterm_lets_the_replicas_answer_what_they_hold_then_exits_0(export_dir
 
             request = threading.Thread(target=post)
             request.start()
-            _wait_until(lambda: _metric(client, "ortseq_running_batch_rows") > 0, 60, "the request never ran")
+            wait_until(lambda: metric_value(client.get("/metrics").text, "ortseq_running_batch_rows") > 0, "it runs")
             server.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             request.join(timeout=120)
@@ -303,15 +305,3 @@ def _status(client, path: str) -> int:
         return client.get(path).status_code
     except Exception:  # not listening yet
         return 0
-
-
-def _metric(client, series: str) -> float:
-    lines = client.get("/metrics").text.splitlines()
-    return next((float(line.split()[-1]) for line in lines if line.startswith(series + " ")), 0.0)
-
-
-def _wait_until(condition, timeout_s: float, failure: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, failure
-        time.sleep(0.1)

@@ -11,12 +11,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from helpers import metric_value, wait_until
 
 from ortseq.runtime import Seq2SeqModel
 from ortseq.runtime.serving.app import create_app
@@ -138,13 +138,6 @@ def client(model):
     with TestClient(create_app(model, RequestLimits(max_inputs=4, max_input_tokens=40))) as client:
         wait_until_ready(lambda: client.get("/readyz").status_code)
         yield client
-
-
-def wait_until(condition, what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
 
 
 def wait_until_ready(readyz_status) -> None:
@@ -338,8 +331,7 @@ def post(port: int, body: dict, timeout: float = 120) -> tuple[int, dict]:
 
 
 def metric(port: int, series: str) -> float:
-    lines = get(port, "/metrics")[1].splitlines()
-    return next(float(line.split()[-1]) for line in lines if line.startswith(series + " "))
+    return metric_value(get(port, "/metrics")[1], series)
 
 
 def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(exported):

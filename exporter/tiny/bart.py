@@ -86,7 +86,6 @@ def build_tiny_bart(out_dir: Path, shape: TinyBartShape = TinyBartShape(), seed:
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"building tiny-bart in {out_dir} (tokenizer trained on the spot)")
     tokenizer = train_bart_tokenizer(out_dir, shape.vocab_size, seed)
-    token_ids = BART_TOKEN_IDS
     forced_bos = dict(forced_bos_token_id=0) if shape.forced_bos else {}
     config = BartConfig(
         vocab_size=len(tokenizer), d_model=shape.d_model, encoder_layers=shape.encoder_layers,
@@ -94,7 +93,7 @@ def build_tiny_bart(out_dir: Path, shape: TinyBartShape = TinyBartShape(), seed:
         encoder_ffn_dim=shape.ffn_dim, decoder_ffn_dim=shape.ffn_dim,
         max_position_embeddings=shape.max_position_embeddings, scale_embedding=shape.scale_embedding,
         tie_word_embeddings=shape.tie_embeddings, init_std=shape.init_std, activation_function="gelu",
-        **token_ids, **forced_bos,
+        **BART_TOKEN_IDS, **forced_bos,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = BartForConditionalGeneration(config).eval()
@@ -102,7 +101,7 @@ def build_tiny_bart(out_dir: Path, shape: TinyBartShape = TinyBartShape(), seed:
     # bart-large-cnn's search (4 beams, length penalty 2, no 3-gram repeats, early stopping) at tiny lengths
     model.generation_config = GenerationConfig(
         num_beams=4, max_length=32, min_length=6, length_penalty=2.0, no_repeat_ngram_size=3, early_stopping=True,
-        **token_ids, **forced_bos,
+        **BART_TOKEN_IDS, **forced_bos,
     )  # fmt: skip
     model.save_pretrained(out_dir)
     return out_dir
