@@ -5,7 +5,7 @@ This file is the `ortseq` package itself: pyproject.toml maps the package onto t
 the folders runtime/, graphs/ and exporter/ install as ortseq.runtime, ortseq.graphs, ortseq.exporter.
 """
 
-from ortseq.graphs import __version__
+from .graphs import __version__
 
 __all__ = ["InvalidInputError", "ManifestError", "Seq2SeqModel", "__version__"]
 
@@ -13,7 +13,7 @@ __all__ = ["InvalidInputError", "ManifestError", "Seq2SeqModel", "__version__"]
 def __getattr__(name: str):
     # lazily, so that `import ortseq.exporter` does not load onnxruntime before torch
     if name in ("InvalidInputError", "ManifestError", "Seq2SeqModel"):
-        from ortseq import runtime
+        from . import runtime
 
         return getattr(runtime, name)
     raise AttributeError(f"module 'ortseq' has no attribute {name!r}")

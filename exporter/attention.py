@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ortseq.graphs import contract
+from ..graphs import contract
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ortseq.exporter.errors import SourceError
-from ortseq.exporter.progress import log
+from .errors import SourceError
+from .progress import log
 
 
 class CheckpointMismatchError(SourceError):

@@ -8,9 +8,9 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from ortseq.runtime.cli import HelpFormatter, bounded, common_options, needs_extra, out_options
-from ortseq.runtime.errors import InvalidInputError
-from ortseq.runtime.texts import read_lines
+from ..runtime.cli import HelpFormatter, bounded, common_options, needs_extra, out_options
+from ..runtime.errors import InvalidInputError
+from ..runtime.texts import read_lines
 
 FRACTION = bounded(float, 0.0, 1.0, "agreement is a fraction in [0, 1]")
 SOURCE_HELP = "an alias, a hub id or a save_pretrained() directory"
@@ -41,7 +41,7 @@ class _ExportHelp(HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.help == SOURCE_HELP:
-            from ortseq.exporter.sources import ALIASES
+            from .sources import ALIASES
 
             return f"an alias ({', '.join(ALIASES)}), a hub id or a save_pretrained() directory"
         return super()._get_help_string(action)
@@ -49,13 +49,13 @@ class _ExportHelp(HelpFormatter):
 
 def _export(args: argparse.Namespace) -> int:
     with needs_extra("export", "the exporter dependencies", "pip install torch==2.13.0 -e '.[export]'"):
-        from ortseq.exporter.pipeline import export
-    from ortseq.exporter.families import UnsupportedModelError
-    from ortseq.exporter.progress import third_party_output_hidden
-    from ortseq.exporter.sources import SourceError
-    from ortseq.exporter.verify import GraphMismatchError
-    from ortseq.graphs.generation import GenerationSettingError
-    from ortseq.graphs.lsg import LSGConfigError
+        from .pipeline import export
+    from .families import UnsupportedModelError
+    from .progress import third_party_output_hidden
+    from .sources import SourceError
+    from .verify import GraphMismatchError
+    from ..graphs.generation import GenerationSettingError
+    from ..graphs.lsg import LSGConfigError
 
     try:
         with third_party_output_hidden(not args.verbose):
@@ -78,10 +78,10 @@ def _export(args: argparse.Namespace) -> int:
 
 def _quantize(args: argparse.Namespace) -> int:
     with needs_extra("quantize", "onnx and onnxruntime's quantization tools", "pip install -e '.[quantize]'"):
-        from ortseq.exporter.quantization import formats
-        from ortseq.exporter.quantization.pipeline import QuantizationError, default_settings, quantize
-        from ortseq.exporter.quantization.quality import format_report
-    from ortseq.exporter.progress import third_party_output_hidden
+        from .quantization import formats
+        from .quantization.pipeline import QuantizationError, default_settings, quantize
+        from .quantization.quality import format_report
+    from .progress import third_party_output_hidden
 
     settings = default_settings(args.to)
     overrides = {

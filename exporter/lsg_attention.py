@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ortseq.graphs import lsg
-from ortseq.graphs.lsg import LSGSettings
+from ..graphs import lsg
+from ..graphs.lsg import LSGSettings
 
 MIN = torch.finfo(torch.float32).min
 

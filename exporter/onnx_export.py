@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from ortseq.graphs.contract import IR_VERSION
+from ..graphs.contract import IR_VERSION
 
 OPSET = 17
 # protobuf cannot hold a file over 2 GiB; stay well under it.

@@ -13,21 +13,21 @@ from pathlib import Path
 
 import torch
 
-from ortseq.exporter import onnx_export, verify
-from ortseq.exporter.attention import self_attention_body
-from ortseq.exporter.beam_search_op import beam_search_model_for, check_supported
-from ortseq.exporter.checkpoint_check import load_checkpoint_tensors
-from ortseq.exporter.families import Family, UnsupportedModelError, family_for, family_named
-from ortseq.exporter.progress import log
-from ortseq.exporter.search_step import write_search_step
-from ortseq.exporter.shared_weights import SharedWeights, embedding_tables
-from ortseq.exporter.sources import ALIASES, resolved_source
-from ortseq.exporter.tokenizer_files import check_tokenizer_files, save_tokenizer
-from ortseq.exporter.unpadded_attention import skip_mask_when_unpadded
-from ortseq.graphs import contract
-from ortseq.graphs.directories import check_out_dir, replace_dir
-from ortseq.graphs.generation import settings_from_generation_config
-from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, Manifest, sha256_of
+from . import onnx_export, verify
+from .attention import self_attention_body
+from .beam_search_op import beam_search_model_for, check_supported
+from .checkpoint_check import load_checkpoint_tensors
+from .families import Family, UnsupportedModelError, family_for, family_named
+from .progress import log
+from .search_step import write_search_step
+from .shared_weights import SharedWeights, embedding_tables
+from .sources import ALIASES, resolved_source
+from .tokenizer_files import check_tokenizer_files, save_tokenizer
+from .unpadded_attention import skip_mask_when_unpadded
+from ..graphs import contract
+from ..graphs.directories import check_out_dir, replace_dir
+from ..graphs.generation import settings_from_generation_config
+from ..graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, Manifest, sha256_of
 
 # Shapes used for tracing; verify.py checks the graphs at other ones.
 TRACE_BATCH, TRACE_SRC, TRACE_BEAMS, TRACE_PAST, TRACE_MAX_LEN = 2, 9, 2, 3, 7
@@ -259,7 +259,7 @@ def _versions() -> dict[str, str]:
     import onnxruntime
     import transformers
 
-    from ortseq.graphs import __version__
+    from ..graphs import __version__
 
     return {
         "ortseq": __version__,

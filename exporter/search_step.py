@@ -12,8 +12,8 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from ortseq.exporter.onnx_export import OPSET, save_proto
-from ortseq.graphs import contract
+from .onnx_export import OPSET, save_proto
+from ..graphs import contract
 
 
 def search_step_model() -> onnx.ModelProto:

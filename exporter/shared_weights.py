@@ -28,8 +28,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ortseq.graphs import contract
-from ortseq.graphs.contract import SHARED_WEIGHTS_FILE
+from ..graphs import contract
+from ..graphs.contract import SHARED_WEIGHTS_FILE
 
 if TYPE_CHECKING:
     import torch

@@ -7,9 +7,9 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from ortseq.exporter import families
-from ortseq.exporter.errors import SourceError
-from ortseq.exporter.progress import log
+from . import families
+from .errors import SourceError
+from .progress import log
 
 # Short names for `make export MODEL=...`, declared by each family. A value starting with "tiny:" is built
 # locally, offline (the family's tiny builder).

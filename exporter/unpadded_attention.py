@@ -16,7 +16,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from ortseq.graphs import contract
+from ..graphs import contract
 
 MICROSOFT = "com.microsoft"
 KEY_PADDING_MASK = 4  # MultiHeadAttention's input index

@@ -15,10 +15,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ortseq.exporter.checkpoint_check import load_checkpoint_tensors
-from ortseq.exporter.progress import log
-from ortseq.graphs import contract
-from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE
+from .checkpoint_check import load_checkpoint_tensors
+from .progress import log
+from ..graphs import contract
+from ..graphs.manifest import BEAM_SEARCH_OP_ENGINE
 
 # fp32 graphs compute the same math in another order: differences are rounding, ~1e-6 relative.
 RTOL = 1e-4
@@ -147,7 +147,7 @@ def verify_beam_search_op(directory: Path) -> None:
     """The BeamSearch-op engine must return the loop engine's tokens, on a padded batch read back from
     the export directory: greedy, and the model's beam count with early stopping (what the engine
     supports), at the model's other defaults (length penalty, n-gram ban, lengths)."""
-    from ortseq.runtime import Seq2SeqModel  # the runtime the export will be used with
+    from ..runtime import Seq2SeqModel  # the runtime the export will be used with
 
     loop = Seq2SeqModel.load(directory, verify=False)
     op = Seq2SeqModel.load(directory, verify=False, engine=BEAM_SEARCH_OP_ENGINE)
@@ -209,7 +209,7 @@ def verify_against_transformers(directory: Path, family, checkpoint: Path) -> No
     """
     from transformers.utils import logging as hf_logging
 
-    from ortseq.runtime import Seq2SeqModel
+    from ..runtime import Seq2SeqModel
 
     ours = Seq2SeqModel.load(directory, verify=False)
     gc.collect()  # the model the graphs were built from is released by now: free it before loading another copy

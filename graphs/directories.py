@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from ortseq.graphs.manifest import MANIFEST_FILE
+from .manifest import MANIFEST_FILE
 
 logger = logging.getLogger("ortseq")
 BUNDLE_LAUNCHER = "summarize"  # a bundle is BUNDLE/summarize + BUNDLE/model/manifest.json (runtime/bundle.py)

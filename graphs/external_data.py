@@ -12,7 +12,7 @@ import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
-from ortseq.graphs.manifest import Manifest, ManifestError
+from .manifest import Manifest, ManifestError
 
 # message -> {field number: message type it holds}, from onnx.proto; only paths that can reach a TensorProto
 _MODEL, _GRAPH, _NODE, _ATTRIBUTE, _TENSOR, _SPARSE, _FUNCTION, _ENTRY = range(8)

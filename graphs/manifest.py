@@ -10,8 +10,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ortseq.graphs import contract
-from ortseq.graphs.generation import GenerationSettingError, GenerationSettings, from_json
+from . import contract
+from .generation import GenerationSettingError, GenerationSettings, from_json
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 3

@@ -1,6 +1,6 @@
 """ortseq runtime: seq2seq generation over ONNX Runtime sessions. Needs neither torch nor transformers."""
 
-from ortseq.runtime.errors import InvalidInputError, ManifestError
-from ortseq.runtime.model import Seq2SeqModel
+from .errors import InvalidInputError, ManifestError
+from .model import Seq2SeqModel
 
 __all__ = ["InvalidInputError", "ManifestError", "Seq2SeqModel"]

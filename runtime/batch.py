@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from ortseq.runtime.errors import InvalidInputError
+from .errors import InvalidInputError
 
 DocumentId = str | int  # JSON ids: strings or integers, written back exactly as read
 

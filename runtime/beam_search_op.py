@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ortseq.graphs.contract import BEAM_SEARCH_FILE
-from ortseq.graphs.generation import non_default
-from ortseq.runtime.errors import InvalidInputError
-from ortseq.runtime.search import PROMPT_LEN, SearchSettings
-from ortseq.runtime.sessions import create_session
+from ..graphs.contract import BEAM_SEARCH_FILE
+from ..graphs.generation import non_default
+from .errors import InvalidInputError
+from .search import PROMPT_LEN, SearchSettings
+from .sessions import create_session
 
 # Settings the op has no input or attribute for: refused by name unless at transformers' defaults.
 OP_UNSUPPORTED = (

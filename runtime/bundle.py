@@ -18,9 +18,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-import ortseq
-from ortseq.graphs.directories import check_out_dir, replace_dir
-from ortseq.graphs.manifest import MANIFEST_FILE, Manifest
+from ..graphs.directories import check_out_dir, replace_dir
+from ..graphs.manifest import MANIFEST_FILE, Manifest
 
 logger = logging.getLogger("ortseq")
 
@@ -38,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 try:
-    from ortseq.runtime.cli import main
+    from .cli import main
 except ImportError as exc:
     sys.exit(f"summarize: {exc.name} is missing; install the bundle's requirements: "
              f"pip install -r {HERE / 'requirements.txt'}")
@@ -56,7 +55,7 @@ Needs Python >= 3.10 and pip; no torch, no transformers.
 
 From Python, with this folder on sys.path:
 
-    from ortseq.runtime import Seq2SeqModel
+    from . import Seq2SeqModel
     model = Seq2SeqModel.load("model")
     print(model.summarize(["A text to summarize."]))
 
@@ -94,10 +93,11 @@ def make_bundle(export_dir: str | Path, out_dir: str | Path, force: bool = False
 
 def _copy_runtime_code(target: Path) -> None:
     """The `ortseq` package with only what summarizing needs: its __init__, runtime/ and graphs/."""
-    from ortseq import graphs, runtime
+    from .. import __file__ as package_init
+    from .. import graphs, runtime
 
     target.mkdir()
-    shutil.copy2(ortseq.__file__, target / "__init__.py")
+    shutil.copy2(package_init, target / "__init__.py")
     for package in (runtime, graphs):
         source = Path(package.__file__).parent
         shutil.copytree(source, target / source.name, ignore=LEFT_OUT)

@@ -12,12 +12,12 @@ from contextlib import contextmanager
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from ortseq.graphs import __version__
-from ortseq.graphs.directories import OutputDirError
-from ortseq.graphs.generation import add_generation_arguments, generation_overrides
-from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE
-from ortseq.runtime.errors import InvalidInputError, ManifestError
-from ortseq.runtime.texts import DEFAULT_BATCH_SIZE, read_lines, summarize_stream
+from ..graphs import __version__
+from ..graphs.directories import OutputDirError
+from ..graphs.generation import add_generation_arguments, generation_overrides
+from ..graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE
+from .errors import InvalidInputError, ManifestError
+from .texts import DEFAULT_BATCH_SIZE, read_lines, summarize_stream
 
 EXIT_USAGE = 2
 USER_ERRORS = (InvalidInputError, ManifestError, OutputDirError)
@@ -33,7 +33,7 @@ def needs_extra(command: str, what: str, install: str):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from ortseq.runtime.model import Seq2SeqModel
+    from .model import Seq2SeqModel
 
     _check_text_arguments(args.texts, args.input)
     model = Seq2SeqModel.load(args.export_dir, provider=args.provider, threads=args.threads, engine=args.engine)
@@ -77,8 +77,8 @@ def _opened_input(input_file: str | None):
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from ortseq.runtime.batch import default_errors_path
-    from ortseq.runtime.ray_batch import BatchJob, import_ray, run_batch
+    from .batch import default_errors_path
+    from .ray_batch import BatchJob, import_ray, run_batch
 
     import_ray()  # a missing Ray is a usage error before anything is read or written
     if generation_overrides(args).get("num_return_sequences", 1) != 1:
@@ -110,9 +110,9 @@ def _batch(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     with needs_extra("serve", "the serving dependencies", "pip install -e '.[serve]'"):
-        from ortseq.runtime.serving.server import ServerOptions, bound_socket, serve
-    from ortseq.runtime.serving.batcher import BatchingConfig
-    from ortseq.runtime.serving.schema import RequestLimits
+        from .serving.server import ServerOptions, bound_socket, serve
+    from .serving.batcher import BatchingConfig
+    from .serving.schema import RequestLimits
 
     limits = RequestLimits(args.max_inputs, args.max_input_tokens, args.max_num_beams)
     batching = BatchingConfig(args.max_batch_size, args.max_wait_ms, args.max_queue)
@@ -137,11 +137,11 @@ def _serve_on_ray(args: argparse.Namespace, limits, batching) -> int:
     # uvicorn's connection limit is this process's; Ray Serve's proxy has its own
     if args.max_connections is not None:
         raise InvalidInputError("--max-connections does not apply with --replicas (Ray Serve's proxy)")
-    from ortseq.runtime.ray_batch import import_ray
+    from .ray_batch import import_ray
 
     import_ray()
-    from ortseq.runtime.serving.ray_serve import serve_on_ray
-    from ortseq.runtime.serving.schema import GRACEFUL_TIMEOUT_S
+    from .serving.ray_serve import serve_on_ray
+    from .serving.schema import GRACEFUL_TIMEOUT_S
 
     graceful_timeout_s = GRACEFUL_TIMEOUT_S if args.graceful_timeout is None else args.graceful_timeout
     serve_on_ray(
@@ -152,7 +152,7 @@ def _serve_on_ray(args: argparse.Namespace, limits, batching) -> int:
 
 
 def _bundle(args: argparse.Namespace) -> int:
-    from ortseq.runtime.bundle import make_bundle
+    from .bundle import make_bundle
 
     make_bundle(args.export_dir, args.out, force=args.force)
     return 0

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ortseq.graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, Manifest
-from ortseq.runtime.beam_search_op import BeamSearchOpModel
-from ortseq.runtime.errors import InvalidInputError
-from ortseq.runtime.search import EncoderTokens, HostCandidates, SearchSettings, beam_search, greedy_search
-from ortseq.runtime.search_step import DeviceCandidates
-from ortseq.runtime.sessions import EncoderDecoderSessions
+from ..graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, Manifest
+from .beam_search_op import BeamSearchOpModel
+from .errors import InvalidInputError
+from .search import EncoderTokens, HostCandidates, SearchSettings, beam_search, greedy_search
+from .search_step import DeviceCandidates
+from .sessions import EncoderDecoderSessions
 
 ENGINES = (LOOP_ENGINE, BEAM_SEARCH_OP_ENGINE)
 

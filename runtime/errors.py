@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ortseq.graphs.manifest import ManifestError
+from ..graphs.manifest import ManifestError
 
 
 class InvalidInputError(ValueError):

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ortseq.graphs.external_data import check_graph_data
-from ortseq.graphs.generation import SETTING_NAMES, GenerationSettingError, resolve_settings
-from ortseq.graphs.manifest import LOOP_ENGINE, Manifest
-from ortseq.runtime.engines import open_engine
-from ortseq.runtime.errors import InvalidInputError
-from ortseq.runtime.search import SearchSettings
-from ortseq.runtime.sessions import EncoderDecoderSessions
-from ortseq.runtime.tokenizer import TextTokenizer
+from ..graphs.external_data import check_graph_data
+from ..graphs.generation import SETTING_NAMES, GenerationSettingError, resolve_settings
+from ..graphs.manifest import LOOP_ENGINE, Manifest
+from .engines import open_engine
+from .errors import InvalidInputError
+from .search import SearchSettings
+from .sessions import EncoderDecoderSessions
+from .tokenizer import TextTokenizer
 
 
 class Seq2SeqModel:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ortseq.graphs.manifest import LOOP_ENGINE
-from ortseq.runtime.batch import (
+from ..graphs.manifest import LOOP_ENGINE
+from .batch import (
     BlockWriter,
     Document,
     Plan,
@@ -32,8 +32,8 @@ from ortseq.runtime.batch import (
     recover_output,
     write_errors,
 )
-from ortseq.runtime.errors import InvalidInputError
-from ortseq.runtime.model import Seq2SeqModel
+from .errors import InvalidInputError
+from .model import Seq2SeqModel
 
 logger = logging.getLogger("ortseq")
 
@@ -119,7 +119,7 @@ class Summarizer:
         self.generate_kwargs = generate_kwargs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from ortseq.runtime.serving.inference import summarize_rows
+        from .serving.inference import summarize_rows
 
         texts = [str(text) for text in batch["text"]]
         # what Seq2SeqModel.summarize feeds generate: ids truncated to the model's maximum, padded
@@ -137,7 +137,7 @@ class Summarizer:
         }
 
     def _one_by_one(self, keys, rows: list[list[int]]) -> dict[str, list]:
-        from ortseq.runtime.serving.inference import summarize_rows
+        from .serving.inference import summarize_rows
 
         columns = {"key": [], "summary": [], "input_tokens": [], "output_tokens": [], "error": []}
         for key, row in zip(keys, rows):

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ortseq.graphs.generation import DEFAULT_NEW_TOKENS, PROMPT_LEN, GenerationSettings
+from ..graphs.generation import DEFAULT_NEW_TOKENS, PROMPT_LEN, GenerationSettings
 
 NEG_LARGE = np.float32(-1.0e9)  # transformers' "very large negative" for beams that must not be picked
 

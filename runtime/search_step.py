@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from ortseq.runtime.search import (
+from .search import (
     EncoderTokens,
     HostCandidates,
     SearchSettings,

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ortseq.graphs import contract
-from ortseq.graphs.manifest import Manifest, ManifestError, ModelDims
-from ortseq.runtime.errors import InvalidInputError
-from ortseq.runtime.shared_weights import SharedWeights
+from ..graphs import contract
+from ..graphs.manifest import Manifest, ManifestError, ModelDims
+from .errors import InvalidInputError
+from .shared_weights import SharedWeights
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # onnxruntime's device name of each provider's memory (OrtValue.ortvalue_from_shape_and_type, bind_output)

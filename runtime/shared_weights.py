@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ortseq.graphs.contract import SHARED_WEIGHTS_FILE
-from ortseq.graphs.external_data import external_initializers
-from ortseq.graphs.manifest import ManifestError
+from ..graphs.contract import SHARED_WEIGHTS_FILE
+from ..graphs.external_data import external_initializers
+from ..graphs.manifest import ManifestError
 
 DONT_NEED = getattr(mmap, "MADV_DONTNEED", None)  # Linux and macOS; Windows has no madvise
 NO_HUGE_PAGES = getattr(mmap, "MADV_NOHUGEPAGE", None)  # Linux: a row written must not fault in 2 MB

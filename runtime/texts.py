@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO, TextIO
 
-from ortseq.runtime.errors import InvalidInputError
+from .errors import InvalidInputError
 
 logger = logging.getLogger("ortseq")
 DEFAULT_BATCH_SIZE = 8  # texts per generate call: small enough that output keeps coming

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ortseq.graphs.manifest import ManifestError, TokenizerInfo
+from ..graphs.manifest import ManifestError, TokenizerInfo
 
 logger = logging.getLogger("ortseq")
 

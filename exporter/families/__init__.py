@@ -11,11 +11,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from ortseq.exporter.families.bart import BartFamily
-from ortseq.exporter.families.base import Family, UnsupportedModelError, most_specific
-from ortseq.exporter.families.encoder_decoder import EncoderDecoderFamily
-from ortseq.exporter.families.lsg_pegasus import LSGPegasusFamily
-from ortseq.exporter.families.pegasus import PegasusFamily
+from .bart import BartFamily
+from .base import Family, UnsupportedModelError, most_specific
+from .encoder_decoder import EncoderDecoderFamily
+from .lsg_pegasus import LSGPegasusFamily
+from .pegasus import PegasusFamily
 
 __all__ = ["FAMILIES", "Family", "UnsupportedModelError", "aliases", "family_for", "family_named", "tiny_builder"]
 

@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ortseq.exporter.attention import (
+from ..attention import (
     DMMHA,
     StaticCacheDecoderStep,
     additive_mask,
@@ -30,12 +30,12 @@ from ortseq.exporter.attention import (
     merge_heads,
     split_heads,
 )
-from ortseq.exporter.checkpoint_check import CheckpointLayout
-from ortseq.exporter.families.base import Family
-from ortseq.exporter.shared_weights import lm_head_logits
-from ortseq.exporter.tiny.bart import build_tiny_bart
-from ortseq.exporter.tiny.trained import build_trained_tiny_bart
-from ortseq.graphs.manifest import ModelDims, SpecialTokens
+from ..checkpoint_check import CheckpointLayout
+from .base import Family
+from ..shared_weights import lm_head_logits
+from ..tiny.bart import build_tiny_bart
+from ..tiny.trained import build_trained_tiny_bart
+from ...graphs.manifest import ModelDims, SpecialTokens
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from ortseq.graphs import contract
+from ...graphs import contract
 
 if TYPE_CHECKING:
     import onnx
     from torch import nn
 
-    from ortseq.exporter.checkpoint_check import CheckpointLayout
-    from ortseq.graphs.manifest import ModelDims, SpecialTokens
+    from ..checkpoint_check import CheckpointLayout
+    from ...graphs.manifest import ModelDims, SpecialTokens
 
 # The encoder is traced at a short, odd length by default; verify.py then checks it at many others.
 DEFAULT_ENCODER_TRACE_LENGTH = 9
@@ -110,7 +110,7 @@ class Family:
         exporter/checkpoint_check.py takes every tensor of the model from the files by this layout, for
         the export (after load_model) and for the reference (after reference_model). Default: no ties
         beyond the model's own shared parameters, nothing computed."""
-        from ortseq.exporter.checkpoint_check import CheckpointLayout
+        from ..checkpoint_check import CheckpointLayout
 
         return CheckpointLayout()
 

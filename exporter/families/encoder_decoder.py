@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ortseq.exporter.attention import (
+from ..attention import (
     DMMHA,
     StaticCacheDecoderStep,
     additive_mask,
@@ -32,10 +32,10 @@ from ortseq.exporter.attention import (
     merge_heads,
     split_heads,
 )
-from ortseq.exporter.checkpoint_check import CheckpointLayout
-from ortseq.exporter.families.base import Family, UnsupportedModelError
-from ortseq.exporter.tiny.encoder_decoder import KINDS, build_tiny_encoder_decoder
-from ortseq.graphs.manifest import ModelDims, SpecialTokens
+from ..checkpoint_check import CheckpointLayout
+from .base import Family, UnsupportedModelError
+from ..tiny.encoder_decoder import KINDS, build_tiny_encoder_decoder
+from ...graphs.manifest import ModelDims, SpecialTokens
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ortseq.exporter.attention import merge_heads, split_heads
-from ortseq.exporter.checkpoint_check import CheckpointLayout, read_checkpoint_tensors
-from ortseq.exporter.conv_linear import conv_feed_forward, conv_linear
-from ortseq.exporter.families.pegasus import PegasusFamily, cross_key_values
-from ortseq.exporter.lsg_attention import LSGAttentionCore, lsg_attention
-from ortseq.exporter.tiny.lsg_pegasus import build_tiny_lsg_pegasus
-from ortseq.graphs import lsg
-from ortseq.graphs.lsg import GLOBALS_KEY, POSITIONS_KEY, LSGSettings
+from ..attention import merge_heads, split_heads
+from ..checkpoint_check import CheckpointLayout, read_checkpoint_tensors
+from ..conv_linear import conv_feed_forward, conv_linear
+from .pegasus import PegasusFamily, cross_key_values
+from ..lsg_attention import LSGAttentionCore, lsg_attention
+from ..tiny.lsg_pegasus import build_tiny_lsg_pegasus
+from ...graphs import lsg
+from ...graphs.lsg import GLOBALS_KEY, POSITIONS_KEY, LSGSettings
 
 # The reference draws new LSH hyperplanes on every call; an export freezes one draw, from this seed.
 LSH_SEED = 0
@@ -215,7 +215,7 @@ def finalize_encoder_graph(module: EncoderExport, graph_model) -> None:
     """Add the ortseq::LSGAttention function to the traced encoder and name the LSH planes."""
     import onnx
 
-    from ortseq.exporter.onnx_export import OPSET, trace_to_proto
+    from ..onnx_export import OPSET, trace_to_proto
 
     settings = module.config.attention
     heads, head_dim = module.encoder.layers[0].self_attn.num_heads, module.encoder.layers[0].self_attn.head_dim

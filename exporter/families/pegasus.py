@@ -16,10 +16,10 @@ from typing import ClassVar
 
 from torch import nn
 
-from ortseq.exporter.checkpoint_check import CheckpointLayout
-from ortseq.exporter.families.bart import BartFamily, Layout, cross_key_values
-from ortseq.exporter.tiny.pegasus import build_tiny_pegasus
-from ortseq.exporter.tiny.trained import build_trained_tiny_pegasus
+from ..checkpoint_check import CheckpointLayout
+from .bart import BartFamily, Layout, cross_key_values
+from ..tiny.pegasus import build_tiny_pegasus
+from ..tiny.trained import build_trained_tiny_pegasus
 
 __all__ = ["PEGASUS_LAYOUT", "PegasusFamily", "cross_key_values"]
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import onnx
 
-from ortseq.exporter.conv_linear import convs_to_matmuls
-from ortseq.exporter.quantization import vocab_tables
-from ortseq.exporter.shared_weights import SharedFile
+from ..conv_linear import convs_to_matmuls
+from . import vocab_tables
+from ..shared_weights import SharedFile
 
 # Exports are written with IR 8 (graphs/contract.py); int4 tensors (opset 21, used by the quantizer for
 # embeddings) need IR 10. onnx 1.23 would write IR 14, more than onnxruntime 1.31 accepts.

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import onnx
 
-from ortseq.exporter import unpadded_attention
-from ortseq.exporter.quantization import vocab_tables
-from ortseq.exporter.shared_weights import SharedFile
-from ortseq.graphs import contract
+from .. import unpadded_attention
+from . import vocab_tables
+from ..shared_weights import SharedFile
+from ...graphs import contract
 
 # The encoder's MultiHeadAttention: onnxruntime's CPU kernel is float32 only (and its mask value is
 # float32's minimum), so it stays float32 even in the naive conversion.
@@ -83,7 +83,7 @@ def float_outputs_kept(model: onnx.ModelProto) -> list[str]:
 def to_fp16(model: onnx.ModelProto, settings: Fp16Settings) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from ortseq.exporter.quantization.formats import name_nodes
+    from .formats import name_nodes
 
     # the converter's casts and the clean-ups below read the graph's own nodes, not If branches
     branched = unpadded_attention.masked_nodes_back(model)
@@ -127,7 +127,7 @@ def convert_fp16(
     """The graph in fp16 (residual stream fp32); its fp16 token tables go to the shared file, once."""
     from onnx.external_data_helper import load_external_data_for_model
 
-    from ortseq.exporter.quantization.formats import save_graph
+    from .formats import save_graph
 
     # The converter casts around a kept-fp32 node only where it knows the tensor types: infer them first,
     # on the graph without its weights (a model over 2 GB cannot be serialized for shape inference).

@@ -14,13 +14,13 @@ import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ortseq.exporter.progress import log
-from ortseq.exporter.quantization import formats, fp16
-from ortseq.exporter.quantization.quality import ReportSettings, default_texts, lowest_agreement, quality_report
-from ortseq.exporter.shared_weights import SharedFile
-from ortseq.graphs import contract
-from ortseq.graphs.directories import check_out_dir, replace_dir
-from ortseq.graphs.manifest import LOOP_ENGINE, Manifest, Quantization, sha256_of
+from ..progress import log
+from . import formats, fp16
+from .quality import ReportSettings, default_texts, lowest_agreement, quality_report
+from ..shared_weights import SharedFile
+from ...graphs import contract
+from ...graphs.directories import check_out_dir, replace_dir
+from ...graphs.manifest import LOOP_ENGINE, Manifest, Quantization, sha256_of
 
 FORMATS = ("int8", "int4", "fp16")
 DEFAULT_MIN_AGREEMENT = 0.9
@@ -54,7 +54,7 @@ def quantize(
     defaults). Raises QualityGateError, writing nothing, when token agreement < min_agreement.
     force: replace an existing export at out_dir (a directory ortseq did not write is never replaced).
     """
-    from ortseq.runtime.model import Seq2SeqModel
+    from ...runtime.model import Seq2SeqModel
 
     source_dir, out_dir = Path(source_dir).absolute(), Path(out_dir).absolute()
     if to not in FORMATS:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ortseq.runtime.model import Seq2SeqModel
+from ...runtime.model import Seq2SeqModel
 
 QUALITY_TEXTS = Path(__file__).with_name("quality_texts.txt")
 

@@ -32,8 +32,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ortseq.exporter.progress import log
-from ortseq.exporter.shared_weights import SharedFile
+from ..progress import log
+from ..shared_weights import SharedFile
 
 MICROSOFT = "com.microsoft"
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ortseq.exporter.progress import log
-from ortseq.exporter.tiny.text import (
+from ..progress import log
+from .text import (
     load_saved_tokenizer,
     tokenizer_corpus,
     train_byte_level_bpe_vocab,

@@ -10,8 +10,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ortseq.exporter.progress import log
-from ortseq.exporter.tiny.text import synthetic_corpus, train_unigram_sentencepiece
+from ..progress import log
+from .text import synthetic_corpus, train_unigram_sentencepiece
 
 
 def train_pegasus_sentencepiece(out_dir: Path, vocab_size: int = 400, seed: int = 0) -> Path:

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ortseq.exporter.progress import log
-from ortseq.exporter.tiny import bart, pegasus
+from ..progress import log
+from . import bart, pegasus
 
 TRAINING_VERSION = 1
 CACHE_ENV = "ORTSEQ_CACHE"  # overrides the cache directory (default: $XDG_CACHE_HOME/ortseq or ~/.cache/ortseq)

@@ -18,12 +18,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from ortseq.runtime.errors import InvalidInputError
-from ortseq.runtime.model import Seq2SeqModel
-from ortseq.runtime.serving.batcher import BatchingConfig, DynamicBatcher, QueueFullError, ShuttingDownError
-from ortseq.runtime.serving.inference import Summary, summarize_rows
-from ortseq.runtime.serving.metrics import ServingMetrics
-from ortseq.runtime.serving.schema import (
+from ..errors import InvalidInputError
+from ..model import Seq2SeqModel
+from .batcher import BatchingConfig, DynamicBatcher, QueueFullError, ShuttingDownError
+from .inference import Summary, summarize_rows
+from .metrics import ServingMetrics
+from .schema import (
     ErrorResponse,
     RequestLimits,
     SummarizeRequest,

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ortseq.runtime.errors import InvalidInputError
-from ortseq.runtime.search import SearchSettings
-from ortseq.runtime.serving.inference import Summary
-from ortseq.runtime.serving.metrics import ServingMetrics
+from ..errors import InvalidInputError
+from ..search import SearchSettings
+from .inference import Summary
+from .metrics import ServingMetrics
 
 RunBatch = Callable[[dict, list[list[int]]], list[Summary]]  # (generate kwargs, token rows) -> a Summary per row
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ortseq.runtime.model import Seq2SeqModel
+from ..model import Seq2SeqModel
 
 
 @dataclass

@@ -15,10 +15,10 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
-from ortseq.runtime.errors import InvalidInputError
-from ortseq.runtime.ray_batch import import_ray, start_local_ray
-from ortseq.runtime.serving.batcher import BatchingConfig
-from ortseq.runtime.serving.schema import GRACEFUL_TIMEOUT_S, RequestLimits
+from ..errors import InvalidInputError
+from ..ray_batch import import_ray, start_local_ray
+from .batcher import BatchingConfig
+from .schema import GRACEFUL_TIMEOUT_S, RequestLimits
 
 logger = logging.getLogger("ortseq")
 APP_NAME = "ortseq"
@@ -35,13 +35,13 @@ class OrtseqDeployment:
     """One replica: loads the export once and serves ortseq's FastAPI app over it."""
 
     def __init__(self, export_dir: str, provider: str, threads: int | None, limits: dict, batching: dict):
-        from ortseq.runtime.model import Seq2SeqModel
+        from ..model import Seq2SeqModel
 
         self.model = Seq2SeqModel.load(export_dir, provider=provider, threads=threads)
         self.limits, self.batching = RequestLimits(**limits), BatchingConfig(**batching)
 
     def __serve_build_asgi_app__(self):
-        from ortseq.runtime.serving.app import create_app
+        from .app import create_app
 
         return create_app(self.model, self.limits, self.batching)
 
@@ -112,8 +112,8 @@ def serve_on_ray(
     them, and only then is Serve shut down. Without an address (nor RAY_ADDRESS), starts a local Ray bound
     to 127.0.0.1. Ray Serve's own log lines (its controller, proxy and replicas) show only with verbose,
     warnings excepted; no access log, as `ortseq serve` without --replicas."""
-    from ortseq.runtime.model import Seq2SeqModel
-    from ortseq.runtime.serving.app import server_settings
+    from ..model import Seq2SeqModel
+    from .app import server_settings
 
     probe = Seq2SeqModel.load(export_dir, threads=1)  # a bad export or setting fails here, before Ray starts
     server_settings(probe, limits, batching)

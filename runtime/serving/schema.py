@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ortseq.graphs.generation import json_types
-from ortseq.runtime.errors import InvalidInputError
-from ortseq.runtime.model import Seq2SeqModel, check_texts
-from ortseq.runtime.search import SearchSettings
+from ...graphs.generation import json_types
+from ..errors import InvalidInputError
+from ..model import Seq2SeqModel, check_texts
+from ..search import SearchSettings
 
 # Generation settings, one per field of graphs/generation.py's table; any left out take the model's
 # generation defaults (as `ortseq generate`). Ranges and token ids are checked by Seq2SeqModel.settings().

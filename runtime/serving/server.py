@@ -11,11 +11,11 @@ from pathlib import Path
 
 import uvicorn
 
-from ortseq.runtime.errors import InvalidInputError
-from ortseq.runtime.model import Seq2SeqModel
-from ortseq.runtime.serving.app import create_app
-from ortseq.runtime.serving.batcher import BatchingConfig
-from ortseq.runtime.serving.schema import GRACEFUL_TIMEOUT_S, RequestLimits
+from ..errors import InvalidInputError
+from ..model import Seq2SeqModel
+from .app import create_app
+from .batcher import BatchingConfig
+from .schema import GRACEFUL_TIMEOUT_S, RequestLimits
 
 logger = logging.getLogger("ortseq")
 
