@@ -31,10 +31,10 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
+from ..graphs.manifest import ModelDims
 from . import onnx_export
 from .families import Family, UnsupportedModelError, family_for
 from .progress import log
-from ..graphs.manifest import ModelDims
 
 # The op's inputs, in its positional order (unused optional ones are empty names).
 OP_INPUTS = ("input_ids", "max_length", "min_length", "num_beams", "num_return_sequences", "length_penalty")

@@ -50,12 +50,12 @@ class _ExportHelp(HelpFormatter):
 def _export(args: argparse.Namespace) -> int:
     with needs_extra("export", "the exporter dependencies", "pip install torch==2.13.0 -e '.[export]'"):
         from .pipeline import export
+    from ..graphs.generation import GenerationSettingError
+    from ..graphs.lsg import LSGConfigError
     from .families import UnsupportedModelError
     from .progress import third_party_output_hidden
     from .sources import SourceError
     from .verify import GraphMismatchError
-    from ..graphs.generation import GenerationSettingError
-    from ..graphs.lsg import LSGConfigError
 
     try:
         with third_party_output_hidden(not args.verbose):

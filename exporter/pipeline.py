@@ -13,6 +13,10 @@ from pathlib import Path
 
 import torch
 
+from ..graphs import contract
+from ..graphs.directories import check_out_dir, replace_dir
+from ..graphs.generation import settings_from_generation_config
+from ..graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, Manifest, sha256_of
 from . import onnx_export, verify
 from .attention import self_attention_body
 from .beam_search_op import beam_search_model_for, check_supported
@@ -24,10 +28,6 @@ from .shared_weights import SharedWeights, embedding_tables
 from .sources import ALIASES, resolved_source
 from .tokenizer_files import check_tokenizer_files, save_tokenizer
 from .unpadded_attention import skip_mask_when_unpadded
-from ..graphs import contract
-from ..graphs.directories import check_out_dir, replace_dir
-from ..graphs.generation import settings_from_generation_config
-from ..graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, Manifest, sha256_of
 
 # Shapes used for tracing; verify.py checks the graphs at other ones.
 TRACE_BATCH, TRACE_SRC, TRACE_BEAMS, TRACE_PAST, TRACE_MAX_LEN = 2, 9, 2, 3, 7

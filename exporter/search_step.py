@@ -12,8 +12,8 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from .onnx_export import OPSET, save_proto
 from ..graphs import contract
+from .onnx_export import OPSET, save_proto
 
 
 def search_step_model() -> onnx.ModelProto:

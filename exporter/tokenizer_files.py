@@ -14,8 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import SourceError
 from ..graphs.manifest import TokenizerInfo
+from .errors import SourceError
 
 TOKENIZER_FILE = "tokenizer.json"
 # Files any one of which holds a vocabulary transformers can build a tokenizer from (tokenizers'

@@ -15,10 +15,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from .checkpoint_check import load_checkpoint_tensors
-from .progress import log
 from ..graphs import contract
 from ..graphs.manifest import BEAM_SEARCH_OP_ENGINE
+from .checkpoint_check import load_checkpoint_tensors
+from .progress import log
 
 # fp32 graphs compute the same math in another order: differences are rounding, ~1e-6 relative.
 RTOL = 1e-4

@@ -79,7 +79,9 @@ def unresolved_imports(path: Path) -> list[str]:
         defined = top_level_names(target_file)
         for alias in node.names:
             if alias.name != "*" and alias.name not in defined and module_path([*target, alias.name]) is None:
-                problems.append(f"{where}: {alias.name} is neither defined in {target_file.relative_to(ROOT)} nor a submodule")
+                problems.append(
+                    f"{where}: {alias.name} is neither defined in {target_file.relative_to(ROOT)} nor a submodule"
+                )
     return problems
 
 
@@ -97,7 +99,9 @@ def test_the_check_sees_a_broken_import(tmp_path, monkeypatch):
     (tmp_path / "__init__.py").write_text("")
     (folder / "__init__.py").write_text("")
     (folder / "a.py").write_text("X = 1\n")
-    (folder / "b.py").write_text("from .a import X\nfrom .a import Y\nfrom .missing import Z\nfrom ortseq.runtime import a\n")
+    (folder / "b.py").write_text(
+        "from .a import X\nfrom .a import Y\nfrom .missing import Z\nfrom ortseq.runtime import a\n"
+    )
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
     problems = unresolved_imports(folder / "b.py")
     assert len(problems) == 3, problems

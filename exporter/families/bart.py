@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ...graphs.manifest import ModelDims, SpecialTokens
 from ..attention import (
     DMMHA,
     StaticCacheDecoderStep,
@@ -31,11 +32,10 @@ from ..attention import (
     split_heads,
 )
 from ..checkpoint_check import CheckpointLayout
-from .base import Family
 from ..shared_weights import lm_head_logits
 from ..tiny.bart import build_tiny_bart
 from ..tiny.trained import build_trained_tiny_bart
-from ...graphs.manifest import ModelDims, SpecialTokens
+from .base import Family
 
 
 @dataclass(frozen=True)

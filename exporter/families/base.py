@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     import onnx
     from torch import nn
 
-    from ..checkpoint_check import CheckpointLayout
     from ...graphs.manifest import ModelDims, SpecialTokens
+    from ..checkpoint_check import CheckpointLayout
 
 # The encoder is traced at a short, odd length by default; verify.py then checks it at many others.
 DEFAULT_ENCODER_TRACE_LENGTH = 9

@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ...graphs.manifest import ModelDims, SpecialTokens
 from ..attention import (
     DMMHA,
     StaticCacheDecoderStep,
@@ -33,9 +34,8 @@ from ..attention import (
     split_heads,
 )
 from ..checkpoint_check import CheckpointLayout
-from .base import Family, UnsupportedModelError
 from ..tiny.encoder_decoder import KINDS, build_tiny_encoder_decoder
-from ...graphs.manifest import ModelDims, SpecialTokens
+from .base import Family, UnsupportedModelError
 
 
 @dataclass(frozen=True)

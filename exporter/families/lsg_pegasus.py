@@ -25,14 +25,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ...graphs import lsg
+from ...graphs.lsg import GLOBALS_KEY, POSITIONS_KEY, LSGSettings
 from ..attention import merge_heads, split_heads
 from ..checkpoint_check import CheckpointLayout, read_checkpoint_tensors
 from ..conv_linear import conv_feed_forward, conv_linear
-from .pegasus import PegasusFamily, cross_key_values
 from ..lsg_attention import LSGAttentionCore, lsg_attention
 from ..tiny.lsg_pegasus import build_tiny_lsg_pegasus
-from ...graphs import lsg
-from ...graphs.lsg import GLOBALS_KEY, POSITIONS_KEY, LSGSettings
+from .pegasus import PegasusFamily, cross_key_values
 
 # The reference draws new LSH hyperplanes on every call; an export freezes one draw, from this seed.
 LSH_SEED = 0

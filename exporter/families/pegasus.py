@@ -17,9 +17,9 @@ from typing import ClassVar
 from torch import nn
 
 from ..checkpoint_check import CheckpointLayout
-from .bart import BartFamily, Layout, cross_key_values
 from ..tiny.pegasus import build_tiny_pegasus
 from ..tiny.trained import build_trained_tiny_pegasus
+from .bart import BartFamily, Layout, cross_key_values
 
 __all__ = ["PEGASUS_LAYOUT", "PegasusFamily", "cross_key_values"]
 

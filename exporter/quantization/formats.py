@@ -23,8 +23,8 @@ from pathlib import Path
 import onnx
 
 from ..conv_linear import convs_to_matmuls
-from . import vocab_tables
 from ..shared_weights import SharedFile
+from . import vocab_tables
 
 # Exports are written with IR 8 (graphs/contract.py); int4 tensors (opset 21, used by the quantizer for
 # embeddings) need IR 10. onnx 1.23 would write IR 14, more than onnxruntime 1.31 accepts.

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import onnx
 
-from .. import unpadded_attention
-from . import vocab_tables
-from ..shared_weights import SharedFile
 from ...graphs import contract
+from .. import unpadded_attention
+from ..shared_weights import SharedFile
+from . import vocab_tables
 
 # The encoder's MultiHeadAttention: onnxruntime's CPU kernel is float32 only (and its mask value is
 # float32's minimum), so it stays float32 even in the naive conversion.

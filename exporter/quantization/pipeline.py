@@ -14,13 +14,13 @@ import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ..progress import log
-from . import formats, fp16
-from .quality import ReportSettings, default_texts, lowest_agreement, quality_report
-from ..shared_weights import SharedFile
 from ...graphs import contract
 from ...graphs.directories import check_out_dir, replace_dir
 from ...graphs.manifest import LOOP_ENGINE, Manifest, Quantization, sha256_of
+from ..progress import log
+from ..shared_weights import SharedFile
+from . import formats, fp16
+from .quality import ReportSettings, default_texts, lowest_agreement, quality_report
 
 FORMATS = ("int8", "int4", "fp16")
 DEFAULT_MIN_AGREEMENT = 0.9

@@ -12,9 +12,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from ...graphs.lsg import GLOBALS_KEY, POSITIONS_KEY
 from ..progress import log
 from .pegasus import TinyPegasusShape, build_tiny_pegasus
-from ...graphs.lsg import GLOBALS_KEY, POSITIONS_KEY
 
 TINY_LSG_SHAPE = replace(TinyPegasusShape(), max_position_embeddings=1024)
 # ccdv/lsg-pegasus-large-4096's LSG keys, with blocks small enough for a tiny model.
