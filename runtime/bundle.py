@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 try:
-    from .cli import main
+    from ortseq.runtime.cli import main
 except ImportError as exc:
     sys.exit(f"summarize: {exc.name} is missing; install the bundle's requirements: "
              f"pip install -r {HERE / 'requirements.txt'}")
@@ -55,7 +55,7 @@ Needs Python >= 3.10 and pip; no torch, no transformers.
 
 From Python, with this folder on sys.path:
 
-    from . import Seq2SeqModel
+    from ortseq.runtime import Seq2SeqModel
     model = Seq2SeqModel.load("model")
     print(model.summarize(["A text to summarize."]))
 
