@@ -49,7 +49,9 @@ MID_SHAPE = XSUM_SHAPE | dict(
     d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8, decoder_attention_heads=8,
     encoder_ffn_dim=2048, decoder_ffn_dim=2048,
 )  # fmt: skip
-SHAPES = {"pegasus-xsum-shaped": XSUM_SHAPE, "pegasus-mid-shaped": MID_SHAPE}
+# The same mid-size stack with room for 1024 input tokens (sinusoidal positions: no weights change), for the sweep
+MID_1024_SHAPE = MID_SHAPE | dict(max_position_embeddings=1024)
+SHAPES = {"pegasus-xsum-shaped": XSUM_SHAPE, "pegasus-mid-shaped": MID_SHAPE, "pegasus-mid-1024": MID_1024_SHAPE}
 
 # Rough seconds of one generate call at batch 1 on a 2-core CPU (DESIGN.md's anchors), for the ETA only.
 ROUGH_SECONDS = {("tiny-pegasus", "greedy"): 0.2, ("tiny-pegasus", "beam8"): 0.5}
@@ -114,6 +116,7 @@ def worker(
     vocab: int,
     per_step: bool,
     repeats: int,
+    new_tokens: int = NEW_TOKENS,
 ) -> dict:
     """Load one system, warm it up, time generate (median of `repeats` calls; and short ones for per-step time)."""
     system = importlib.import_module(f"benchmarks.systems.{module}")
@@ -122,18 +125,18 @@ def worker(
     generate = system.load(model_dir, variant, THREADS)
     load_s = time.perf_counter() - start
     load_peak = rss_mb("VmHWM")  # where the peak is the load's (a packing copy), not a call's
-    generate(ids, beams, NEW_TOKENS)  # warm-up (first-run allocations, lazy initialisation)
-    seconds, out = _timed(generate, ids, beams, NEW_TOKENS, repeats)
-    if out.shape != (batch, 1 + NEW_TOKENS):
-        raise RuntimeError(f"{module}/{variant} returned shape {out.shape}, not exactly {NEW_TOKENS} new tokens")
+    generate(ids, beams, new_tokens)  # warm-up (first-run allocations, lazy initialisation)
+    seconds, out = _timed(generate, ids, beams, new_tokens, repeats)
+    if out.shape != (batch, 1 + new_tokens):
+        raise RuntimeError(f"{module}/{variant} returned shape {out.shape}, not exactly {new_tokens} new tokens")
     result = dict(
-        seconds=seconds, load_s=load_s, tokens=batch * NEW_TOKENS, peak_rss_mb=rss_mb("VmHWM"),
+        seconds=seconds, load_s=load_s, tokens=batch * new_tokens, peak_rss_mb=rss_mb("VmHWM"),
         load_peak_rss_mb=load_peak,
         load_average=os.getloadavg()[0], at=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )  # fmt: skip
     if per_step:
         short, _ = _timed(generate, ids, beams, SHORT_TOKENS, repeats)
-        result["per_step_ms"] = 1000 * (seconds - short) / (NEW_TOKENS - SHORT_TOKENS)
+        result["per_step_ms"] = 1000 * (seconds - short) / (new_tokens - SHORT_TOKENS)
     return result
 
 
@@ -160,9 +163,13 @@ def disk_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
-def run_worker(system, model_dir: Path, model: str, mode: str, batch: int, length: int, vocab: int) -> dict:
+def run_worker(
+    system, model_dir: Path, model: str, mode: str, batch: int, length: int, vocab: int, new_tokens: int = NEW_TOKENS
+) -> dict:
+    """One measurement in a fresh worker process of the system's own venv; its result dict."""
     per_step, repeats = int(model in PER_STEP_MODELS), REPEATS.get(model, 1)
-    args = [system.module, system.variant, str(model_dir), mode, *map(str, (batch, length, vocab, per_step, repeats))]
+    numbers = (batch, length, vocab, per_step, repeats, new_tokens)
+    args = [system.module, system.variant, str(model_dir), mode, *map(str, numbers)]
     cmd = [str(system.python), str(Path(__file__).resolve()), "worker", *args]
     env = os.environ | {"OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
     if system.source_ref:
@@ -356,9 +363,10 @@ def _choose(value: str, allowed, what: str) -> list[str]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
-        module, variant, model_dir, mode, batch, length, vocab, per_step, repeats = sys.argv[2:11]
+        module, variant, model_dir, mode, batch, length, vocab, per_step, repeats, new_tokens = sys.argv[2:12]
+        numbers = dict(batch=int(batch), length=int(length), vocab=int(vocab), repeats=int(repeats))
         result = worker(
-            module, variant, model_dir, mode, int(batch), int(length), int(vocab), per_step == "1", int(repeats)
+            module, variant, model_dir, mode, **numbers, per_step=per_step == "1", new_tokens=int(new_tokens)
         )
         print(json.dumps(result))
         return

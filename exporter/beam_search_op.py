@@ -246,6 +246,6 @@ def beam_search_model_for(
 
 
 def export_beam_search_graph(checkpoint: str | Path, path: Path, early_stopping: bool = True) -> list[str]:
-    """Write the single-graph BeamSearch model to path (weights over 1 GiB in `<name>.data`)."""
+    """Write the single-graph BeamSearch model to path (weights over 16 MiB in `<name>.data`)."""
     proto = build_beam_search_model(checkpoint, early_stopping)
     return onnx_export.save_proto(proto, Path(path))

@@ -124,7 +124,7 @@ def add_export(commands) -> None:
         "--external-data",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="store weights in a .data file beside each graph (default: only over 1 GiB)",
+        help="store weights in a .data file beside each graph (default: only over 16 MiB)",
     )
     export.add_argument(
         "--add-special-tokens",

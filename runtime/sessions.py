@@ -120,21 +120,22 @@ class EncoderDecoderSessions:
         # The decoder first: packing its LM head holds the table three times for a moment (the mapped
         # file, a transposed copy, the packed one) and is the peak of loading; the transposed copy then
         # returns to the memory arena, where the encoder's session and activations reuse it.
-        self.decoder = create_session(
-            decoder,
-            provider,
-            decoder_threads(manifest.dims, threads),
-            self.shared_weights.initializers(decoder),
-            memory_pattern=decoder_memory_pattern(manifest.dims),
-        )
-        self.shared_weights.release_pages()  # the decoder holds a packed copy of the LM head it prepacked
+        with self.shared_weights.pages_released_while():  # the decoder keeps the packed copy of the LM head
+            self.decoder = create_session(
+                decoder,
+                provider,
+                decoder_threads(manifest.dims, threads),
+                self.shared_weights.initializers(decoder),
+                memory_pattern=decoder_memory_pattern(manifest.dims),
+            )
         # No memory pattern for the encoder: its block for a shape comes on the second run of that shape, on
         # top of the first run's freed chunks, which it does not fit (mid-size int8, 512 tokens, measured with
         # the bench worker while making it: the peak of two calls, 8 beams at batch 1, 226 -> 214 MiB, greedy
         # 210 -> 194; the encode took 55-77 ms either way). Source lengths vary, and so would the blocks.
-        self.encoder = create_session(
-            encoder, provider, threads, self.shared_weights.initializers(encoder), memory_pattern=False
-        )
+        with self.shared_weights.pages_released_while():
+            self.encoder = create_session(
+                encoder, provider, threads, self.shared_weights.initializers(encoder), memory_pattern=False
+            )
         self._memory_names = ["encoder_attention_mask", *contract.cross_names(self.layers)]
         self.static_cache = manifest.decoder_contract == contract.STATIC_CACHE_CONTRACT
         self.past_names = (contract.cache_names if self.static_cache else contract.past_names)(self.layers)

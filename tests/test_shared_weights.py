@@ -155,3 +155,73 @@ def test_the_shared_tables_pages_are_not_held_once_the_sessions_have_prepacked_t
     assert _resident_kb(mapped) == 0
     model.generate(INPUT_IDS[:1, :2], max_new_tokens=2)
     assert 0 < _resident_kb(mapped) <= mapped.stat().st_size // 1024 + 4
+
+
+_PREPACK_PEAK_SCRIPT = """
+import sys
+from pathlib import Path
+from ortseq.runtime.sessions import create_session
+from ortseq.runtime.shared_weights import SharedWeights
+
+def status_mb(field):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+directory, released = Path(sys.argv[1]), sys.argv[2] == "released"
+weights = SharedWeights(directory)
+graph = directory / "lm_head.onnx"
+initializers = weights.initializers(graph)
+Path("/proc/self/clear_refs").write_text("5")  # the peak from here on
+before = status_mb("VmRSS")
+if released:
+    with weights.pages_released_while():
+        session = create_session(graph, "cpu", 1, initializers)
+else:
+    session = create_session(graph, "cpu", 1, initializers)
+    weights.release_pages()
+print(status_mb("VmHWM") - before, status_mb("VmRSS") - before)
+"""
+
+
+def _lm_head_graph(directory: Path, rows: int = 32768, width: int = 512) -> int:
+    """A graph whose only node is an LM head, Gemm(x, table, transB=1), the table (64 MiB) in the shared
+    file as exports keep it; its size in MiB."""
+    table = np.random.default_rng(0).standard_normal((rows, width), dtype=np.float32)
+    (directory / contract.SHARED_WEIGHTS_FILE).write_bytes(table.tobytes())
+    weight = onnx.TensorProto(name="table", data_type=onnx.TensorProto.FLOAT, dims=table.shape)
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", contract.SHARED_WEIGHTS_FILE), ("offset", "0"), ("length", str(table.nbytes))):
+        weight.external_data.add(key=key, value=value)
+    node = onnx.helper.make_node("Gemm", ["x", "table"], ["logits"], transB=1)
+    graph = onnx.helper.make_graph(
+        [node],
+        "lm_head",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, width])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, rows])],
+        [weight],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, str(directory / "lm_head.onnx"))
+    return table.nbytes // 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads the peak RSS from /proc (Linux)")
+def test_the_tables_pages_are_released_while_the_lm_head_is_prepacked(tmp_path):
+    """Prepacking reads the whole table while it writes its packed copy: pages released only at the end
+    were all resident at once beside that copy, the table twice at the peak of loading. Released as the
+    build goes, the peak is the packed copy and little more. Each way in a fresh process."""
+    import subprocess
+    import sys
+
+    table_mb = _lm_head_graph(tmp_path)
+    growth = {}
+    for way in ("at_the_end", "released"):
+        done = subprocess.run(
+            [sys.executable, "-c", _PREPACK_PEAK_SCRIPT, str(tmp_path), way], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        growth[way] = [float(v) for v in done.stdout.split()]  # peak and kept growth over the build, MiB
+    (peak_end, kept_end), (peak_released, kept_released) = growth["at_the_end"], growth["released"]
+    assert kept_end > 0.75 * table_mb and kept_released > 0.75 * table_mb, growth  # the packed copy stays
+    assert peak_end - kept_end > 0.75 * table_mb, growth  # the case discriminates: the mapped table was resident
+    assert peak_released - kept_released < 0.5 * table_mb, growth
