@@ -18,6 +18,7 @@ pytorch_model.bin) and, for every tensor of the model's state_dict:
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,8 @@ class CheckpointFiles:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}  # before _index(), which reads a .bin
         self._file_of = self._index()
-        self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
 
     def _index(self) -> dict[str, Path]:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -77,7 +78,9 @@ class CheckpointFiles:
 
     def _bin(self, path: Path) -> dict[str, torch.Tensor]:
         if path not in self._bin_cache:
-            self._bin_cache[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # torch's legacy (pre-zip) serialization cannot be memory-mapped: read whole, as transformers does
+            mmap = zipfile.is_zipfile(path)
+            self._bin_cache[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         return self._bin_cache[path]
 
     def __contains__(self, name: str) -> bool:
