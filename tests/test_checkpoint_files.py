@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -49,4 +48,3 @@ def test_pytorch_model_bin_exports_in_zip_and_legacy_serialization(tmp_path):
         torch.save(weights, folder / "pytorch_model.bin", _use_new_zipfile_serialization=zip_format)
         export(str(folder), tmp_path / f"export-zip{zip_format}")
         assert_generates_goldens(tmp_path / f"export-zip{zip_format}", goldens)
-
