@@ -6,13 +6,16 @@ generate() goldens) in another file layout or stored dtype, and checks the expor
 
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors.torch import load_file
+import pytest
 
 from ortseq.exporter.pipeline import export
 from ortseq.runtime.model import Seq2SeqModel
@@ -33,18 +36,146 @@ def assert_generates_goldens(export_dir: Path, goldens: dict, cases=TOKEN_CASES)
         assert got.shape == expected.shape and np.array_equal(got, expected), case["name"]
 
 
-def copy_without_weights(fixture: str, folder: Path) -> Path:
-    shutil.copytree(LEGACY / fixture, folder, ignore=shutil.ignore_patterns("*.safetensors", "goldens.json"))
-    return folder
+# ---------------------------------------------------------------- the checkpoint zoo
+#
+# Each committed fixture re-laid by a transformers 4.x (scripts/checkpoint_zoo/relay.py, in the pinned venv
+# of the version that wrote the fixture) into the file layouts and stored dtypes users download, with that
+# version's generate() tokens on the re-laid files, loaded as it loads them (float32 on a CPU). Built on
+# first use and cached under .cache/checkpoint-zoo/ (keyed by the script and the fixture's files).
+
+ROOT = Path(__file__).resolve().parent.parent
+ZOO_CACHE = ROOT / ".cache" / "checkpoint-zoo"
+RELAY = ROOT / "scripts" / "checkpoint_zoo" / "relay.py"
+# fixture -> the venv of the transformers version that wrote it (Makefile targets build both)
+WRITER_VENVS = {
+    "pegasus_untied": ".venv-hf457",
+    "bart_generation_in_config": ".venv-hf457",
+    "bert2bert": ".venv-hf457",
+    "roberta2roberta_tied": ".venv-hf457",
+    "bertgeneration": ".venv-hf457",
+    "lsg_pegasus_untied_norm": ".venv-lsg-ref",
+}
+FAMILY_OF = {
+    "pegasus_untied": "Pegasus (untied)",
+    "bart_generation_in_config": "BART",
+    "bert2bert": "bert2bert",
+    "roberta2roberta_tied": "roberta2roberta (tie_encoder_decoder)",
+    "bertgeneration": "BertGeneration",
+    "lsg_pegasus_untied_norm": "LSG-Pegasus (untied)",
+}
+LAYOUTS = ("model.safetensors", "sharded-safetensors", "pytorch_model.bin", "pytorch_model.bin-legacy", "sharded-bin")
+WITH_POOLER = ("bert2bert", "roberta2roberta_tied")  # BertGeneration's encoder has none
+WITH_POSITION_IDS = ("bert2bert", "roberta2roberta_tied", "bertgeneration")
 
 
-def test_pytorch_model_bin_exports_in_zip_and_legacy_serialization(tmp_path):
-    """pytorch_model.bin, as torch.save writes it for transformers' save_pretrained(safe_serialization=False):
-    the zip format, and the legacy (pre-1.6) format of many 2020-era checkpoints, which cannot be mmapped."""
-    goldens = json.loads((LEGACY / "pegasus_tied" / "goldens.json").read_text())
-    weights = load_file(LEGACY / "pegasus_tied" / "model.safetensors")
-    for zip_format in (True, False):
-        folder = copy_without_weights("pegasus_tied", tmp_path / f"zip{zip_format}")
-        torch.save(weights, folder / "pytorch_model.bin", _use_new_zipfile_serialization=zip_format)
-        export(str(folder), tmp_path / f"export-zip{zip_format}")
-        assert_generates_goldens(tmp_path / f"export-zip{zip_format}", goldens)
+@dataclass(frozen=True)
+class ZooEntry:
+    fixture: str
+    layout: str
+    dtype: str = "float32"
+    variant: str = ""  # relay.py: "", "without_pooler", "position_ids"
+
+    @property
+    def id(self) -> str:
+        return "-".join([self.fixture, self.layout, self.dtype, *([self.variant] if self.variant else [])])
+
+    def folder(self) -> Path:
+        digest = hashlib.sha256(RELAY.read_bytes())
+        for path in sorted((LEGACY / self.fixture).iterdir()):
+            digest.update(path.name.encode() + path.read_bytes())
+        return ZOO_CACHE / f"{self.id}-{digest.hexdigest()[:12]}"
+
+
+def zoo_matrix() -> list[ZooEntry]:
+    entries = []
+    for fixture in WRITER_VENVS:
+        entries += [ZooEntry(fixture, layout) for layout in LAYOUTS]
+        entries += [ZooEntry(fixture, layout, dtype) for layout in LAYOUTS[::2] for dtype in ("float16", "bfloat16")]
+        if fixture in WITH_POOLER:
+            entries += [ZooEntry(fixture, "model.safetensors", variant="without_pooler")]
+        if fixture in WITH_POSITION_IDS:
+            entries += [ZooEntry(fixture, "pytorch_model.bin-legacy", variant="position_ids")]
+    return entries
+
+
+# the default run: one case of each defect's kind; the whole matrix is slow
+REPRESENTATIVE = (
+    ZooEntry("pegasus_untied", "pytorch_model.bin"),
+    ZooEntry("pegasus_untied", "pytorch_model.bin-legacy"),
+    ZooEntry("pegasus_untied", "model.safetensors", "float16"),
+    ZooEntry("bert2bert", "sharded-bin", "bfloat16"),
+    ZooEntry("bert2bert", "model.safetensors", variant="without_pooler"),
+)
+
+
+def build_zoo(entries) -> None:
+    """Write the missing entries, one relay.py run per writer venv."""
+    missing = [entry for entry in entries if not (entry.folder() / "goldens.json").is_file()]
+    for venv in sorted({WRITER_VENVS[entry.fixture] for entry in missing}):
+        python = ROOT / venv / "bin" / "python"
+        if not python.is_file():
+            pytest.fail(f"{venv} is missing: `make {venv}/.installed` (or `make test`) builds it")
+        jobs = [
+            {"source": str(LEGACY / e.fixture), "out": str(e.folder()), "layout": e.layout, "dtype": e.dtype,
+             "variant": e.variant}
+            for e in missing
+            if WRITER_VENVS[e.fixture] == venv
+        ]  # fmt: skip
+        ZOO_CACHE.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", suffix=".json", dir=ZOO_CACHE, delete=False) as jobs_file:
+            json.dump(jobs, jobs_file)
+        try:
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(ZOO_CACHE / "hf")}
+            subprocess.run([str(python), str(RELAY), jobs_file.name], check=True, env=env, timeout=1800)
+        finally:
+            os.unlink(jobs_file.name)
+
+
+@pytest.fixture(scope="session")
+def zoo(request):
+    """zoo(entry) -> the entry's checkpoint folder; every zoo entry the session runs is built at the first call."""
+    selected = [getattr(item, "callspec", None) for item in request.session.items]
+    wanted = [spec.params["entry"] for spec in selected if spec is not None and "entry" in spec.params]
+    built = False
+
+    def get(entry: ZooEntry) -> Path:
+        nonlocal built
+        if not built:
+            build_zoo(wanted)
+            built = True
+        return entry.folder()
+
+    return get
+
+
+def _slow_unless_representative(entries):
+    assert set(REPRESENTATIVE) <= set(entries)
+    return [pytest.param(e, id=e.id, marks=() if e in REPRESENTATIVE else pytest.mark.slow) for e in entries]
+
+
+@pytest.mark.parametrize("entry", _slow_unless_representative(zoo_matrix()))
+def test_zoo_checkpoint_exports_4x_tokens(zoo, entry, tmp_path):
+    """Every layout and stored dtype exports and generates the writing version's fp32 tokens exactly."""
+    folder = zoo(entry)
+    goldens = json.loads((folder / "goldens.json").read_text())
+    weights = goldens["weight_files"]
+    assert any(name.endswith(".bin") for name in weights) == ("bin" in entry.layout), weights
+    assert any(name.endswith(".index.json") for name in weights) == entry.layout.startswith("sharded"), weights
+    export(str(folder), tmp_path / "export")
+    assert_generates_goldens(tmp_path / "export", goldens)
+    record_result(entry, goldens, "exports; 4.x tokens exactly")
+
+
+def record_result(entry: ZooEntry, goldens: dict, result: str) -> None:
+    """One line of docs/checkpoints.md's table (scripts/checkpoint_zoo/table.py renders them)."""
+    results = ZOO_CACHE / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    row = {
+        "family": FAMILY_OF[entry.fixture],
+        "layout": entry.layout,
+        "dtype": entry.dtype,
+        "variant": entry.variant,
+        "writer": f"transformers {goldens['writer']['transformers']}",
+        "result": result,
+    }
+    (results / f"{entry.id}.json").write_text(json.dumps(row) + "\n")

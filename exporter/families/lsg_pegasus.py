@@ -32,6 +32,7 @@ from ..checkpoint_check import CheckpointLayout, read_checkpoint_tensors
 from ..conv_linear import conv_feed_forward, conv_linear
 from ..lsg_attention import LSGAttentionCore, lsg_attention
 from ..tiny.lsg_pegasus import build_tiny_lsg_pegasus
+from .base import from_pretrained
 from .pegasus import PegasusFamily, cross_key_values
 
 # The reference draws new LSH hyperplanes on every call; an export freezes one draw, from this seed.
@@ -64,8 +65,12 @@ class LSGPegasusFamily(PegasusFamily):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # it would report the global embeddings as unexpected: we read them below
         try:
-            model = PegasusForConditionalGeneration.from_pretrained(
-                source_dir, config=config, attn_implementation="eager", ignore_mismatched_sizes=True
+            model = from_pretrained(
+                PegasusForConditionalGeneration,
+                source_dir,
+                config=config,
+                attn_implementation="eager",
+                ignore_mismatched_sizes=True,
             )
         finally:
             hf_logging.set_verbosity(verbosity)
@@ -89,7 +94,7 @@ class LSGPegasusFamily(PegasusFamily):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the global embeddings are unexpected to it, and unused here
         try:
-            return PegasusForConditionalGeneration.from_pretrained(source_dir).eval()
+            return from_pretrained(PegasusForConditionalGeneration, source_dir)
         finally:
             hf_logging.set_verbosity(verbosity)
 
