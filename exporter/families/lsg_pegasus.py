@@ -87,14 +87,20 @@ class LSGPegasusFamily(PegasusFamily):
         return EncoderExport(model)  # its attention is one ortseq::LSGAttention node either way
 
     def reference_model(self, source_dir: str) -> nn.Module:
-        """transformers' own Pegasus loaded from the LSG checkpoint: its decoder and LM head are the reference."""
+        """transformers' own Pegasus loaded from the LSG checkpoint: its decoder and LM head are the reference.
+
+        Eager attention, as the reference code runs its decoder (transformers 4.x's PegasusDecoder, eager
+        only): where the decoder may see no source position at all (mask_first_token zeroes the first
+        column of the caller's mask in place, and without the globals passed to the decoder a one-token
+        source is then all masked), eager attends uniformly over the masked positions, as the export does;
+        transformers 5's default sdpa path computes something else there."""
         from transformers import PegasusForConditionalGeneration
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the global embeddings are unexpected to it, and unused here
         try:
-            return from_pretrained(PegasusForConditionalGeneration, source_dir)
+            return from_pretrained(PegasusForConditionalGeneration, source_dir, attn_implementation="eager")
         finally:
             hf_logging.set_verbosity(verbosity)
 
