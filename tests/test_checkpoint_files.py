@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ortseq
 
 from ortseq.exporter.pipeline import export
 from ortseq.runtime.model import Seq2SeqModel
@@ -136,13 +137,10 @@ def zoo(request):
     """zoo(entry) -> the entry's checkpoint folder; every zoo entry the session runs is built at the first call."""
     selected = [getattr(item, "callspec", None) for item in request.session.items]
     wanted = [spec.params["entry"] for spec in selected if spec is not None and "entry" in spec.params]
-    built = False
 
     def get(entry: ZooEntry) -> Path:
-        nonlocal built
-        if not built:
-            build_zoo(wanted)
-            built = True
+        build_zoo([*wanted, entry])  # builds only what is missing
+        wanted.clear()
         return entry.folder()
 
     return get
@@ -179,3 +177,36 @@ def record_result(entry: ZooEntry, goldens: dict, result: str) -> None:
         "result": result,
     }
     (results / f"{entry.id}.json").write_text(json.dumps(row) + "\n")
+
+
+def lay_out_as_hub_cache(checkpoint: Path, cache: Path, repo_id: str, extra_files: dict[str, bytes]) -> Path:
+    """The checkpoint's files as huggingface_hub's cache holds a download: blobs named by their hash,
+    snapshots/<revision>/ of relative symlinks into blobs/, refs/main naming the revision."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    revision = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    files = {path.name: path.read_bytes() for path in checkpoint.iterdir() if path.name != "goldens.json"}
+    for name, content in {**files, **extra_files}.items():
+        blob = hashlib.sha256(content).hexdigest()
+        (repo / "blobs" / blob).write_bytes(content)
+        (snapshot / name).symlink_to(Path("..", "..", "blobs", blob))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def test_hub_id_exports_offline_from_the_hub_cache(zoo, tmp_path):
+    """`make export MODEL=pegasus-xsum` for a user whose hub cache holds google/pegasus-xsum as the hub
+    serves it: pytorch_model.bin only, beside other frameworks' weights, which are not read."""
+    from ortseq.exporter.sources import ALIASES
+
+    checkpoint = zoo(ZooEntry("pegasus_untied", "pytorch_model.bin"))
+    other_frameworks = {"tf_model.h5": b"not a torch file", "flax_model.msgpack": b"not a torch file"}
+    lay_out_as_hub_cache(checkpoint, tmp_path / "hub", ALIASES["pegasus-xsum"], other_frameworks)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    done = ortseq("export", "google/pegasus-xsum", "--out", str(tmp_path / "export"), env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "downloading" not in done.stderr
+    assert_generates_goldens(tmp_path / "export", json.loads((checkpoint / "goldens.json").read_text()))
