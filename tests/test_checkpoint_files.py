@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import ortseq
+from test_legacy_checkpoints import _filled_as_5x
 
 from ortseq.exporter.pipeline import export
 from ortseq.runtime.model import Seq2SeqModel
@@ -30,9 +31,14 @@ def assert_generates_goldens(export_dir: Path, goldens: dict, cases=TOKEN_CASES)
     several lengths, not all equal)."""
     model = Seq2SeqModel.load(export_dir)
     ids, mask = np.array(goldens["input_ids"]), np.array(goldens["attention_mask"])
+    special = model.manifest.special_tokens
+    major, minor = (int(part) for part in goldens["writer"]["transformers"].split(".")[:2])
     for case in (case for case in goldens["cases"] if case["name"] in cases):
-        expected = np.array(case["sequences"])
-        assert len({tuple(row) for row in expected.tolist()}) > 1, case["name"]
+        expected = case["sequences"]
+        assert len({tuple(row) for row in expected}) > 1, case["name"]
+        if (major, minor) < (4, 50) and case["kwargs"].get("num_beams", 1) > 1:  # see _filled_as_5x
+            expected = _filled_as_5x(expected, special.eos_token_id, special.pad_token_id)
+        expected = np.array(expected)
         got = model.generate(ids, mask, **case["kwargs"])
         assert got.shape == expected.shape and np.array_equal(got, expected), case["name"]
 
