@@ -128,9 +128,10 @@ class Family:
     def reference_model(self, source_dir: str) -> nn.Module:
         """The checkpoint as transformers itself loads and runs it: the reference the export is compared
         with (exporter/verify.py). Default: transformers' AutoModelForSeq2SeqLM.from_pretrained, its own
-        defaults but float32 (from_pretrained above), none of ortseq's loading (load_model may be wrong). verify.py then makes its tensors
-        the checkpoint files' own by checkpoint_layout, as for the export: transformers 5.x leaves some
-        tensors of 4.x checkpoints random, and the files, not either loader, are the ground truth."""
+        defaults but float32 (from_pretrained above), none of ortseq's loading (load_model may be wrong).
+        verify.py then makes its tensors the checkpoint files' own by checkpoint_layout, as for the export:
+        transformers 5.x leaves some tensors of 4.x checkpoints random, and the files, not either loader,
+        are the ground truth."""
         from transformers import AutoModelForSeq2SeqLM
 
         return from_pretrained(AutoModelForSeq2SeqLM, source_dir)
