@@ -29,7 +29,6 @@ import transformers
 LAYOUTS = ("model.safetensors", "sharded-safetensors", "pytorch_model.bin", "pytorch_model.bin-legacy", "sharded-bin")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CASES = ("greedy", "beams4")
-SHARD = "100KB"  # the tiny checkpoints then span two to four shards
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.bin.index.json", "*.safetensors.index.json", "goldens.json")
 
 
@@ -42,8 +41,9 @@ def load(folder: Path):
 def save(model, out: Path, layout: str) -> None:
     sharded = layout.startswith("sharded")
     safe = layout in ("model.safetensors", "sharded-safetensors")
-    kwargs = {"max_shard_size": SHARD} if sharded else {"max_shard_size": "10GB"}
-    model.save_pretrained(str(out), safe_serialization=safe, **kwargs)
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    shard = size // 3 if sharded else 10 * size  # sharded: three or four shards, whatever the stored dtype
+    model.save_pretrained(str(out), safe_serialization=safe, max_shard_size=shard)
     written = sorted(out.glob("*.safetensors" if safe else "*.bin"))
     assert (len(written) > 1) == sharded, (layout, written)
     if layout == "pytorch_model.bin-legacy":  # torch's pre-1.6 serialization, as 2020-era checkpoints are
