@@ -11,14 +11,20 @@ pytorch_model.bin) and, for every tensor of the model's state_dict:
     same tensor (a family's `checkpoint_layout`: its ties, plus the model's own shared parameters);
   * copies it into the model where the loaded value differs (the mapping the writing version meant),
     then checks that every tensor equals its source (tied names with different stored values fail);
-  * accepts an absent tensor only when the layout says it is computed from the config;
-  * refuses anything else by name: a tensor not in the checkpoint, or stored with another shape.
+  * accepts an absent tensor when the layout says it is computed from the config, or when no exported
+    graph reads it (one info line names it: an encoder's pooler, which generation never runs);
+  * refuses anything else by name: a tensor a graph reads that is not in the checkpoint, or a tensor
+    stored with another shape.
+
+"Read by a graph" is derived from what is traced: the tensors the export modules hold (their parameters
+and buffers, matched to the model's by storage, so a tied name counts), `tensors_held_by`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import zipfile
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,8 +56,8 @@ class CheckpointFiles:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}  # before _index(), which reads a .bin
         self._file_of = self._index()
-        self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
 
     def _index(self) -> dict[str, Path]:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -77,7 +83,9 @@ class CheckpointFiles:
 
     def _bin(self, path: Path) -> dict[str, torch.Tensor]:
         if path not in self._bin_cache:
-            self._bin_cache[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # torch's legacy (pre-zip) serialization cannot be memory-mapped: read whole, as transformers does
+            mmap = zipfile.is_zipfile(path)
+            self._bin_cache[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         return self._bin_cache[path]
 
     def __contains__(self, name: str) -> bool:
@@ -97,20 +105,36 @@ class CheckpointFiles:
 
 
 def read_checkpoint_tensors(folder: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Tensors by name from model.safetensors (sharded or not) or pytorch_model.bin."""
+    """Tensors by name from model.safetensors (sharded or not) or pytorch_model.bin; floating-point ones
+    upcast to float32, as the model computes (families/base.py from_pretrained)."""
     files = CheckpointFiles(folder)
     missing = [name for name in names if name not in files]
     if missing:
         raise CheckpointMismatchError(f"{folder}: the checkpoint lacks {', '.join(missing)}")
-    return {name: files.tensor(name) for name in names}
+    tensors = {name: files.tensor(name) for name in names}
+    return {name: t.float() if t.is_floating_point() else t for name, t in tensors.items()}
 
 
-def load_checkpoint_tensors(model: nn.Module, folder: Path, layout: CheckpointLayout) -> None:
-    """Make every state_dict tensor of model the checkpoint's own (see the module docstring)."""
+def tensors_held_by(modules: Iterable[nn.Module], model: nn.Module) -> set[str]:
+    """Names of model's state_dict tensors that the modules hold as parameters or buffers (the same
+    storage, under any name): what graphs traced from those modules can read."""
+    held = {(t.data_ptr(), tuple(t.shape)) for module in modules for t in (*module.parameters(), *module.buffers())}
+    return {name for name, t in model.state_dict(keep_vars=True).items() if (t.data_ptr(), tuple(t.shape)) in held}
+
+
+def load_checkpoint_tensors(
+    model: nn.Module, folder: Path, layout: CheckpointLayout, read: Collection[str] | None = None
+) -> None:
+    """Make every state_dict tensor of model the checkpoint's own (see the module docstring).
+
+    read: the names the exported graphs read (tensors_held_by); an absent tensor outside it is left as
+    the loader made it, named in one info line. None: every tensor is read."""
     files = CheckpointFiles(folder)
     state = model.state_dict(keep_vars=True)
     sources = _sources(state, files, _tie_groups(model, layout))
-    unexplained = [name for name in state if name not in sources and name not in layout.computed]
+    absent = [name for name in state if name not in sources and name not in layout.computed]
+    unread = [name for name in absent if read is not None and name not in read]
+    unexplained = [name for name in absent if name not in unread]
     wrong_shape = [
         f"{name} {tuple(files.tensor(source).shape)} (model {tuple(state[name].shape)})"
         for name, source in sources.items()
@@ -127,6 +151,8 @@ def load_checkpoint_tensors(model: nn.Module, folder: Path, layout: CheckpointLa
         )
     if taken:
         log(f"{len(taken)} tensors the loader left different from the checkpoint taken from it: {', '.join(taken)}")
+    if unread:
+        log(f"not in the checkpoint and read by no exported graph (left as loaded): {', '.join(unread)}")
 
 
 def _tie_groups(model: nn.Module, layout: CheckpointLayout) -> dict[str, set[str]]:

@@ -20,7 +20,7 @@ from ..graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, Manifest, sha2
 from . import onnx_export, verify
 from .attention import self_attention_body
 from .beam_search_op import beam_search_model_for, check_supported
-from .checkpoint_check import load_checkpoint_tensors
+from .checkpoint_check import load_checkpoint_tensors, tensors_held_by
 from .families import Family, UnsupportedModelError, family_for, family_named
 from .progress import log
 from .search_step import write_search_step
@@ -64,10 +64,10 @@ def export(
             options = ExportOptions(
                 external_data, add_special_tokens, beam_search_op, ignore_generation_fields, plain_attention
             )
-            manifest = _export_checkpoint(checkpoint, staging, source, options)
+            manifest, graph_tensors = _export_checkpoint(checkpoint, staging, source, options)
             manifest.source = source
             manifest.write(staging)
-            verify.verify_against_transformers(staging, family_named(manifest.family), checkpoint)
+            verify.verify_against_transformers(staging, family_named(manifest.family), checkpoint, graph_tensors)
         if beam_search_op:
             verify.verify_beam_search_op(staging)
         replace_dir(staging, out_dir)
@@ -86,7 +86,10 @@ class ExportOptions:
     plain_attention: bool
 
 
-def _export_checkpoint(checkpoint: Path, staging: Path, source: str, options: ExportOptions) -> Manifest:
+def _export_checkpoint(
+    checkpoint: Path, staging: Path, source: str, options: ExportOptions
+) -> tuple[Manifest, set[str]]:
+    """The export in staging, its manifest, and the names of the tensors its graphs read."""
     external_data, beam_search_op = options.external_data, options.beam_search_op
     add_special_tokens = options.add_special_tokens
     family = family_for(checkpoint)
@@ -95,6 +98,7 @@ def _export_checkpoint(checkpoint: Path, staging: Path, source: str, options: Ex
     check_tokenizer_files(checkpoint)  # before minutes of export work
     log(f"loading {family.name} checkpoint from {checkpoint}")
     model = load_checked_model(family, checkpoint)
+    graph_tensors = graph_tensor_names(family, model)
     # before minutes of work
     generation, ignored = generation_defaults(model, checkpoint, options.ignore_generation_fields)
     dims = family.dims(model)
@@ -138,7 +142,7 @@ def _export_checkpoint(checkpoint: Path, staging: Path, source: str, options: Ex
         checkpoint, staging, dims.max_position_embeddings, add_special_tokens, family.tokenizer_converters()
     )
     files.append(tokenizer_info.file)
-    return Manifest(
+    manifest = Manifest(
         family=family.name,
         dims=dims,
         special_tokens=family.special_tokens(model),
@@ -153,14 +157,21 @@ def _export_checkpoint(checkpoint: Path, staging: Path, source: str, options: Ex
         decoder_self_attention=body,
         lookup_tables=shared.lookup_tables(),
     )
+    return manifest, graph_tensors
 
 
 def load_checked_model(family: Family, checkpoint: Path):
     """family.load_model, then every tensor made the checkpoint files' own (exporter/checkpoint_check.py):
-    what transformers 5.x left different from the files is taken from them, the unexplained refused."""
+    what transformers 5.x left different from the files is taken from them, a tensor a graph reads and
+    the files lack refused."""
     model = family.load_model(str(checkpoint))
-    load_checkpoint_tensors(model, checkpoint, family.checkpoint_layout(model))
+    load_checkpoint_tensors(model, checkpoint, family.checkpoint_layout(model), graph_tensor_names(family, model))
     return model
+
+
+def graph_tensor_names(family: Family, model) -> set[str]:
+    """The model's tensors the exported graphs read: those the modules they are traced from hold."""
+    return tensors_held_by([family.encoder_export(model), family.decoder_export(model)], model)
 
 
 def _export_encoder(

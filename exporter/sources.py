@@ -16,7 +16,8 @@ from .progress import log
 ALIASES = families.aliases()
 
 # Files a checkpoint needs; hub downloads skip the rest (other frameworks' weights, etc.).
-_CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "pytorch_model.bin", "*.py"]
+# pytorch_model*.bin: pytorch_model.bin and the shards of a sharded one (its index is a .json)
+_CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "pytorch_model*.bin", "*.py"]
 
 
 @contextmanager

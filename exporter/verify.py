@@ -185,7 +185,7 @@ REFERENCE_NEW_TOKENS = 8
 REFERENCE_MAX_SOURCE = 16
 
 
-def verify_against_transformers(directory: Path, family, checkpoint: Path) -> None:
+def verify_against_transformers(directory: Path, family, checkpoint: Path, graph_tensors=None) -> None:
     """The export in `directory`, run by ortseq's runtime, against the checkpoint as transformers loads
     and runs it (`family.reference_model`): the logits of the model class's own forward for a few
     decoder prefixes, on a padded batch of three source lengths; then the tokens of transformers' own
@@ -217,7 +217,8 @@ def verify_against_transformers(directory: Path, family, checkpoint: Path) -> No
     # the files are the ground truth for both sides: what transformers 5.x leaves random in a 4.x checkpoint
     # (untied Pegasus' embed_tokens, tie_encoder_decoder's decoder) is taken from them, the same repair
     # the export's own load gets (pipeline.load_checked_model) but applied to transformers' own load
-    load_checkpoint_tensors(reference, Path(checkpoint), family.checkpoint_layout(reference))
+    # (graph_tensors: what the export's graphs read; a tensor the files lack and none reads, left as loaded)
+    load_checkpoint_tensors(reference, Path(checkpoint), family.checkpoint_layout(reference), graph_tensors)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # generate() warns about settings it overrides; they are the same on both sides
     try:

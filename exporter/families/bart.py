@@ -35,7 +35,7 @@ from ..checkpoint_check import CheckpointLayout
 from ..shared_weights import lm_head_logits
 from ..tiny.bart import build_tiny_bart
 from ..tiny.trained import build_trained_tiny_bart
-from .base import Family
+from .base import Family, from_pretrained
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class BartFamily(Family):
 
         model_class = getattr(transformers, self.model_class)
         # a tensor of another shape is refused by name afterwards (checkpoint_check), not by a torch traceback
-        return model_class.from_pretrained(source_dir, attn_implementation="eager", ignore_mismatched_sizes=True).eval()
+        return from_pretrained(model_class, source_dir, attn_implementation="eager", ignore_mismatched_sizes=True)
 
     def checkpoint_layout(self, model: nn.Module) -> CheckpointLayout:
         """transformers 4.x: the encoder and decoder embed with the one `model.shared` module, tied or not
@@ -200,7 +200,8 @@ class DecoderExport(StaticCacheDecoderStep):
         super().__init__()
         self.decoder = model.model.decoder
         self.lm_head = model.lm_head
-        self.register_buffer("final_logits_bias", model.final_logits_bias.detach().clone(), persistent=False)
+        # the model's own tensor (not a copy), so that checkpoint_check counts it as read by the graph
+        self.register_buffer("final_logits_bias", model.final_logits_bias.detach(), persistent=False)
         self.num_layers = len(self.decoder.layers)
         self.layout = layout
         self.body = body

@@ -28,6 +28,17 @@ if TYPE_CHECKING:
 DEFAULT_ENCODER_TRACE_LENGTH = 9
 
 
+def from_pretrained(model_class, source_dir: str, **kwargs) -> nn.Module:
+    """model_class.from_pretrained in float32, in eval mode: every load of a checkpoint goes through here.
+
+    transformers 5 loads a checkpoint in the dtype its weights are stored in (dtype="auto"); 4.x, on a
+    CPU, upcast fp16/bf16-stored weights to float32 and computed in float32, and so does ortseq's fp32
+    export (fp16 graphs for GPUs are `ortseq quantize --to fp16`, from the fp32 export)."""
+    import torch
+
+    return model_class.from_pretrained(source_dir, dtype=torch.float32, **kwargs).eval()
+
+
 class UnsupportedModelError(ValueError):
     """The checkpoint is of an architecture ortseq cannot export (yet)."""
 
@@ -117,12 +128,13 @@ class Family:
     def reference_model(self, source_dir: str) -> nn.Module:
         """The checkpoint as transformers itself loads and runs it: the reference the export is compared
         with (exporter/verify.py). Default: transformers' AutoModelForSeq2SeqLM.from_pretrained, its own
-        defaults, none of ortseq's loading (load_model may be wrong). verify.py then makes its tensors
-        the checkpoint files' own by checkpoint_layout, as for the export: transformers 5.x leaves some
-        tensors of 4.x checkpoints random, and the files, not either loader, are the ground truth."""
+        defaults but float32 (from_pretrained above), none of ortseq's loading (load_model may be wrong).
+        verify.py then makes its tensors the checkpoint files' own by checkpoint_layout, as for the export:
+        transformers 5.x leaves some tensors of 4.x checkpoints random, and the files, not either loader,
+        are the ground truth."""
         from transformers import AutoModelForSeq2SeqLM
 
-        return AutoModelForSeq2SeqLM.from_pretrained(source_dir).eval()
+        return from_pretrained(AutoModelForSeq2SeqLM, source_dir)
 
 
 def most_specific(matching: list[Family]) -> Family:

@@ -35,7 +35,7 @@ from ..attention import (
 )
 from ..checkpoint_check import CheckpointLayout
 from ..tiny.encoder_decoder import KINDS, build_tiny_encoder_decoder
-from .base import Family, UnsupportedModelError
+from .base import Family, UnsupportedModelError, from_pretrained
 
 
 @dataclass(frozen=True)
@@ -134,9 +134,9 @@ class EncoderDecoderFamily(Family):
     def load_model(self, source_dir: str) -> nn.Module:
         from transformers import EncoderDecoderModel
 
-        model = EncoderDecoderModel.from_pretrained(source_dir, ignore_mismatched_sizes=True)  # refused by name later
+        model = from_pretrained(EncoderDecoderModel, source_dir, ignore_mismatched_sizes=True)  # refused by name later
         _stack(model.config.encoder), _stack(model.config.decoder)  # fail early, with the supported list
-        return model.eval()
+        return model
 
     def checkpoint_layout(self, model: nn.Module) -> CheckpointLayout:
         """transformers 4.x's tie_encoder_decoder made every decoder weight with an encoder counterpart of

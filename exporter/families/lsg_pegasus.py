@@ -32,6 +32,7 @@ from ..checkpoint_check import CheckpointLayout, read_checkpoint_tensors
 from ..conv_linear import conv_feed_forward, conv_linear
 from ..lsg_attention import LSGAttentionCore, lsg_attention
 from ..tiny.lsg_pegasus import build_tiny_lsg_pegasus
+from .base import from_pretrained
 from .pegasus import PegasusFamily, cross_key_values
 
 # The reference draws new LSH hyperplanes on every call; an export freezes one draw, from this seed.
@@ -64,8 +65,12 @@ class LSGPegasusFamily(PegasusFamily):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # it would report the global embeddings as unexpected: we read them below
         try:
-            model = PegasusForConditionalGeneration.from_pretrained(
-                source_dir, config=config, attn_implementation="eager", ignore_mismatched_sizes=True
+            model = from_pretrained(
+                PegasusForConditionalGeneration,
+                source_dir,
+                config=config,
+                attn_implementation="eager",
+                ignore_mismatched_sizes=True,
             )
         finally:
             hf_logging.set_verbosity(verbosity)
@@ -82,14 +87,20 @@ class LSGPegasusFamily(PegasusFamily):
         return EncoderExport(model)  # its attention is one ortseq::LSGAttention node either way
 
     def reference_model(self, source_dir: str) -> nn.Module:
-        """transformers' own Pegasus loaded from the LSG checkpoint: its decoder and LM head are the reference."""
+        """transformers' own Pegasus loaded from the LSG checkpoint: its decoder and LM head are the reference.
+
+        Eager attention, as the reference code runs its decoder (transformers 4.x's PegasusDecoder, eager
+        only): where the decoder may see no source position at all (mask_first_token zeroes the first
+        column of the caller's mask in place, and without the globals passed to the decoder a one-token
+        source is then all masked), eager attends uniformly over the masked positions, as the export does;
+        transformers 5's default sdpa path computes something else there."""
         from transformers import PegasusForConditionalGeneration
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the global embeddings are unexpected to it, and unused here
         try:
-            return PegasusForConditionalGeneration.from_pretrained(source_dir).eval()
+            return from_pretrained(PegasusForConditionalGeneration, source_dir, attn_implementation="eager")
         finally:
             hf_logging.set_verbosity(verbosity)
 

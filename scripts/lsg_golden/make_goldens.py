@@ -114,6 +114,9 @@ VARIANTS = {
         sparsity_type="bos_pooling", pass_global_tokens_to_decoder=False, pool_with_global=True
     ),
     "norm_g2_maskfirst": dict(sparsity_type="norm", num_global_tokens=2, mask_first_token=True),
+    # the decoder sees the zeroed first column of the caller's mask (set in place by the encoder); at L=1
+    # every source position is masked for it
+    "norm_noglobal_maskfirst": dict(sparsity_type="norm", pass_global_tokens_to_decoder=False, mask_first_token=True),
 }
 
 # Keep every encoder hidden state except at the largest length, where only row 0 is kept for the
