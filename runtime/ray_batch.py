@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +23,6 @@ from ..graphs.manifest import LOOP_ENGINE
 from .batch import (
     BlockWriter,
     Document,
-    Plan,
     Progress,
     Rejected,
     Result,
@@ -111,6 +112,11 @@ class BatchReport:
     rejected: int  # inputs in the errors file (refused before the run, or failed in it)
 
 
+# (job, documents) -> a context giving Summarizer's output blocks in any order (a block may come twice: Ray
+# retries the batch of a killed worker); a block's "key" column holds positions in documents
+SummarizeFn = Callable[[BatchJob, list[Document]], AbstractContextManager[Iterable[dict[str, np.ndarray]]]]
+
+
 class Summarizer:
     """A Ray Data actor: loads the export once, then summarizes one batch of texts per call."""
 
@@ -151,8 +157,9 @@ class Summarizer:
         return columns
 
 
-def run_batch(job: BatchJob) -> BatchReport:
-    """Summarize every pending document of job.input into job.output; resumes where an earlier run stopped."""
+def run_batch(job: BatchJob, summarize: SummarizeFn | None = None) -> BatchReport:
+    """Summarize every pending document of job.input into job.output; resumes where an earlier run stopped.
+    summarize: who turns the documents into blocks of summaries (a Ray Data pipeline when None)."""
     if job.batch_size < 1 or job.threads < 1 or (job.workers is not None and job.workers < 1):
         raise InvalidInputError("--batch-size, --threads and --workers must be at least 1")
     # a bad export or setting is refused here, before any Ray process starts
@@ -167,18 +174,24 @@ def run_batch(job: BatchJob) -> BatchReport:
         len(plan.rejected),
         job.errors,
     )
-    failed = _summarize(job, plan, done) if plan.pending else 0
+    failed = 0
+    if plan.pending:
+        documents = length_grouped(plan.pending, job.batch_size * LENGTH_WINDOW_BATCHES)
+        with (summarize or ray_blocks)(job, documents) as blocks:
+            failed = write_blocks(job, documents, blocks, done)
     return BatchReport(len(plan.pending) - failed, plan.already_done, len(plan.rejected) + failed)
 
 
-def _summarize(job: BatchJob, plan: Plan, done: set) -> int:
-    """Runs the Ray Data pipeline over plan.pending; returns how many documents failed at run time."""
+@contextmanager
+def ray_blocks(job: BatchJob, documents: list[Document]) -> Iterator[Iterable[dict[str, np.ndarray]]]:
+    """Summarizer's output blocks from a Ray Data pipeline over documents, as each finishes. Starts a
+    local Ray unless one is running or an address is given, and stops the one it started."""
     ray = import_ray()
     started_here = not ray.is_initialized()
     if started_here:
         _connect(ray, job)
     try:
-        return _run_pipeline(ray, job, length_grouped(plan.pending, job.batch_size * LENGTH_WINDOW_BATCHES), done)
+        yield _pipeline(ray, job, documents).iter_batches(batch_size=None, batch_format="numpy")
     finally:
         if started_here:
             ray.shutdown()
@@ -193,7 +206,7 @@ def _connect(ray, job: BatchJob) -> None:
     start_local_ray(ray, num_cpus=max(os.cpu_count() or 1, workers * job.threads))
 
 
-def _run_pipeline(ray, job: BatchJob, documents: list[Document], done: set) -> int:
+def _pipeline(ray, job: BatchJob, documents: list[Document]):
     from ray.data import ActorPoolStrategy, DataContext
 
     DataContext.get_current().enable_progress_bars = False  # ours is on stderr already
@@ -201,7 +214,8 @@ def _run_pipeline(ray, job: BatchJob, documents: list[Document], done: set) -> i
     workers = job.workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // job.threads)
     items = [{"key": key, "text": document.text} for key, document in enumerate(documents)]
     dataset = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / job.batch_size))
-    summaries = dataset.map_batches(
+    logger.info("summarizing on %d workers x %d threads", workers, job.threads)
+    return dataset.map_batches(
         Summarizer,
         fn_constructor_kwargs={
             "export_dir": str(job.export_dir),
@@ -217,11 +231,15 @@ def _run_pipeline(ray, job: BatchJob, documents: list[Document], done: set) -> i
         # No max_restarts/max_task_retries: Ray Data's actor pools default both to -1 (a killed worker is
         # restarted and its batch run again), and passing them is deprecated since Ray 2.60.
     )
-    logger.info("summarizing on %d workers x %d threads", workers, job.threads)
+
+
+def write_blocks(job: BatchJob, documents: list[Document], blocks: Iterable[dict], done: set) -> int:
+    """Appends each block's summaries to job.output (no id twice, none of `done`) and its failures to
+    job.errors; returns how many documents failed."""
     writer, progress, failed = BlockWriter(job.output, done), Progress(len(documents)), 0
     with open(job.errors, "ab", buffering=0) as errors:
         try:
-            for block in summaries.iter_batches(batch_size=None, batch_format="numpy"):
+            for block in blocks:
                 results, refused = _block_results(block, documents)
                 writer.write(results)
                 if refused:

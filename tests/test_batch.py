@@ -1,13 +1,17 @@
-"""`ortseq batch`'s bookkeeping without Ray: refused inputs, resume, whole-block appends, length grouping."""
+"""`ortseq batch`'s bookkeeping without Ray: refused inputs, resume, whole-block appends, length grouping; and
+run_batch itself on an in-process Summarizer, so `make test` (which runs no Ray test) checks its resume."""
 
 from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from ortseq.runtime import Seq2SeqModel
 from ortseq.runtime.batch import (
     BatchFileError,
     BlockWriter,
@@ -21,6 +25,7 @@ from ortseq.runtime.batch import (
     write_errors,
 )
 from ortseq.runtime.cli import main
+from ortseq.runtime.ray_batch import BatchJob, Summarizer, run_batch
 
 
 def write_lines(path: Path, lines: list) -> Path:
@@ -133,3 +138,47 @@ def test_batch_without_ray_is_a_one_line_usage_error(tmp_path, monkeypatch, caps
     message = capsys.readouterr().err.strip()
     assert message.count("\n") == 0 and "pip install 'ortseq[ray]'" in message
     assert not (tmp_path / "out.jsonl").exists()
+
+
+@contextmanager
+def in_process_blocks(job: BatchJob, documents: list[Document]):
+    """What the Ray pipeline delivers, from one Summarizer in this process: the batches in order, the
+    first one twice (as when Ray retries the batch of a worker it lost after that batch was delivered)."""
+    summarizer = Summarizer(str(job.export_dir), job.provider, job.threads, job.engine, job.generate_kwargs)
+
+    def blocks():
+        for start in range(0, len(documents), job.batch_size):
+            batch = documents[start : start + job.batch_size]
+            block = summarizer({"key": np.arange(start, start + len(batch)), "text": np.array([d.text for d in batch])})
+            yield from [block, block] if start == 0 else [block]
+
+    yield blocks()
+
+
+def test_a_rerun_resumes_after_a_killed_run_and_writes_every_id_once(exported, tmp_path):
+    """run_batch's bookkeeping without Ray: the ids a killed run wrote are kept and skipped, its partial
+    last line is dropped, a retried batch and a repeated input id are written once, and a second run
+    has nothing left to do."""
+    export_dir = exported("base").export_dir
+    texts = {f"doc-{i}": f"The council met on day {i} to discuss the river bridge and the museum." for i in range(7)}
+    corpus = write_lines(tmp_path / "docs.jsonl", [{"id": k, "text": v} for k, v in texts.items()])
+    with corpus.open("a") as extra:
+        extra.write(json.dumps({"id": "doc-2", "text": "A second doc-2."}) + "\n")
+    output = tmp_path / "out.jsonl"
+    output.write_text(
+        '{"id": "doc-1", "summary": "earlier", "input_tokens": 1, "output_tokens": 1}\n{"id": "doc-4", "su'
+    )
+    settings = {"max_new_tokens": 8, "min_new_tokens": 2}
+    job = BatchJob(export_dir, corpus, output, tmp_path / "errors.jsonl", batch_size=2, generate_kwargs=settings)
+
+    report = run_batch(job, summarize=in_process_blocks)
+    assert (report.summarized, report.already_done, report.rejected) == (6, 1, 1)
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(record["id"] for record in records) == sorted(texts)  # each id once, doc-4 included
+    expected = dict(zip(texts, Seq2SeqModel.load(export_dir).summarize(list(texts.values()), **settings)))
+    assert {r["id"]: r["summary"] for r in records} == expected | {"doc-1": "earlier"}
+    assert [json.loads(line)["line"] for line in job.errors.read_text().splitlines()] == [8]  # the second doc-2
+
+    written = output.read_text()
+    again = run_batch(job, summarize=in_process_blocks)
+    assert (again.summarized, again.already_done) == (0, 7) and output.read_text() == written

@@ -37,14 +37,20 @@ LOGITS_ATOL = 5e-4
 SPARSITY_TYPES = ["none", "norm", "pooling", "lsh", "stride", "block_stride", "bos_pooling"]
 
 
+# (block_size, sparse_block_size, sparsity_factor): equal blocks, and two geometries where confusing one
+# size for the other (or for block_size / sparsity_factor) moves the windows
+GEOMETRIES = [(8, 8, 2), (8, 4, 4), (4, 8, 2)]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "b{}_s{}_f{}".format(*g))
 @pytest.mark.parametrize("sparsity_type", SPARSITY_TYPES)
 @pytest.mark.parametrize("globals_", [1, 3])
-def test_torch_op_matches_numpy_reference(sparsity_type, globals_):
+def test_torch_op_matches_numpy_reference(sparsity_type, globals_, geometry):
     """The vectorised, traced implementation against the block-by-block spec in graphs/lsg.py."""
     rng = np.random.default_rng(len(sparsity_type) * 10 + globals_)
-    settings = LSGSettings(8, 8, 2, sparsity_type, globals_, lsh_num_pre_rounds=2)
+    settings = LSGSettings(*geometry, sparsity_type, globals_, lsh_num_pre_rounds=2)
     n, heads, dh = 2, 4, 6
-    for t in (16, 24, 64):  # 2 blocks (the short-input path), 3, and 8
+    for t in (16, 24, 64):  # 2 blocks of 8 (the short-input path), 3, and 8
         q, k, v = (2 * rng.standard_normal((n, heads, globals_ + t, dh), dtype=np.float32) for _ in range(3))
         keep = np.ones((n, t), np.float32)
         keep[1, t - 7 :] = 0

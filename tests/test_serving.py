@@ -181,6 +181,31 @@ def test_bad_requests_get_4xx_with_a_json_error_that_says_what_to_fix(client, bo
     assert says in response.json()["error"]["message"], response.json()
 
 
+def test_more_than_one_summary_per_input_is_refused_so_each_input_gets_its_own(client, model):
+    """The batcher hands each request one output row per input: num_return_sequences 2 would give the
+    first input both of its own beams and the second input the first input's second beam."""
+    parameters = {"num_beams": 2, "max_new_tokens": 10}
+    body = {"inputs": TEXTS[:2], "parameters": parameters | {"num_return_sequences": 2}}
+    response = client.post("/v1/summarize", json=body)
+    assert response.status_code == 422, response.text
+    assert "num_return_sequences must be 1" in response.json()["error"]["message"]
+    response = client.post("/v1/summarize", json={"inputs": TEXTS[:2], "parameters": parameters})
+    alone = [model.summarize([text], **parameters)[0] for text in TEXTS[:2]]
+    assert response.json()["summaries"] == alone and alone[0] != alone[1]
+
+
+def test_num_beams_equal_to_the_servers_maximum_is_served(model):
+    """`--max-num-beams 3`: 3 beams are served (the tokens of generate with 3 beams), 4 are refused."""
+    texts = TEXTS[:2]
+    with TestClient(create_app(model, RequestLimits(max_num_beams=3))) as client:
+        wait_until_ready(lambda: client.get("/readyz").status_code)
+        response = client.post("/v1/summarize", json={"inputs": texts, "parameters": {"num_beams": 3}})
+        assert response.status_code == 200, response.text
+        assert response.json()["summaries"] == model.summarize(texts, num_beams=3)
+        response = client.post("/v1/summarize", json={"inputs": texts, "parameters": {"num_beams": 4}})
+        assert response.status_code == 422 and "allows at most 3" in response.json()["error"]["message"]
+
+
 def test_bodies_over_the_size_limit_are_refused_unread(client):
     response = client.post("/v1/summarize", json={"inputs": ["x" * (1 << 20)]})
     assert response.status_code == 413 and response.json()["error"]["type"] == "too_large"

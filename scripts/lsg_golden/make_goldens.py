@@ -119,6 +119,28 @@ VARIANTS = {
     "norm_noglobal_maskfirst": dict(sparsity_type="norm", pass_global_tokens_to_decoder=False, mask_first_token=True),
 }
 
+# Geometries where block_size, sparse_block_size and sparsity_factor all differ (the variants above all use
+# 32/32/2, where confusing one for another changes nothing), at lengths that are multiples of no block size.
+GEOMETRY_LENGTHS = [1, 33, 97, 161, 255, 301, 515]
+GEOMETRY_VARIANTS = {
+    f"{kind}_b{b}_s{s}_f{f}": dict(sparsity_type=kind, block_size=b, sparse_block_size=s, sparsity_factor=f)
+    for kind, (b, s, f) in [
+        ("norm", (32, 16, 4)),
+        ("pooling", (32, 16, 4)),
+        ("lsh", (32, 16, 4)),
+        ("stride", (32, 16, 4)),
+        ("block_stride", (32, 16, 4)),
+        ("norm", (16, 32, 2)),
+    ]
+}
+VARIANTS |= GEOMETRY_VARIANTS
+
+
+def lengths_of(name, args):
+    """--lengths when given, else the variant's own lengths."""
+    return args.lengths or (GEOMETRY_LENGTHS if name in GEOMETRY_VARIANTS else LENGTHS)
+
+
 # Keep every encoder hidden state except at the largest length, where only row 0 is kept for the
 # variants listed here (size budget). Set to an empty set to keep all.
 HIDDEN_ROW0_ONLY_AT_MAX = set()
@@ -514,7 +536,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=OUT_DIR)
     ap.add_argument("--only", nargs="*", help="subset of variant names")
-    ap.add_argument("--lengths", nargs="*", type=int, default=LENGTHS)
+    ap.add_argument("--lengths", nargs="*", type=int, help="default: LENGTHS, GEOMETRY_LENGTHS")
     ap.add_argument("--no-checks", action="store_true", help="skip the sanity checks / checks.json")
     ap.add_argument(
         "--no-verify", dest="verify", action="store_false", help="skip recomputing every output from the written files"
@@ -574,14 +596,15 @@ def main():
         assert rt == 0.0, f"{name}: save/load round trip differs by {rt}"
 
         arrays, meta_lengths = {}, {}
-        for L in args.lengths:
+        lengths = lengths_of(name, args)
+        for L in lengths:
             ids, mask, dec, row_lens = make_inputs(L, model.config.vocab_size)
             res = run_all(model, recorder, L, ids, mask, dec, lsh)
             # determinism check: the same call again (replaying hyperplanes) gives the same states
             if lsh and res["planes"]:
                 again = run_all(model, recorder, L, ids, mask, dec, lsh, planes=res["planes"])
             else:
-                again = run_all(model, recorder, L, ids, mask, dec, lsh) if L == args.lengths[-1] else None
+                again = run_all(model, recorder, L, ids, mask, dec, lsh) if L == lengths[-1] else None
             if again is not None:
                 assert torch.equal(again["enc"], res["enc"]), f"{name} L={L}: encoder not reproducible"
                 assert torch.equal(again["greedy"], res["greedy"]), f"{name} L={L}: greedy not reproducible"
@@ -592,7 +615,7 @@ def main():
             arrays[f"decoder_input_ids__{key}"] = dec.numpy().astype(np.int64)
             enc = res["enc"].numpy().astype(np.float32)
             kept_rows = [0, 1]
-            if L == max(args.lengths) and name in HIDDEN_ROW0_ONLY_AT_MAX:
+            if L == max(lengths) and name in HIDDEN_ROW0_ONLY_AT_MAX:
                 enc, kept_rows = enc[:1], [0]
             arrays[f"encoder_last_hidden_state__{key}"] = enc
             arrays[f"logits__{key}"] = res["logits"].numpy().astype(np.float32)
@@ -652,7 +675,7 @@ def main():
             f"{min(min(v['greedy_min_top2_logit_margin_per_row']) for v in meta_lengths.values()):.4f}",
             flush=True,
         )
-        for L in args.lengths:
+        for L in lengths:
             print(f"   L={L:5d} greedy {all_greedy[name][L].tolist()}", flush=True)
 
     checks = {}
@@ -710,7 +733,7 @@ def verify_fixture(folder):
 
 def run_checks(mod, names, all_greedy, args, path):
     checks = {}
-    long_lengths = [L for L in args.lengths if L >= 256]
+    long_lengths = [L for L in (args.lengths or LENGTHS) if L >= 256]
 
     # 1. greedy tokens differ between sparsity types (same weights, same input)
     types = [n for n in ("norm", "pooling", "lsh", "stride", "block_stride", "bos_pooling", "none") if n in names]
