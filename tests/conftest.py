@@ -41,6 +41,20 @@ def exported(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """tiny_export(kind) -> fp32 export dir of the tiny model "tiny:KIND" (any family's), made once per session."""
+    cache: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = tmp_path_factory.mktemp(f"tiny-{kind}") / "export"
+            export(f"tiny:{kind}", cache[kind])
+        return cache[kind]
+
+    return get
+
+
 @pytest.fixture(autouse=True)
 def search_step_on_cpu(request, monkeypatch):
     """Every test runs the search step graph on the CPU too (the runtime's CPU default is numpy, measured
