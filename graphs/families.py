@@ -31,6 +31,7 @@ REGISTRY: tuple[RegisteredFamily, ...] = (
     # lsg_pegasus and encoder-decoder: their encoders' I/O differ from the op's subgraph (not done)
     RegisteredFamily("lsg_pegasus", "LSG-Pegasus (Pegasus with a Local + Sparse + Global encoder)"),
     RegisteredFamily("encoder-decoder", "EncoderDecoderModel of BERT, RoBERTa or BertGeneration stacks"),
+    RegisteredFamily("marian", "MarianMT (MarianMTModel), one vocabulary for both sides"),
 )
 NAMES: tuple[str, ...] = tuple(family.name for family in REGISTRY)
 

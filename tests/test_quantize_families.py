@@ -29,7 +29,7 @@ REPORT = ReportSettings(num_beams=2, max_new_tokens=8, logit_steps=4)
 @pytest.mark.parametrize("fmt", pipeline.FORMATS)
 @pytest.mark.parametrize(("family", "kind"), tiny_model_params())
 def test_every_family_quantizes_to_every_format_and_generates(tiny_export, gate_calls, tmp_path, family, kind, fmt):
-    source = tiny_export(kind)
+    source = tiny_export(kind).export_dir
     out = tmp_path / fmt
     pipeline.quantize(source, out, fmt, min_agreement=0.0, texts=default_texts()[:4], report_settings=REPORT)
 
