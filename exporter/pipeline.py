@@ -22,6 +22,7 @@ from .attention import self_attention_body
 from .beam_search_op import beam_search_model_for, check_supported
 from .checkpoint_check import load_checkpoint_tensors, tensors_held_by
 from .families import Family, UnsupportedModelError, family_for, family_named
+from .families.base import check_model_attributes
 from .progress import log
 from .search_step import write_search_step
 from .shared_weights import SharedWeights, embedding_tables
@@ -95,7 +96,7 @@ def _export_checkpoint(
     family = family_for(checkpoint)
     if add_special_tokens is None:  # a family may know model cards that tokenize without them
         add_special_tokens = family.add_special_tokens(ALIASES.get(source, source))
-    check_tokenizer_files(checkpoint)  # before minutes of export work
+    check_tokenizer_files(checkpoint, family.tokenizer_files())  # before minutes of export work
     log(f"loading {family.name} checkpoint from {checkpoint}")
     model = load_checked_model(family, checkpoint)
     graph_tensors = graph_tensor_names(family, model)
@@ -165,6 +166,7 @@ def load_checked_model(family: Family, checkpoint: Path):
     what transformers 5.x left different from the files is taken from them, a tensor a graph reads and
     the files lack refused."""
     model = family.load_model(str(checkpoint))
+    check_model_attributes(family, model)  # before the checkpoint check and the traces read them
     load_checkpoint_tensors(model, checkpoint, family.checkpoint_layout(model), graph_tensor_names(family, model))
     return model
 

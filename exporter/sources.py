@@ -15,9 +15,9 @@ from .progress import log
 # locally, offline (the family's tiny builder).
 ALIASES = families.aliases()
 
-# Files a checkpoint needs; hub downloads skip the rest (other frameworks' weights, etc.).
-# pytorch_model*.bin: pytorch_model.bin and the shards of a sharded one (its index is a .json)
-_CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "pytorch_model*.bin", "*.py"]
+# A hub download fetches config.json first: its family says which files to fetch then (its
+# Family.download_patterns), and a model no family exports is refused before its weights are fetched.
+_CONFIG_PATTERNS = ["config.json"]
 
 
 @contextmanager
@@ -47,18 +47,32 @@ def _check_not_a_typo(name: str) -> None:
 
 
 def _download(repo_id: str) -> Path:
+    """The checkpoint folder of repo_id: config.json first, then the files its family asks for."""
+    config_only = _snapshot(repo_id, _CONFIG_PATTERNS, ("config.json",))
+    return _snapshot(repo_id, list(families.family_for(config_only).download_patterns()), _WEIGHT_FILES)
+
+
+# A cached snapshot holding none of these is one whose config.json alone was fetched.
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def _snapshot(repo_id: str, patterns: list[str], complete_with: tuple[str, ...]) -> Path:
+    """The snapshot of repo_id's files matching patterns: the local hub cache's copy when it holds one of
+    complete_with, else downloaded."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:  # a copy in the local hub cache works offline
-        return Path(snapshot_download(repo_id, allow_patterns=_CHECKPOINT_PATTERNS, local_files_only=True))
+        cached = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        if any((cached / name).is_file() for name in complete_with):
+            return cached
     except (LocalEntryNotFoundError, OSError, ValueError):
         pass
-    log(f"downloading {repo_id} from the Hugging Face hub")
+    log(f"downloading {repo_id} ({', '.join(patterns)}) from the Hugging Face hub")
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_CHECKPOINT_PATTERNS))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except RepositoryNotFoundError as exc:
         raise SourceError(f"{repo_id} is not a model on the Hugging Face hub (nor a local directory)") from exc
     except Exception as exc:  # connection errors come in many types, all mean the same to the user

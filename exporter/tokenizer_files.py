@@ -5,7 +5,8 @@ A few are still sentencepiece-backed ("slow": BertGenerationTokenizer); those ar
 transformers' own converter (one transformers does not register comes from the family:
 Family.tokenizer_converters), their special tokens registered as tokenizers special tokens (so that
 they are split off when typed in a text and skipped when decoding, as the slow tokenizer does), and
-the manifest records that the slow tokenizer strips the decoded text.
+the manifest records that the slow tokenizer strips the decoded text. The rules it must keep are the
+tokenizer contract of exporter/families/base.py, checked on every export (check_tokenizer_contract).
 """
 
 from __future__ import annotations
@@ -15,34 +16,35 @@ import tempfile
 from pathlib import Path
 
 from ..graphs.manifest import TokenizerInfo
+from ..runtime.tokenizer import TextTokenizer
 from .errors import SourceError
+from .families.base import DEFAULT_TOKENIZER_FILES, check_tokenizer_contract
 
 TOKENIZER_FILE = "tokenizer.json"
-# Files any one of which holds a vocabulary transformers can build a tokenizer from (tokenizers'
-# own file; sentencepiece models; WordPiece; byte-level BPE, which also needs merges.txt).
-VOCABULARY_FILES = (
-    "tokenizer.json",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "tokenizer.model",
-    "vocab.txt",
-    "vocab.json",
-)
+# Texts the export's tokenizer.json must encode and decode as the checkpoint's tokenizer does (the
+# tokenizer contract): words, casing, digits, punctuation runs, accents, a dash.
+CONTRACT_TEXTS = [
+    "The city council said the bridge will open next year.",
+    "Zürich and São Paulo — café, naïve: 100 km/h, 3.5% (est. 2030)!?",
+    "a  b, c... d; e",
+]
 
 
 class MissingTokenizerError(SourceError):
     """The checkpoint folder holds no tokenizer files: the export would have no tokenizer to ship."""
 
 
-def check_tokenizer_files(checkpoint: Path) -> None:
-    """Refuse a checkpoint without tokenizer files by name (transformers fails deep inside a tokenizer class)."""
-    present = [name for name in VOCABULARY_FILES if (Path(checkpoint) / name).is_file()]
-    if present == ["vocab.json"] and not (Path(checkpoint) / "merges.txt").is_file():
-        present = []
-    if not present:
+def check_tokenizer_files(
+    checkpoint: Path, vocabularies: tuple[tuple[str, ...], ...] = DEFAULT_TOKENIZER_FILES
+) -> None:
+    """Refuse a checkpoint without tokenizer files by name (transformers fails deep inside a tokenizer class).
+
+    vocabularies: groups of files, each a complete vocabulary (the family's Family.tokenizer_files)."""
+    if not any(all((Path(checkpoint) / name).is_file() for name in group) for group in vocabularies):
+        wanted = "; ".join(" with ".join(group) for group in vocabularies)
         raise MissingTokenizerError(
-            f"{checkpoint} has no tokenizer files (one of {', '.join(VOCABULARY_FILES)}; vocab.json with "
-            f"merges.txt): save the tokenizer there too (tokenizer.save_pretrained(DIR))"
+            f"{checkpoint} has no tokenizer files (one of: {wanted}): save the tokenizer there too "
+            f"(tokenizer.save_pretrained(DIR))"
         )
 
 
@@ -72,7 +74,7 @@ def save_tokenizer(
     model_max_length = tokenizer.model_max_length
     if not isinstance(model_max_length, int) or model_max_length > max_positions:
         model_max_length = max_positions  # transformers uses a huge sentinel when the checkpoint says nothing
-    return TokenizerInfo(
+    info = TokenizerInfo(
         file=TOKENIZER_FILE,
         model_max_length=model_max_length,
         add_special_tokens=add_special_tokens,
@@ -80,6 +82,9 @@ def save_tokenizer(
         # the slow tokenizers' convert_tokens_to_string ends with str.strip()
         strip_decoded_text=sentencepiece_backed,
     )
+    runtime = TextTokenizer(staging, info, pad_token_id=0)  # the pad id plays no part in the contract
+    check_tokenizer_contract(tokenizer, runtime, CONTRACT_TEXTS, add_special_tokens)
+    return info
 
 
 def _converted_sentencepiece(tokenizer, extra_converters: dict[str, type]):
@@ -93,11 +98,9 @@ def _converted_sentencepiece(tokenizer, extra_converters: dict[str, type]):
         raise ValueError(f"{name} is sentencepiece-backed and transformers has no tokenizers converter for it")
     converted = converters[name](tokenizer).converted()
     special = set(tokenizer.all_special_tokens)
-    for token_id, token in sorted(tokenizer.added_tokens_decoder.items()):
+    for _, token in sorted(tokenizer.added_tokens_decoder.items()):  # in id order: each keeps its id
         added = AddedToken(token.content, special=token.content in special, normalized=False)
         converted.add_special_tokens([added]) if added.special else converted.add_tokens([added])
-        if converted.token_to_id(token.content) != token_id:
-            raise ValueError(f"{name}: added token {token.content!r} got another id than {token_id}")
     for token in sorted(special - {t.content for t in tokenizer.added_tokens_decoder.values()}):
         converted.add_special_tokens([AddedToken(token, special=True, normalized=False)])
     return converted

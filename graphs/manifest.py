@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import contract
+from . import contract, families
 from .generation import GenerationSettingError, GenerationSettings, from_json
 
 MANIFEST_FILE = "manifest.json"
@@ -25,9 +25,7 @@ READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 LOOP_ENGINE = "loop"
 BEAM_SEARCH_OP_ENGINE = "beam-search-op"
 # What the runtime knows how to run; a manifest naming anything else was not written by this ortseq.
-# The families whose exports this runtime reads (each exporter family's `name`; tests/test_architecture.py
-# checks that every registered family is listed). Their graphs all follow graphs/contract.py.
-FAMILIES = ("pegasus", "lsg_pegasus", "encoder-decoder", "bart")
+# The families are graphs/families.py's registry; their graphs all follow graphs/contract.py.
 PRECISIONS = ("fp32", "int8", "int4", "fp16")
 # The graphs the runtime opens: always, and for an engine the manifest lists
 GRAPH_FILES = (contract.ENCODER_FILE, contract.DECODER_FILE)
@@ -211,7 +209,7 @@ def plain_file_name(name) -> str:
 
 
 def _check_fields(m: Manifest) -> None:
-    _one_of("family", m.family, FAMILIES)
+    _one_of("family", m.family, families.NAMES)
     _one_of("precision", m.precision, PRECISIONS)
     _check_int("opset", m.opset, 1)
     for name, value in vars(m.dims).items():
@@ -231,6 +229,8 @@ def _check_fields(m: Manifest) -> None:
         raise ManifestError(f"engines must be a non-empty list, got {m.engines!r}")
     for engine in m.engines:
         _one_of("engines[]", engine, (LOOP_ENGINE, BEAM_SEARCH_OP_ENGINE))
+    if BEAM_SEARCH_OP_ENGINE in m.engines and not families.registered(m.family).beam_search_op:
+        raise ManifestError(f"engines lists {BEAM_SEARCH_OP_ENGINE!r}, which {m.family} exports never carry")
     _one_of("decoder_contract", m.decoder_contract, contract.DECODER_CONTRACTS)
     if m.decoder_contract == contract.STATIC_CACHE_CONTRACT:
         _one_of("decoder_self_attention", m.decoder_self_attention, contract.SELF_ATTENTION_BODIES)

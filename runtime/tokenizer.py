@@ -67,6 +67,11 @@ class TextTokenizer:
             attention_mask[index, : len(row)] = 1
         return input_ids, attention_mask
 
+    def token_id(self, token: str) -> int | None:
+        """The id of a token of the vocabulary (added and special tokens included), None if it has none."""
+        with self._lock:
+            return self._tokenizer.token_to_id(token)
+
     def decode(self, ids: np.ndarray) -> list[str]:
         with self._lock:
             texts = self._tokenizer.decode_batch([list(map(int, row)) for row in ids], skip_special_tokens=True)

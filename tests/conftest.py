@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,30 @@ def exported(tmp_path_factory):
             export(str(checkpoint), root / "export")
             cache[name] = ExportedModel(checkpoint, root / "export")
         return cache[name]
+
+    return get
+
+
+@dataclass
+class TinyExport:
+    checkpoint: Path  # the tiny model's checkpoint folder, as its builder saved it
+    export_dir: Path  # its fp32 export
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """tiny_export(kind) -> TinyExport of the tiny model "tiny:KIND" (any family's), built and exported once."""
+    from ortseq.exporter.families import tiny_builder
+
+    cache: dict[str, TinyExport] = {}
+
+    def get(kind: str) -> TinyExport:
+        if kind not in cache:
+            root = tmp_path_factory.mktemp(f"tiny-{kind}")
+            checkpoint = tiny_builder(kind)(root / "checkpoint")
+            export(str(checkpoint), root / "export")
+            cache[kind] = TinyExport(Path(checkpoint), root / "export")
+        return cache[kind]
 
     return get
 

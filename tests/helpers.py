@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from ortseq.exporter.tiny.pegasus import TinyPegasusShape
@@ -64,15 +65,37 @@ SETTINGS = {
 }
 
 
-def padded_batch(vocab: int, lengths: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Random ids right-padded with the pad id 0, one row per length."""
+def padded_batch(manifest, lengths: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random ids of the export's vocabulary (graphs/manifest.py Manifest), one row per length, right-padded
+    with its pad id. Ids start at 3 (where every family's tokenizer keeps its first specials); the
+    manifest's pad, EOS and decoder-start ids are never drawn, wherever they are."""
     rng = np.random.default_rng(seed)
-    ids = np.zeros((len(lengths), max(lengths)), dtype=np.int64)
+    vocab, special = manifest.dims.vocab_size, manifest.special_tokens
+    specials = [special.pad_token_id, special.eos_token_id, special.decoder_start_token_id]
+    allowed = np.setdiff1d(np.arange(3, vocab), specials)
+    ids = np.full((len(lengths), max(lengths)), special.pad_token_id, dtype=np.int64)
     mask = np.zeros_like(ids)
     for row, length in enumerate(lengths):
-        ids[row, :length] = rng.integers(3, vocab, size=length)
+        drawn = rng.integers(3, vocab, size=length)
+        drawn_special = np.isin(drawn, specials)
+        drawn[drawn_special] = allowed[drawn[drawn_special] % len(allowed)]  # the same draw for every family
+        ids[row, :length] = drawn
         mask[row, :length] = 1
     return ids, mask
+
+
+def tiny_model_params(trained: bool = False) -> list:
+    """pytest params (family name, tiny kind) of every registered family's tiny models (graphs/families.py):
+    the random ones, or those trained on a task. A family's first is in the default run, the rest `slow`."""
+    from ortseq.exporter.families import FAMILIES
+
+    params = []
+    for family in FAMILIES:
+        kinds = [kind for kind in family.tiny_builders() if (kind in family.trained_tiny_kinds) == trained]
+        for index, kind in enumerate(kinds):
+            marks = [pytest.mark.slow] if index else []
+            params.append(pytest.param(family.name, kind, marks=marks, id=f"{family.name}-{kind}"))
+    return params
 
 
 def torch_generate(model, ids: np.ndarray, mask: np.ndarray, settings: dict) -> np.ndarray:

@@ -139,8 +139,22 @@ def test_every_subpackage_is_installed():
     assert found == listed
 
 
-def test_the_runtime_reads_the_exports_of_every_registered_family():
-    from ortseq.exporter.families import FAMILIES
-    from ortseq.graphs import manifest
+def test_every_registered_family_has_its_exporter_module_and_every_family_module_is_registered():
+    """graphs/families.py is the one list: each entry is exported by the Family of that name in
+    exporter/families/NAME.py, and no family module there is left out of it."""
+    from ortseq.exporter.families import FAMILIES, family_named
+    from ortseq.graphs import families
 
-    assert {family.name for family in FAMILIES} <= set(manifest.FAMILIES)
+    assert [family.name for family in FAMILIES] == list(families.NAMES)
+    for family in FAMILIES:
+        assert family.registration == families.registered(family.name)
+        assert family_named(family.name) is family
+    modules = {path.stem for path in (ROOT / "exporter" / "families").glob("*.py")} - {"__init__", "base"}
+    assert modules == {entry.exporter_module for entry in families.REGISTRY}
+
+
+def test_every_trained_tiny_kind_is_one_of_the_familys_tiny_models():
+    from ortseq.exporter.families import FAMILIES
+
+    for family in FAMILIES:
+        assert set(family.trained_tiny_kinds) <= set(family.tiny_builders()), family.name

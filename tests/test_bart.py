@@ -68,12 +68,11 @@ def bart(tmp_path_factory):
 
 
 def _parity_batch(model: ExportedBart, setting: str) -> tuple[np.ndarray, np.ndarray]:
-    """A padded batch up to the maximum position, ids above BART's specials, pad id 1 in the padding."""
+    """A padded batch up to the maximum position, ids above BART's specials."""
     max_len = model.ours.manifest.dims.max_position_embeddings
     ids, mask = padded_batch(
-        model.ours.manifest.dims.vocab_size, [max_len, max_len // 2 + 1, 1], seed=zlib.crc32(setting.encode()) % 1000
+        model.ours.manifest, [max_len, max_len // 2 + 1, 1], seed=zlib.crc32(setting.encode()) % 1000
     )
-    ids[mask == 0] = model.ours.manifest.special_tokens.pad_token_id
     ids[mask == 1] = np.maximum(ids[mask == 1], 5)  # no <s>/<pad>/</s>/<unk>/<mask> inside the text
     return ids, mask
 
@@ -100,7 +99,7 @@ def test_bart_with_forced_bos_matches_transformers(bart, setting):
 def test_bart_fixtures_end_hypotheses_at_varied_lengths(bart):
     """The parity cases only mean something if beams finish early, at different steps."""
     ours = bart("cnn_layout_no_forced_bos").ours
-    ids, mask = padded_batch(ours.manifest.dims.vocab_size, [30, 12, 5, 1], seed=11)
+    ids, mask = padded_batch(ours.manifest, [30, 12, 5, 1], seed=11)
     ids = np.maximum(ids, 5)
     out = ours.generate(ids, mask, num_beams=4, max_new_tokens=30, num_return_sequences=4, no_repeat_ngram_size=0)
     eos = ours.manifest.special_tokens.eos_token_id
@@ -175,7 +174,7 @@ def test_bart_quantizes_to_an_export_that_loads_and_generates(bart, tmp_path, fm
     manifest = quantize(bart("cnn_layout_no_forced_bos").export_dir, tmp_path / fmt, fmt, min_agreement=0.0)
     assert manifest.precision == fmt and "greedy" in manifest.quantization.quality
     ours = Seq2SeqModel.load(tmp_path / fmt)
-    out = ours.generate(*padded_batch(ours.manifest.dims.vocab_size, [9, 4], seed=1), num_beams=2, max_new_tokens=6)
+    out = ours.generate(*padded_batch(ours.manifest, [9, 4], seed=1), num_beams=2, max_new_tokens=6)
     assert out.shape[0] == 2 and (out[:, 0] == ours.manifest.special_tokens.decoder_start_token_id).all()
 
 

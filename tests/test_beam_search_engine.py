@@ -13,8 +13,9 @@ from ortseq.exporter import beam_search_op
 from ortseq.exporter.families import UnsupportedModelError, family_named
 from ortseq.exporter.pipeline import export
 from ortseq.exporter.verify import GraphMismatchError
+from ortseq.graphs import families
 from ortseq.graphs.contract import BEAM_SEARCH_FILE
-from ortseq.graphs.manifest import Manifest, sha256_of
+from ortseq.graphs.manifest import Manifest, ManifestError, sha256_of
 from ortseq.runtime import InvalidInputError, Seq2SeqModel
 
 # On top of the model's defaults (4 beams, length penalty 0.6, max length 32, early_stopping False):
@@ -60,7 +61,7 @@ def test_beam_search_op_engine_returns_the_loops_tokens(op_export, name):
     loop, op = _engines(op_export)
     finished_early = False
     for seed in range(3):
-        ids, mask = padded_batch(loop.manifest.dims.vocab_size, [40, 17, 29], seed=seed)
+        ids, mask = padded_batch(loop.manifest, [40, 17, 29], seed=seed)
         expected = loop.generate(ids, mask, **SETTINGS[name])
         np.testing.assert_array_equal(op.generate(ids, mask, **SETTINGS[name]), expected)
         finished_early |= bool((expected[:, 1:-1] == loop.manifest.special_tokens.eos_token_id).any())
@@ -72,7 +73,7 @@ def test_model_defaults_with_early_stopping_and_ngram_ban_run_through_the_op(exp
     checkpoint = _checkpoint_with_generation(exported, tmp_path, early_stopping=True, no_repeat_ngram_size=2)
     export(checkpoint, directory, beam_search_op=True)
     loop, op = _engines(directory)
-    ids, mask = padded_batch(loop.manifest.dims.vocab_size, [40, 17, 29], seed=5)
+    ids, mask = padded_batch(loop.manifest, [40, 17, 29], seed=5)
     ban_changed_tokens = False
     for settings in (dict(), dict(num_beams=8, num_return_sequences=3), dict(num_beams=1)):
         expected = loop.generate(ids, mask, **settings)
@@ -120,9 +121,24 @@ def test_cli_refuses_what_the_op_engine_cannot_do_with_exit_2(exported, op_expor
 
 
 def test_export_refuses_families_the_graph_is_not_built_for():
-    for name in ("lsg_pegasus", "encoder-decoder"):
+    without_op = [entry.name for entry in families.REGISTRY if not entry.beam_search_op]
+    assert without_op
+    for name in without_op:
         with pytest.raises(UnsupportedModelError, match="export without --beam-search-op"):
             beam_search_op.check_supported(family_named(name))
+
+
+def test_a_manifest_listing_the_op_engine_for_a_family_without_it_is_refused(op_export):
+    """The registry's beam_search_op fact, read by the runtime's manifest check."""
+    manifest = Manifest.read(op_export)
+    manifest.check()
+    for entry in families.REGISTRY:
+        manifest.family = entry.name
+        if entry.beam_search_op:
+            manifest.check()
+        else:
+            with pytest.raises(ManifestError, match=f"which {entry.name} exports never carry"):
+                manifest.check()
 
 
 def test_export_fails_when_the_graph_disagrees_with_the_loop(exported, tmp_path, monkeypatch):

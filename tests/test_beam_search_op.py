@@ -34,7 +34,7 @@ def both(exported, tmp_path_factory):
 @pytest.mark.parametrize("name", SETTINGS)
 def test_beam_search_op_matches_ortseq_loop_on_padded_batch(both, name):
     op, loop = both
-    ids, mask = padded_batch(loop.manifest.dims.vocab_size, [40, 17, 29], seed=3)
+    ids, mask = padded_batch(loop.manifest, [40, 17, 29], seed=3)
     settings = {"length_penalty": 1.0, "min_new_tokens": 0} | SETTINGS[name]
     expected = loop.generate(ids, mask, early_stopping=True, **settings)
     got = op.generate(ids, mask, **settings)

@@ -18,8 +18,7 @@ def test_generate_matches_transformers_on_padded_batch(exported, shape, setting)
     model = exported(shape)
     ours = Seq2SeqModel.load(model.export_dir)
     max_len = SHAPES[shape].max_position_embeddings
-    vocab = ours.manifest.dims.vocab_size
-    ids, mask = padded_batch(vocab, [max_len, max_len // 2 + 1, 1], seed=zlib.crc32(setting.encode()) % 1000)
+    ids, mask = padded_batch(ours.manifest, [max_len, max_len // 2 + 1, 1], seed=zlib.crc32(setting.encode()) % 1000)
     expected = torch_generate(model.torch_model, ids, mask, SETTINGS[setting])
     np.testing.assert_array_equal(ours.generate(ids, mask, **SETTINGS[setting]), expected)
 
@@ -28,7 +27,7 @@ def test_generate_matches_transformers_on_padded_batch(exported, shape, setting)
 def test_beam8_matches_transformers_on_single_short_input(exported, length):
     model = exported("base")
     ours = Seq2SeqModel.load(model.export_dir)
-    ids, mask = padded_batch(ours.manifest.dims.vocab_size, [length], seed=length)
+    ids, mask = padded_batch(ours.manifest, [length], seed=length)
     settings = dict(num_beams=8, max_new_tokens=20, length_penalty=0.6)
     np.testing.assert_array_equal(
         ours.generate(ids, mask, **settings), torch_generate(model.torch_model, ids, mask, settings)
@@ -39,7 +38,7 @@ def test_attention_mask_defaults_like_transformers(exported):
     """Without a mask every token is attended, pad ids included: generate() infers none for encoder-decoders."""
     model = exported("base")
     ours = Seq2SeqModel.load(model.export_dir)
-    ids, _ = padded_batch(ours.manifest.dims.vocab_size, [20, 9], seed=3)
+    ids, _ = padded_batch(ours.manifest, [20, 9], seed=3)
     with torch.no_grad():
         expected = model.torch_model.generate(torch.from_numpy(ids), num_beams=4, max_new_tokens=10).numpy()
     np.testing.assert_array_equal(ours.generate(ids, num_beams=4, max_new_tokens=10), expected)
@@ -48,7 +47,7 @@ def test_attention_mask_defaults_like_transformers(exported):
 def test_fixtures_end_hypotheses_at_varied_lengths(exported):
     """The parity cases only mean something if beams finish early, at different steps."""
     ours = Seq2SeqModel.load(exported("base").export_dir)
-    ids, mask = padded_batch(ours.manifest.dims.vocab_size, [30, 12, 5, 1], seed=11)
+    ids, mask = padded_batch(ours.manifest, [30, 12, 5, 1], seed=11)
     out = ours.generate(ids, mask, num_beams=4, max_new_tokens=30, num_return_sequences=4)
     eos = ours.manifest.special_tokens.eos_token_id
     lengths = {int(np.argmax(row == eos)) for row in out if (row == eos).any()}
@@ -67,7 +66,5 @@ def test_disagreements_are_fp32_ties_that_float64_decides_our_way(exported, sett
     model = exported("base")
     ours = Seq2SeqModel.load(model.export_dir)
     max_len = SHAPES["base"].max_position_embeddings
-    batches = (
-        padded_batch(ours.manifest.dims.vocab_size, [max_len, max_len // 2 + 1, 1], seed=seed) for seed in range(300)
-    )
+    batches = (padded_batch(ours.manifest, [max_len, max_len // 2 + 1, 1], seed=seed) for seed in range(300))
     assert_disagreements_are_fp32_ties(ours, model.torch_model, batches, SETTINGS[setting], max_ties=3)

@@ -35,7 +35,7 @@ def base(exported):
     transformers generates for it without any extra field."""
     model = exported("base")
     ours = Seq2SeqModel.load(model.export_dir)
-    ids, mask = padded_batch(ours.manifest.dims.vocab_size, [40, 17, 5], seed=0)
+    ids, mask = padded_batch(ours.manifest, [40, 17, 5], seed=0)
     plains = {
         b: torch_generate(model.torch_model, ids, mask, dict(num_beams=b, max_new_tokens=NEW_TOKENS)) for b in BEAMS
     }

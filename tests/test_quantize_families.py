@@ -5,9 +5,9 @@ The models are tiny *random* checkpoints (the tiny-* aliases): their token agree
 a real model (tests/test_quantize.py measures quality on a trained one), so the gate's threshold is 0
 here and the test checks that the gate read this report, not what it decided.
 
-Pegasus reuses conftest's session export; LSG-Pegasus is exported here (about 25 s). The three
-encoder-decoder families are `slow` (`make test-full`): their three exports add about 35 s and their nine
-quantizations about 30 s more to the default run, and int8/int4/fp16 worked for them before LSG did.
+Every registered family (graphs/families.py) is covered through its tiny models (helpers.tiny_model_params):
+each family's first in the default run, its others `slow` (`make test-full`). The fp32 exports are
+conftest's session exports (`tiny_export`), shared with tests/test_family_conformance.py.
 """
 
 from __future__ import annotations
@@ -15,53 +15,26 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from helpers import tiny_model_params
 
-from ortseq.exporter.pipeline import export
 from ortseq.exporter.quantization import pipeline
 from ortseq.exporter.quantization.quality import ReportSettings, default_texts
 from ortseq.graphs import contract
 from ortseq.graphs.manifest import Manifest
 from ortseq.runtime.model import Seq2SeqModel
 
-ALIASES = {
-    "lsg_pegasus": "tiny-lsg-pegasus",
-    "bert2bert": "tiny-bert2bert",
-    "roberta2roberta": "tiny-roberta2roberta",
-    "bertgeneration": "tiny-bertgeneration",
-}
-FAMILIES = [
-    "pegasus",
-    "lsg_pegasus",
-    *(pytest.param(family, marks=pytest.mark.slow) for family in ("bert2bert", "roberta2roberta", "bertgeneration")),
-]
 REPORT = ReportSettings(num_beams=2, max_new_tokens=8, logit_steps=4)
 
 
-@pytest.fixture(scope="module")
-def family_export(exported, tmp_path_factory):
-    """family_export(family) -> fp32 export dir of that family's tiny random model, made once."""
-    cache = {}
-
-    def get(family: str):
-        if family == "pegasus":
-            return exported("base").export_dir
-        if family not in cache:
-            cache[family] = tmp_path_factory.mktemp(family) / "fp32"
-            export(ALIASES[family], cache[family])
-        return cache[family]
-
-    return get
-
-
 @pytest.mark.parametrize("fmt", pipeline.FORMATS)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_quantizes_to_every_format_and_generates(family_export, gate_calls, tmp_path, family, fmt):
-    source = family_export(family)
+@pytest.mark.parametrize(("family", "kind"), tiny_model_params())
+def test_every_family_quantizes_to_every_format_and_generates(tiny_export, gate_calls, tmp_path, family, kind, fmt):
+    source = tiny_export(kind).export_dir
     out = tmp_path / fmt
     pipeline.quantize(source, out, fmt, min_agreement=0.0, texts=default_texts()[:4], report_settings=REPORT)
 
     manifest = Manifest.read(out)
-    assert manifest.family == Manifest.read(source).family and manifest.precision == fmt
+    assert manifest.family == Manifest.read(source).family == family and manifest.precision == fmt
     report = manifest.quantization.quality
     assert report["inputs"] == 4 and {"greedy", "beam2", "logits"} <= set(report)
     assert np.isfinite(report["logits"]["max_abs_error"])

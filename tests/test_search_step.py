@@ -236,7 +236,7 @@ def counted(exported):
 )
 def test_generate_through_the_device_step_matches_transformers(counted, settings):
     model, ours, made = counted
-    ids, mask = padded_batch(ours.manifest.dims.vocab_size, [17, 6, 1], seed=4)
+    ids, mask = padded_batch(ours.manifest, [17, 6, 1], seed=4)
     out = ours.generate(ids, mask, **settings)
     np.testing.assert_array_equal(out, torch_generate(model.torch_model, ids, mask, settings))
     (candidates,) = made
@@ -259,7 +259,7 @@ def test_generate_through_the_device_step_matches_transformers(counted, settings
 )
 def test_settings_that_read_the_scores_choose_on_the_host(counted, settings):
     model, ours, made = counted
-    ids, mask = padded_batch(ours.manifest.dims.vocab_size, [12, 5], seed=8)
+    ids, mask = padded_batch(ours.manifest, [12, 5], seed=8)
     out = ours.generate(ids, mask, **settings)
     np.testing.assert_array_equal(out, torch_generate(model.torch_model, ids, mask, settings))
     assert ours.sessions.search_step.runs == 0 and made[0].host_steps > 0
@@ -270,7 +270,7 @@ def test_cpu_provider_chooses_on_the_host_by_default(counted):
     """numpy is faster than the graph where the logits are in host memory already (runtime/engines.py)."""
     model, ours, made = counted
     settings = dict(num_beams=4, max_new_tokens=10)
-    ids, mask = padded_batch(ours.manifest.dims.vocab_size, [12, 5], seed=8)
+    ids, mask = padded_batch(ours.manifest, [12, 5], seed=8)
     np.testing.assert_array_equal(
         ours.generate(ids, mask, **settings), torch_generate(model.torch_model, ids, mask, settings)
     )
@@ -288,7 +288,7 @@ def test_export_without_a_search_step_graph_chooses_on_the_host(exported, tmp_pa
     (old / "manifest.json").write_text(json.dumps(manifest))
     ours = Seq2SeqModel.load(old)
     assert ours.sessions.search_step is None
-    ids, mask = padded_batch(ours.manifest.dims.vocab_size, [15, 3], seed=2)
+    ids, mask = padded_batch(ours.manifest, [15, 3], seed=2)
     for settings in (dict(num_beams=4, max_new_tokens=12), dict(num_beams=1, max_new_tokens=12)):
         expected = torch_generate(model.torch_model, ids, mask, settings)
         np.testing.assert_array_equal(ours.generate(ids, mask, **settings), expected)
@@ -345,7 +345,7 @@ def test_logits_left_on_the_device_cross_to_the_host_only_for_a_host_choice(coun
     start = ours.sessions.start
     monkeypatch.setattr(ours.sessions, "start", lambda *args, **kwargs: LogitsLeftOnDevice(start(*args, **kwargs)))
     CountedDeviceLogits.copies = 0
-    ids, mask = padded_batch(ours.manifest.dims.vocab_size, [12, 5], seed=8)
+    ids, mask = padded_batch(ours.manifest, [12, 5], seed=8)
     out = ours.generate(ids, mask, **settings)
     np.testing.assert_array_equal(out, torch_generate(model.torch_model, ids, mask, settings))
     (candidates,) = made

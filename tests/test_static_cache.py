@@ -33,7 +33,7 @@ def _ops(export_dir: Path) -> list[str]:
 
 
 def _batch(model: Seq2SeqModel) -> tuple[np.ndarray, np.ndarray]:
-    return padded_batch(model.manifest.dims.vocab_size, [13, 6, 1], seed=7)
+    return padded_batch(model.manifest, [13, 6, 1], seed=7)
 
 
 def test_head_dim_32_decoder_uses_dmmha_and_other_head_sizes_the_plain_body(exported):

@@ -43,7 +43,7 @@ def test_an_input_encodes_the_same_alone_as_padded_in_a_batch(exported):
     other input is longer, it is padded (the masked branch). Its rows of every output agree."""
     model = Seq2SeqModel.load(exported("odd_heads").export_dir)
     names = contract.encoder_outputs(model.manifest.dims.decoder_layers)
-    ids, mask = padded_batch(model.manifest.dims.vocab_size, [9, 23], seed=3)
+    ids, mask = padded_batch(model.manifest, [9, 23], seed=3)
     assert mask[0].sum() == 9 and mask[1].all()
     alone = model.sessions.run_encoder(names, ids[:1, :9], mask[:1, :9])
     batched = model.sessions.run_encoder(names, ids, mask)

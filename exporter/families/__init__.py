@@ -1,27 +1,43 @@
 """The model families ortseq exports, one module each; `family_for` picks one from a checkpoint's config.json.
 
 The contract every family implements is exporter/families/base.py (`Family`: each hook, its default).
-Adding a family: its module here (a `Family` subclass, or a subclass of its nearest relative), one
-line in FAMILIES, its tiny builder under exporter/tiny/, its tests.
+Which families exist is graphs/families.py's registry: the family registered as NAME is the `Family`
+subclass called NAME in the module NAME here (docs/adding-a-family.md walks through adding one).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
 
-from .bart import BartFamily
+from ...graphs.families import REGISTRY, RegisteredFamily
 from .base import Family, UnsupportedModelError, most_specific
-from .encoder_decoder import EncoderDecoderFamily
-from .lsg_pegasus import LSGPegasusFamily
-from .pegasus import PegasusFamily
 
 __all__ = ["FAMILIES", "Family", "UnsupportedModelError", "aliases", "family_for", "family_named", "tiny_builder"]
 
+
+def exporter_family(entry: RegisteredFamily) -> Family:
+    """The Family of a registry entry: the subclass whose `name` is entry.name in its exporter module."""
+    module = importlib.import_module(f".{entry.exporter_module}", __name__)
+    classes = [
+        value
+        for value in vars(module).values()
+        if inspect.isclass(value) and issubclass(value, Family) and value.name == entry.name
+    ]
+    if len(classes) != 1:
+        raise ImportError(
+            f"family {entry.name!r} is registered (graphs/families.py) but {module.__name__} defines "
+            f"{len(classes)} Family subclasses named {entry.name!r}, not one"
+        )
+    return classes[0]()
+
+
 # Order does not matter: when several families handle a checkpoint, the most specific one (a
 # subclass of the others) exports it.
-FAMILIES: tuple[Family, ...] = (BartFamily(), PegasusFamily(), LSGPegasusFamily(), EncoderDecoderFamily())
+FAMILIES: tuple[Family, ...] = tuple(exporter_family(entry) for entry in REGISTRY)
 
 
 def family_for(checkpoint: Path) -> Family:

@@ -42,6 +42,7 @@ from .base import Family, from_pretrained
 class Layout:
     """Where BART's relatives differ inside the stacks."""
 
+    sinusoidal_positions: bool  # the position tables are computed from the config, never taken from the files
     position_offset: int  # rows of the position table before position 0 (BART's learned table: 2)
     embedding_layer_norm: bool  # layernorm_embedding after token + position embeddings
     pre_layer_norm: bool  # LayerNorm before each sublayer (x + f(norm(x))) or after the add (norm(x + f(x)))
@@ -50,6 +51,7 @@ class Layout:
 
 
 BART_LAYOUT = Layout(
+    sinusoidal_positions=False,
     position_offset=2,
     embedding_layer_norm=True,
     pre_layer_norm=False,
@@ -71,6 +73,7 @@ class BartFamily(Family):
     model_type: ClassVar[str] = "bart"
     model_class: ClassVar[str] = "BartForConditionalGeneration"
     layout: ClassVar[Layout] = BART_LAYOUT
+    trained_tiny_kinds: ClassVar[tuple[str, ...]] = ("bart-trained",)
 
     def handles(self, config: dict) -> bool:
         return config.get("model_type") == self.model_type
@@ -83,13 +86,22 @@ class BartFamily(Family):
         return from_pretrained(model_class, source_dir, attn_implementation="eager", ignore_mismatched_sizes=True)
 
     def checkpoint_layout(self, model: nn.Module) -> CheckpointLayout:
-        """transformers 4.x: the encoder and decoder embed with the one `model.shared` module, tied or not
-        (so a checkpoint may store it once, as bart-large-cnn does); the LM head is that module too when
-        tie_word_embeddings."""
+        """What the layout says of the files. transformers 4.x: the encoder and decoder embed with the one
+        `model.shared` module, tied or not (so a checkpoint may store it once, as bart-large-cnn does); the
+        LM head is that module too when tie_word_embeddings. Sinusoidal position tables are computed from
+        the config (4.x and 5.x alike); final_logits_bias is a buffer of zeros where a checkpoint has none."""
         embeddings = {"model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"}
         if model.config.tie_word_embeddings:
             embeddings.add("lm_head.weight")
-        return CheckpointLayout(tied=[frozenset(embeddings)])
+        computed = {"final_logits_bias": "zeros unless stored (transformers' initial value; released checkpoints)"}
+        if self.layout.sinusoidal_positions:
+            sinusoidal = "sinusoidal table computed from the config (4.x and 5.x alike)"
+            computed.update({f"model.{side}.embed_positions.weight": sinusoidal for side in ("encoder", "decoder")})
+        return CheckpointLayout(tied=[frozenset(embeddings)], computed=computed)
+
+    def model_attributes(self, model: nn.Module) -> tuple[str, ...]:
+        """What EncoderExport and DecoderExport below read of transformers' model (ATTRIBUTES, by layout)."""
+        return model_attributes(self.layout)
 
     def dims(self, model: nn.Module) -> ModelDims:
         config = model.config
@@ -124,6 +136,37 @@ class BartFamily(Family):
 
     def tiny_builders(self) -> dict[str, Callable[[Path], Path]]:
         return {"bart": build_tiny_bart, "bart-trained": build_trained_tiny_bart}
+
+
+# The attributes of transformers' BART-like model the export modules read ("[]": every layer), by Layout:
+#   model.shared, model.{encoder,decoder}.embed_tokens    token embeddings (one module in 4.x; may be tied)
+#   model.{side}.embed_positions.weight                   position table, indexed at position + position_offset
+#   model.{side}.embed_scale                              scale_outside_embedding: the embeddings' factor
+#   model.{side}.layernorm_embedding                      embedding_layer_norm
+#   model.{side}.layer_norm                               final_layer_norm
+#   model.{side}.layers[].self_attn.{q,k,v,out}_proj, .num_heads, .scaling   self-attention
+#   model.decoder.layers[].encoder_attn.{q,k,v,out}_proj, .num_heads, .scaling  cross-attention
+#   model.{side}.layers[].{self_attn_layer_norm, final_layer_norm, fc1, fc2, activation_fn}
+#   model.decoder.layers[].encoder_attn_layer_norm
+#   lm_head.weight, final_logits_bias                     the LM head (tied or not) and its bias buffer
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "scaling")
+_LAYER = ("self_attn_layer_norm", "final_layer_norm", "fc1", "fc2", "activation_fn")
+
+
+def model_attributes(layout: Layout) -> tuple[str, ...]:
+    """The table above as dotted paths, for a model of this layout."""
+    paths = ["model.shared", "lm_head.weight", "final_logits_bias"]
+    for side in ("encoder", "decoder"):
+        stack = f"model.{side}"
+        paths += [f"{stack}.embed_tokens", f"{stack}.embed_positions.weight"]
+        paths += [f"{stack}.embed_scale"] if layout.scale_outside_embedding else []
+        paths += [f"{stack}.layernorm_embedding"] if layout.embedding_layer_norm else []
+        paths += [f"{stack}.layer_norm"] if layout.final_layer_norm else []
+        paths += [f"{stack}.layers[].self_attn.{name}" for name in _ATTENTION]
+        paths += [f"{stack}.layers[].{name}" for name in _LAYER]
+    paths += [f"model.decoder.layers[].encoder_attn.{name}" for name in _ATTENTION]
+    paths += ["model.decoder.layers[].encoder_attn_layer_norm"]
+    return tuple(paths)
 
 
 def _first(token_id):

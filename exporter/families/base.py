@@ -5,8 +5,26 @@ architecture: which checkpoints it handles, how to load them, their dims and spe
 export modules (graphs/contract.py), its short names and offline tiny models, its tokenizer quirks.
 Generic code (exporter/pipeline.py, sources.py, beam_search_op.py, tokenizer_files.py) calls these
 hooks and never asks which family it holds. A near relative subclasses its family and states only
-what differs (PegasusFamily(BartFamily), LSGPegasusFamily(PegasusFamily)); the registry
-(exporter/families/__init__.py) lists one instance of each.
+what differs (PegasusFamily(BartFamily), LSGPegasusFamily(PegasusFamily)). Which families exist is
+graphs/families.py's registry; docs/adding-a-family.md walks through adding one, hook by hook.
+
+The tokenizer contract. An export ships ONE tokenizer.json (tokenizers library) that the runtime uses
+both ways: to encode the source text and to decode the generated ids. It is the checkpoint tokenizer's
+own tokenizers form (a fast tokenizer's tokenizer.json, copied), or, for a sentencepiece-backed ("slow")
+one, what a transformers converter makes of it (transformers' registered converters, or the family's
+`tokenizer_converters`). A converter must give the slow tokenizer's ids, the special tokens it appends
+included (sentencepiece tokenizers of this lineage append </s>: the converter's post-processor does);
+the slow tokenizer's added and special tokens are then re-added as tokenizers tokens (so that a typed
+"</s>" is one token and decoding skips them) and each must keep its id. A family whose source and
+target texts use two vocabularies (Marian's source.spm/target.spm) is served only if its ids are one
+vocabulary (vocab.json), decoded by the same pieces. `check_tokenizer_contract` below is the one place
+these rules are checked, on every export (exporter/tokenizer_files.py calls it): ids of probe texts and
+their decoded text equal the checkpoint tokenizer's, or the export fails naming the first difference.
+
+The transformers attributes the export modules read. The two export modules read the transformers
+model's own submodules and weights; a family states which (dotted paths, `[]` for every element of a
+list) in `model_attributes`, and they are checked right after loading (`check_model_attributes`), so a
+transformers version that renamed one fails naming it, not deep inside a trace.
 """
 
 from __future__ import annotations
@@ -16,6 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from ...graphs import contract
+from ...graphs.families import RegisteredFamily, registered
+from ..errors import ModelAttributeError, TokenizerContractError
 
 if TYPE_CHECKING:
     import onnx
@@ -26,6 +46,22 @@ if TYPE_CHECKING:
 
 # The encoder is traced at a short, odd length by default; verify.py then checks it at many others.
 DEFAULT_ENCODER_TRACE_LENGTH = 9
+
+# Groups of files any one of which holds a vocabulary transformers can build a tokenizer from (tokenizers'
+# own file; sentencepiece models; WordPiece; byte-level BPE, its vocab.json with merges.txt).
+DEFAULT_TOKENIZER_FILES: tuple[tuple[str, ...], ...] = (
+    ("tokenizer.json",),
+    ("spiece.model",),
+    ("sentencepiece.bpe.model",),
+    ("tokenizer.model",),
+    ("vocab.txt",),
+    ("vocab.json", "merges.txt"),
+)
+# What a hub download fetches besides the tokenizer files: configs, weights, remote code (not other
+# frameworks' weights).
+# pytorch_model*.bin: pytorch_model.bin and the shards of a sharded one (its index is a .json); never
+# other frameworks' weights (tf_model.h5, flax_model.msgpack)
+CHECKPOINT_DOWNLOAD_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "pytorch_model*.bin", "*.py")
 
 
 def from_pretrained(model_class, source_dir: str, **kwargs) -> nn.Module:
@@ -50,11 +86,23 @@ class Family:
     name: ClassVar[str] = ""
     # Short names users type (`ortseq export ALIAS`) -> hub id, or "tiny:KIND" for a tiny model built offline.
     aliases: ClassVar[dict[str, str]] = {}
-    # Whether exporter/beam_search_op.py can build ORT's BeamSearch-op graph over this family's modules.
-    supports_beam_search_op: ClassVar[bool] = False
     # Whether `reference_model` computes the encoder output itself (exporter/verify.py,
     # verify_against_transformers); false: the export's encoder output is given to its decoder.
     reference_encoder: ClassVar[bool] = True
+
+    # Which of `tiny_builders`' kinds are trained on a task (exporter/tiny/trained.py), so that
+    # quantization quality measured on them means something; the others are random.
+    trained_tiny_kinds: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def registration(self) -> RegisteredFamily:
+        """This family's entry in graphs/families.py: the facts the runtime reads too."""
+        return registered(self.name)
+
+    @property
+    def supports_beam_search_op(self) -> bool:
+        """Whether exporter/beam_search_op.py can build ORT's BeamSearch-op graph over this family's modules."""
+        return self.registration.beam_search_op
 
     # ------------------------------------------------------------------ required
 
@@ -104,6 +152,22 @@ class Family:
         sentencepiece-backed tokenizers need beyond transformers' registered ones."""
         return {}
 
+    def tokenizer_files(self) -> tuple[tuple[str, ...], ...]:
+        """Groups of file names, each a complete vocabulary: a checkpoint holding none of the groups is
+        refused before any export work (exporter/tokenizer_files.py)."""
+        return DEFAULT_TOKENIZER_FILES
+
+    def download_patterns(self) -> tuple[str, ...]:
+        """The files a hub download of this family's checkpoints fetches (exporter/sources.py): configs,
+        weights, and every tokenizer file of `tokenizer_files`."""
+        tokenizer = sorted({name for group in self.tokenizer_files() for name in group})
+        return (*CHECKPOINT_DOWNLOAD_PATTERNS, *tokenizer)
+
+    def model_attributes(self, model: nn.Module) -> tuple[str, ...]:
+        """The attributes of the loaded model the export modules read (dotted paths from the model, `[]`:
+        every element), checked after loading (see the module docstring). Default: none stated."""
+        return ()
+
     def encoder_trace_length(self, model: nn.Module) -> int:
         """Source length the encoder is traced at."""
         return DEFAULT_ENCODER_TRACE_LENGTH
@@ -135,6 +199,59 @@ class Family:
         from transformers import AutoModelForSeq2SeqLM
 
         return from_pretrained(AutoModelForSeq2SeqLM, source_dir)
+
+
+def check_model_attributes(family: Family, model: nn.Module) -> None:
+    """ModelAttributeError naming the first attribute of family.model_attributes the model lacks."""
+    for path in family.model_attributes(model):
+        missing = _missing_attribute(model, path.split("."))
+        if missing is not None:
+            raise ModelAttributeError(
+                f"{family.name}: the loaded {type(model).__name__} has no {missing} (the export reads {path}); "
+                f"this transformers version is not one the {family.name} family's export modules know"
+            )
+
+
+def _missing_attribute(obj, parts: list[str], done: str = "model") -> str | None:
+    """The dotted path of the first attribute along parts that obj lacks, or None; `name[]` walks every element."""
+    if not parts:
+        return None
+    part, rest = parts[0], parts[1:]
+    name = part.removesuffix("[]")
+    if not hasattr(obj, name):
+        return f"{done}.{name}"
+    value = getattr(obj, name)
+    if part == name:
+        return _missing_attribute(value, rest, f"{done}.{name}")
+    for index, element in enumerate(value):
+        missing = _missing_attribute(element, rest, f"{done}.{name}[{index}]")
+        if missing is not None:
+            return missing
+    return None
+
+
+def check_tokenizer_contract(reference, runtime, texts: list[str], add_special_tokens: bool) -> None:
+    """The tokenizer contract (module docstring), checked: `runtime` (runtime/tokenizer.py's TextTokenizer
+    over the export's tokenizer.json) encodes each text to the ids `reference` (the checkpoint's
+    transformers tokenizer) gives, every added and special token keeps its id, and decoding those ids
+    gives reference's text. TokenizerContractError names the first difference."""
+    name = type(reference).__name__
+    for token_id, token in sorted(reference.added_tokens_decoder.items()):
+        got = runtime.token_id(token.content)
+        if got != token_id:
+            raise TokenizerContractError(
+                f"{name}: token {token.content!r} has id {got} in tokenizer.json, not {token_id}"
+            )
+    for text in texts:
+        expected = reference(text, add_special_tokens=add_special_tokens).input_ids
+        got = runtime.token_ids([text])[0]
+        if got != expected:
+            raise TokenizerContractError(
+                f"{name}: tokenizer.json encodes {text[:40]!r} as {got[:12]}..., transformers as {expected[:12]}..."
+            )
+        decoded = runtime.decode([expected])[0]
+        if decoded != reference.decode(expected, skip_special_tokens=True):
+            raise TokenizerContractError(f"{name}: tokenizer.json decodes {text[:40]!r} as {decoded[:40]!r}")
 
 
 def most_specific(matching: list[Family]) -> Family:

@@ -126,7 +126,6 @@ class EncoderDecoderFamily(Family):
         "tiny-roberta2roberta": "tiny:roberta2roberta",
         "tiny-bertgeneration": "tiny:bertgeneration",
     }
-    supports_beam_search_op: ClassVar[bool] = False  # its encoder's I/O differ from the op's subgraph (not done)
 
     def handles(self, config: dict) -> bool:
         return config.get("model_type") == "encoder-decoder"

@@ -47,10 +47,10 @@ class LSGPegasusFamily(PegasusFamily):
         "lsg-pegasus-large-4096": "ccdv/lsg-pegasus-large-4096",
         "tiny-lsg-pegasus": "tiny:lsg-pegasus",
     }
-    supports_beam_search_op: ClassVar[bool] = False  # its encoder's I/O differ from the op's subgraph (not done)
     # transformers has no LSG encoder: the export's encoder output is given to transformers' Pegasus decoder;
     # the encoder rests on graphs/lsg.py and the reference code's goldens
     reference_encoder: ClassVar[bool] = False
+    trained_tiny_kinds: ClassVar[tuple[str, ...]] = ()  # none trained with an LSG encoder
 
     def handles(self, config: dict) -> bool:
         return config.get("model_type") == "pegasus" and "sparsity_type" in config

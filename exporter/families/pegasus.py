@@ -10,13 +10,9 @@ family whose modules ORT's BeamSearch op is built over (exporter/beam_search_op.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
-from torch import nn
-
-from ..checkpoint_check import CheckpointLayout
 from ..tiny.pegasus import build_tiny_pegasus
 from ..tiny.trained import build_trained_tiny_pegasus
 from .bart import BartFamily, Layout, cross_key_values
@@ -24,6 +20,7 @@ from .bart import BartFamily, Layout, cross_key_values
 __all__ = ["PEGASUS_LAYOUT", "PegasusFamily", "cross_key_values"]
 
 PEGASUS_LAYOUT = Layout(
+    sinusoidal_positions=True,
     position_offset=0,
     embedding_layer_norm=False,
     pre_layer_norm=True,
@@ -42,16 +39,11 @@ class PegasusFamily(BartFamily):
         "tiny-pegasus": "tiny:pegasus",
         "tiny-pegasus-trained": "tiny:pegasus-trained",  # trained on a synthetic task (exporter/tiny/trained.py)
     }
-    supports_beam_search_op: ClassVar[bool] = True
     model_type: ClassVar[str] = "pegasus"
     model_class: ClassVar[str] = "PegasusForConditionalGeneration"
     layout: ClassVar[Layout] = PEGASUS_LAYOUT
 
+    trained_tiny_kinds: ClassVar[tuple[str, ...]] = ("pegasus-trained",)
+
     def tiny_builders(self) -> dict[str, Callable[[Path], Path]]:
         return {"pegasus": build_tiny_pegasus, "pegasus-trained": build_trained_tiny_pegasus}
-
-    def checkpoint_layout(self, model: nn.Module) -> CheckpointLayout:
-        """BART's ties; the position tables are sinusoidal, computed from the config by 4.x and 5.x alike."""
-        sinusoidal = "sinusoidal table computed from the config (4.x and 5.x alike)"
-        computed = {f"model.{side}.embed_positions.weight": sinusoidal for side in ("encoder", "decoder")}
-        return replace(super().checkpoint_layout(model), computed=computed)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..progress import log
+from .kit import bart_lineage_parts, make_outputs_input_dependent
 from .text import load_saved_tokenizer, tokenizer_corpus, train_byte_level_bpe_vocab
 
 BART_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -97,7 +98,7 @@ def build_tiny_bart(out_dir: Path, shape: TinyBartShape = TinyBartShape(), seed:
     )  # fmt: skip
     torch.manual_seed(seed)
     model = BartForConditionalGeneration(config).eval()
-    make_outputs_input_dependent(model, shape)
+    make_outputs_input_dependent(bart_lineage_parts(model), shape.eos_logit_bias, shape.cross_attention_gain)
     # bart-large-cnn's search (4 beams, length penalty 2, no 3-gram repeats, early stopping) at tiny lengths
     model.generation_config = GenerationConfig(
         num_beams=4, max_length=32, min_length=6, length_penalty=2.0, no_repeat_ngram_size=3, early_stopping=True,
@@ -105,18 +106,3 @@ def build_tiny_bart(out_dir: Path, shape: TinyBartShape = TinyBartShape(), seed:
     )  # fmt: skip
     model.save_pretrained(out_dir)
     return out_dir
-
-
-def make_outputs_input_dependent(model, shape: TinyBartShape) -> None:
-    """Equal-norm embedding rows and sharper cross-attention make the tokens depend on the input (a
-    wrong mask, position or cache entry then changes the output); an EOS bias ends hypotheses early."""
-    import torch
-
-    with torch.no_grad():
-        embeddings = model.model.shared.weight
-        norms = embeddings.norm(dim=1, keepdim=True)
-        embeddings.mul_(norms.mean() / norms.clamp_min(1e-6))  # the pad row stays zero
-        for layer in model.model.decoder.layers:
-            layer.encoder_attn.q_proj.weight.mul_(shape.cross_attention_gain)
-            layer.encoder_attn.k_proj.weight.mul_(shape.cross_attention_gain)
-        model.final_logits_bias[0, model.config.eos_token_id] += shape.eos_logit_bias

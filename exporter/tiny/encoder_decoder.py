@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..progress import log
+from .kit import TinyModelParts, make_outputs_input_dependent
 from .text import (
     load_saved_tokenizer,
     tokenizer_corpus,
@@ -167,7 +168,7 @@ def _random_model(kind: str, tokenizer, shape: TinyEncoderDecoderShape, seed: in
     )  # fmt: skip
     torch.manual_seed(seed)
     model = EncoderDecoderModel(config=config).eval()
-    make_outputs_input_dependent(model, eos, shape)
+    _input_dependent(model, eos, shape)
     if shape.tie_encoder_decoder:
         tie_decoder_to_encoder(model)
     model.generation_config = GenerationConfig(
@@ -177,25 +178,17 @@ def _random_model(kind: str, tokenizer, shape: TinyEncoderDecoderShape, seed: in
     return model
 
 
-def make_outputs_input_dependent(model, eos: int, shape: TinyEncoderDecoderShape) -> None:
-    """Random init makes a tied-embedding decoder repeat one token whatever the input.
-
-    Equal-norm embedding rows and stronger cross-attention make the tokens depend on the input, so
-    that a wrong mask, position or cache entry changes the output (tests rely on this); stronger
-    decoder positions keep a step from repeating the last one; an EOS bias makes hypotheses end at
-    varied lengths.
-    """
-    import torch
-
-    with torch.no_grad():
-        for embeddings in (model.encoder.get_input_embeddings(), model.decoder.get_input_embeddings()):
-            norms = embeddings.weight.norm(dim=1, keepdim=True)
-            embeddings.weight.mul_(norms.mean() / norms.clamp_min(1e-6))  # the pad row stays zero
-        for layer in model.decoder.base_model.encoder.layer:
-            layer.crossattention.self.query.weight.mul_(shape.cross_attention_gain)
-            layer.crossattention.self.key.weight.mul_(shape.cross_attention_gain)
-        model.decoder.base_model.embeddings.position_embeddings.weight.mul_(shape.position_gain)
-        model.decoder.get_output_embeddings().bias[eos] += shape.eos_logit_bias
+def _input_dependent(model, eos: int, shape: TinyEncoderDecoderShape) -> None:
+    """exporter/tiny/kit.py's sharpening, for an EncoderDecoderModel of BERT-like stacks."""
+    cross = [layer.crossattention.self for layer in model.decoder.base_model.encoder.layer]
+    parts = TinyModelParts(
+        embeddings=[model.encoder.get_input_embeddings().weight, model.decoder.get_input_embeddings().weight],
+        cross_attention=[(attn.query.weight, attn.key.weight) for attn in cross],
+        eos_logit_bias=model.decoder.get_output_embeddings().bias,
+        eos_token_id=eos,
+        positions=[model.decoder.base_model.embeddings.position_embeddings.weight],
+    )
+    make_outputs_input_dependent(parts, shape.eos_logit_bias, shape.cross_attention_gain, shape.position_gain)
 
 
 def tie_decoder_to_encoder(model) -> None:

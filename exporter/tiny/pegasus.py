@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..progress import log
+from .kit import bart_lineage_parts, make_outputs_input_dependent
 from .text import synthetic_corpus, train_unigram_sentencepiece
 
 
@@ -56,7 +57,7 @@ def build_tiny_pegasus(out_dir: Path, shape: TinyPegasusShape = TinyPegasusShape
     )
     torch.manual_seed(seed)
     model = PegasusForConditionalGeneration(config).eval()
-    make_outputs_input_dependent(model, shape.eos_logit_bias)
+    make_outputs_input_dependent(bart_lineage_parts(model), shape.eos_logit_bias)
     model.generation_config = GenerationConfig(num_beams=4, max_length=32, length_penalty=0.6, **PEGASUS_TOKEN_IDS)
     save_pegasus_checkpoint(model, tokenizer, spiece, out_dir)
     return out_dir
@@ -125,24 +126,6 @@ def save_pegasus_checkpoint(model, tokenizer, spiece: Path, out_dir: Path) -> No
     tokenizer.save_pretrained(out_dir)
     shutil.copy(spiece, Path(out_dir) / "spiece.model")
     shutil.rmtree(spiece.parent)
-
-
-def make_outputs_input_dependent(model, eos_logit_bias: float) -> None:
-    """Random init makes a tied-embedding decoder repeat its largest-norm token whatever the input.
-
-    Equal-norm embedding rows and stronger cross-attention make the tokens depend on the input, so
-    that a wrong mask, position or cache entry changes the output (tests rely on this).
-    """
-    import torch
-
-    with torch.no_grad():
-        embeddings = model.model.shared.weight
-        norms = embeddings.norm(dim=1, keepdim=True)
-        embeddings.mul_(norms.mean() / norms.clamp_min(1e-6))  # the pad row stays zero
-        for layer in model.model.decoder.layers:
-            layer.encoder_attn.q_proj.weight.mul_(3.0)
-            layer.encoder_attn.k_proj.weight.mul_(3.0)
-        model.final_logits_bias[0, model.config.eos_token_id] += eos_logit_bias
 
 
 def pegasus_tokenizer_from_spiece(spiece: Path, model_max_length: int):

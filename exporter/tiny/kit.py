@@ -1,0 +1,66 @@
+"""What every tiny random model needs so that a parity test can fail: outputs that depend on the input.
+
+Random init makes a decoder repeat one token (its largest-norm embedding) whatever the input, and end
+every hypothesis at the same step. Equal-norm embedding rows and sharper cross-attention make the
+tokens depend on the input, so that a wrong mask, position or cache entry changes the output; stronger
+decoder positions keep a step from repeating the last one; an EOS logit bias makes hypotheses end at
+varied lengths. A family's tiny module names its model's pieces (`bart_lineage_parts` for BART's
+relatives) and calls `make_outputs_input_dependent` once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TinyModelParts:
+    """The tensors of a random model that make_outputs_input_dependent sharpens."""
+
+    embeddings: list[torch.Tensor]  # token embedding tables: rows rescaled to the mean norm
+    cross_attention: list[tuple[torch.Tensor, torch.Tensor]]  # each decoder layer's cross query/key weights
+    eos_logit_bias: torch.Tensor  # the LM head's bias (any shape ending in the vocabulary)
+    eos_token_id: int
+    positions: list[torch.Tensor] = field(default_factory=list)  # position tables to scale by position_gain
+
+
+def bart_lineage_parts(model) -> TinyModelParts:
+    """The parts of a BART-like transformers model (BART, Pegasus, Marian: exporter/families/bart.py)."""
+    decoder_layers = model.model.decoder.layers
+    return TinyModelParts(
+        embeddings=[model.model.shared.weight],
+        cross_attention=[
+            (layer.encoder_attn.q_proj.weight, layer.encoder_attn.k_proj.weight) for layer in decoder_layers
+        ],
+        eos_logit_bias=model.final_logits_bias,
+        eos_token_id=model.config.eos_token_id,
+    )
+
+
+def make_outputs_input_dependent(
+    parts: TinyModelParts, eos_logit_bias: float, cross_attention_gain: float = 3.0, position_gain: float = 1.0
+) -> None:
+    """Sharpen parts in place (see the module docstring)."""
+    with torch.no_grad():
+        for table in _unique(parts.embeddings):
+            norms = table.norm(dim=1, keepdim=True)
+            table.mul_(norms.mean() / norms.clamp_min(1e-6))  # the pad row stays zero
+        for query, key in parts.cross_attention:
+            query.mul_(cross_attention_gain)
+            key.mul_(cross_attention_gain)
+        for table in parts.positions:
+            table.mul_(position_gain)
+        parts.eos_logit_bias[..., parts.eos_token_id] += eos_logit_bias
+
+
+def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor once (tied tables are one tensor: rescaling it twice is the same, but say so)."""
+    seen, unique = set(), []
+    for tensor in tensors:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            unique.append(tensor)
+    return unique

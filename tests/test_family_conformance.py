@@ -1,0 +1,118 @@
+"""What every registered family (graphs/families.py) must do, checked on each of its tiny models: it exports,
+its tokenizer round-trips as transformers', its fp32 tokens are transformers' (greedy, beams, a padded batch,
+the checkpoint's generation fields), it quantizes with a real gate where a trained tiny model exists, and it
+bundles. A new family is covered by registering it (docs/adding-a-family.md).
+
+The cases come from helpers.tiny_model_params: each family's first tiny model in the default run, its others
+`slow`. The exports are conftest's session exports (`tiny_export`), shared with test_quantize_families.py.
+Family-specific depth stays in each family's own tests (test_bart.py, test_lsg.py, test_encoder_decoder.py...).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from helpers import CORPUS, tiny_model_params, torch_generate
+from test_bundle import summarize
+
+from ortseq.exporter.families import family_named
+from ortseq.exporter.quantization.pipeline import DEFAULT_MIN_AGREEMENT, quantize
+from ortseq.exporter.quantization.quality import default_texts
+from ortseq.graphs.manifest import Manifest
+from ortseq.runtime import Seq2SeqModel
+from ortseq.runtime.bundle import make_bundle
+
+CASES = tiny_model_params()
+# Searches of helpers.SETTINGS every family must match: greedy, beams, per-call generation fields, and the
+# checkpoint's own generation config (its fields: forced BOS/EOS, bad words, length penalty, ...)
+PARITY_SETTINGS = [
+    "greedy",
+    "greedy_min_new_tokens",
+    "beam4_lp06",
+    "beam4_no_repeat_3",
+    "beam4_return4",
+    "model_defaults",
+]
+TEXTS = ["The city council said the new river bridge will open next year.", "Police closed the museum on Sunday."]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_export):
+    """reference(kind) -> transformers' own model of the tiny checkpoint (Family.reference_model), loaded once."""
+    cache = {}
+
+    def get(family: str, kind: str):
+        if kind not in cache:
+            cache[kind] = family_named(family).reference_model(str(tiny_export(kind).checkpoint))
+        return cache[kind]
+
+    return get
+
+
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_exports_a_manifest_of_its_family_whose_files_verify(tiny_export, family, kind):
+    export_dir = tiny_export(kind).export_dir
+    manifest = Manifest.read(export_dir)
+    assert manifest.family == family and manifest.precision == "fp32"
+    manifest.verify_files(export_dir)
+
+
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_the_runtime_tokenizer_round_trips_as_transformers(tiny_export, family, kind):
+    from transformers import AutoTokenizer
+
+    exported = tiny_export(kind)
+    reference_tokenizer = AutoTokenizer.from_pretrained(str(exported.checkpoint))
+    ours = Seq2SeqModel.load(exported.export_dir).tokenizer
+    add_special_tokens = ours.info.add_special_tokens
+    # typed special tokens and runs of spaces are family details (test_tokenizer*.py): here, every text else
+    for text in (text.strip() for text in CORPUS if "<" not in text and text.strip()):
+        expected = reference_tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+        assert ours.token_ids([text])[0] == expected, text[:60]
+        assert ours.decode([expected]) == [reference_tokenizer.decode(expected, skip_special_tokens=True)], text[:60]
+
+
+def _assert_discriminates(tokens: np.ndarray, eos: int, max_new_tokens: int, setting: str) -> None:
+    """Rows that all end at the first step, or all run to the maximum, check nothing: varied lengths."""
+    lengths = [int(np.argmax(row[1:] == eos)) + 1 if (row[1:] == eos).any() else len(row) - 1 for row in tokens]
+    assert len(set(lengths)) > 1, f"{setting}: every row is {lengths[0]} tokens long"
+    assert min(lengths) > 1 or max(lengths) < max_new_tokens, f"{setting}: rows end at step 1 or at the maximum"
+
+
+@pytest.mark.parametrize("setting", PARITY_SETTINGS)
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_generate_matches_transformers_on_a_padded_batch(tiny_export, reference, family, kind, setting):
+    if not family_named(family).reference_encoder:
+        pytest.skip(f"transformers has no {family} encoder: its parity rests on the reference code's goldens")
+    ours = Seq2SeqModel.load(tiny_export(kind).export_dir)
+    manifest = ours.manifest
+    document = " ".join(default_texts())
+    rows = [" ".join(document.split()[seed : seed + words]) for seed, words in enumerate(ROW_WORDS)]
+    ids, mask = ours.tokenizer.encode(rows, max_length=min(manifest.dims.max_position_embeddings, 48))
+    settings = PARITY_SETTINGS[setting]
+    expected = torch_generate(reference(family, kind), ids, mask, settings)
+    max_new = settings.get("max_new_tokens", manifest.generation.max_length)
+    _assert_discriminates(expected, manifest.special_tokens.eos_token_id, max_new, setting)
+    np.testing.assert_array_equal(ours.generate(ids, mask, **settings), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "kind"), tiny_model_params(trained=True))
+def test_a_trained_tiny_model_quantizes_through_the_real_gate(tiny_export, tmp_path, family, kind):
+    """int8 with the default threshold: a model that has learned a task keeps its tokens."""
+    manifest = quantize(tiny_export(kind).export_dir, tmp_path / "int8", "int8")
+    assert manifest.family == family and manifest.precision == "int8"
+    agreement = min(manifest.quantization.quality[mode]["token_agreement"] for mode in ("greedy", "beam2"))
+    assert agreement >= DEFAULT_MIN_AGREEMENT
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_bundles_and_the_bundle_summarizes_as_the_export(tiny_export, tmp_path, family, kind):
+    export_dir = tiny_export(kind).export_dir
+    bundle = make_bundle(export_dir, tmp_path / "bundle")
+    result = summarize(sys.executable, bundle, *TEXTS, "--num-beams", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == Seq2SeqModel.load(export_dir).summarize(TEXTS, num_beams=2)
