@@ -26,6 +26,8 @@ from .batch import (
     Rejected,
     Result,
     append_block,
+    check_distinct_files,
+    check_something_to_do,
     length_grouped,
     make_plan,
     read_inputs,
@@ -155,10 +157,12 @@ def run_batch(job: BatchJob) -> BatchReport:
     """Summarize every pending document of job.input into job.output; resumes where an earlier run stopped."""
     if job.batch_size < 1 or job.threads < 1 or (job.workers is not None and job.workers < 1):
         raise InvalidInputError("--batch-size, --threads and --workers must be at least 1")
-    # a bad export or setting is refused here, before any Ray process starts
-    Seq2SeqModel.load(job.export_dir, threads=1, engine=job.engine).settings(**job.generate_kwargs)
+    check_distinct_files(job.input, job.output, job.errors)
     done = recover_output(job.output)
     plan = make_plan(read_inputs(job.input, job.text_field, job.id_field), done)
+    check_something_to_do(job.input, plan)
+    # a bad export or setting is refused here, before any Ray process starts
+    Seq2SeqModel.load(job.export_dir, threads=1, engine=job.engine).settings(**job.generate_kwargs)
     write_errors(job.errors, plan.rejected)
     logger.info(
         "%d documents to summarize, %d already done, %d refused (see %s)",
