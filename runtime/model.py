@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,15 @@ from .engines import open_engine
 from .errors import InvalidInputError
 from .search import SearchSettings
 from .sessions import EncoderDecoderSessions
+from .texts import check_unicode
 from .tokenizer import TextTokenizer
+
+
+@dataclass(frozen=True)
+class CountedSummary:
+    text: str
+    input_tokens: int  # of its input, special tokens included (after truncation to the model's maximum)
+    output_tokens: int  # generated, the end token included
 
 
 class Seq2SeqModel:
@@ -64,15 +73,25 @@ class Seq2SeqModel:
 
     def summarize(self, texts: list[str], batch_size: int | None = None, **settings) -> list[str]:
         """Summaries of texts, one per text (num_return_sequences per text when asked); settings as generate()."""
+        return [summary.text for summary in self.summaries(texts, batch_size, **settings)]
+
+    def summaries(self, texts: list[str], batch_size: int | None = None, **settings) -> list[CountedSummary]:
+        """As summarize(), each summary with its token counts: num_return_sequences per text, in order."""
         check_texts(texts)
         if batch_size is not None and batch_size < 1:
             raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
-        self.settings(**settings)  # reject bad settings before any work
+        per_text = self.settings(**settings).num_return_sequences  # reject bad settings before any work
         batch_size = batch_size or len(texts) or 1
-        summaries: list[str] = []
+        eos = self.manifest.special_tokens.eos_token_id
+        summaries: list[CountedSummary] = []
         for start in range(0, len(texts), batch_size):
             input_ids, attention_mask = self.tokenizer.encode(list(texts[start : start + batch_size]))
-            summaries += self.tokenizer.decode(self.generate(input_ids, attention_mask, **settings))
+            output = self.generate(input_ids, attention_mask, **settings)
+            input_tokens = np.repeat(attention_mask.sum(axis=1), per_text)
+            summaries += [
+                CountedSummary(text, int(length), len(generated_ids(row, eos)))
+                for text, length, row in zip(self.tokenizer.decode(output), input_tokens, output)
+            ]
         return summaries
 
     def settings(self, **overrides) -> SearchSettings:
@@ -113,13 +132,22 @@ class Seq2SeqModel:
         return input_ids, attention_mask
 
 
-def check_texts(texts) -> None:
-    """A list of non-blank strings, or InvalidInputError naming the first bad one."""
+def check_texts(texts, noun: str = "text") -> None:
+    """A list of non-blank strings of valid Unicode, or InvalidInputError naming the first bad one (counted
+    from 1, as the command line counts its text arguments and input lines)."""
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
-        raise InvalidInputError("texts must be a list of strings")
-    for index, text in enumerate(texts):
+        raise InvalidInputError(f"{noun}s must be a list of strings")
+    for number, text in enumerate(texts, 1):
         if not isinstance(text, str) or not text.strip():
-            raise InvalidInputError(f"text {index} is empty or only whitespace: there is nothing to summarize")
+            raise InvalidInputError(f"{noun} {number} is empty or only whitespace: there is nothing to summarize")
+        check_unicode(text, f"{noun} {number}")
+
+
+def generated_ids(output_row: np.ndarray, eos_token_id: int) -> list[int]:
+    """The tokens a row generated: after the start token, up to the first end token (kept). Rows that
+    finished early are filled after it (with pad or end ids) only because the batch is a rectangle."""
+    ids = [int(token) for token in output_row[1:]]
+    return ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids
 
 
 def _as_int64_matrix(name: str, array) -> np.ndarray:
