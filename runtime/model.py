@@ -9,7 +9,7 @@ import numpy as np
 
 from ..graphs.external_data import check_graph_data
 from ..graphs.generation import SETTING_NAMES, GenerationSettingError, resolve_settings
-from ..graphs.manifest import LOOP_ENGINE, Manifest
+from ..graphs.manifest import LOOP_ENGINE, MANIFEST_FILE, Manifest, ManifestError
 from .engines import open_engine
 from .errors import InvalidInputError
 from .search import SearchSettings
@@ -56,6 +56,24 @@ class Seq2SeqModel:
         search_engine = open_engine(engine, directory, manifest, provider, threads)
         tokenizer = TextTokenizer(directory, manifest.tokenizer, manifest.special_tokens.pad_token_id)
         return cls(directory, manifest, search_engine, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **options):
+        """load(), under the name Hugging Face users type: a local export directory (`ortseq export` writes
+        one). A hub id or a transformers checkpoint is not an export: refused with the command that makes one."""
+        path = Path(name_or_path).expanduser()
+        if not path.is_dir():
+            raise ManifestError(
+                f"{name_or_path} is not a local export directory; ortseq runs exported models (no hub download "
+                f"at run time): export it first, `ortseq export {name_or_path} --out exports/NAME`, then "
+                "Seq2SeqModel.from_pretrained('exports/NAME')"
+            )
+        if not (path / MANIFEST_FILE).is_file() and (path / "config.json").is_file():
+            raise ManifestError(
+                f"{path} is a transformers checkpoint, not an ortseq export: `ortseq export {path} --out "
+                "exports/NAME`, then Seq2SeqModel.from_pretrained('exports/NAME')"
+            )
+        return cls.load(path, **options)
 
     @property
     def sessions(self) -> EncoderDecoderSessions:

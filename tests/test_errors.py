@@ -443,3 +443,15 @@ def test_several_hypotheses_per_text_say_whose_they_are_and_json_gives_their_tok
     one = ortseq("generate", export, TEXT, "--max-new-tokens", "6", "--json", cwd=tmp_path)
     (record,) = [json.loads(line) for line in one.stdout.decode().splitlines()]
     assert record["summaries"] == model.summarize([TEXT], max_new_tokens=6) and len(record["output_tokens"]) == 1
+
+
+def test_from_pretrained_loads_an_export_and_refuses_a_hub_id_or_a_checkpoint_with_the_command(exported, tmp_path):
+    model = exported("base")
+    loaded = Seq2SeqModel.from_pretrained(str(model.export_dir), threads=1)
+    assert loaded.summarize([TEXT], max_new_tokens=4) == Seq2SeqModel.load(model.export_dir).summarize(
+        [TEXT], max_new_tokens=4
+    )
+    with pytest.raises(ManifestError, match=r"google/pegasus-xsum is not a local export directory.*ortseq export"):
+        Seq2SeqModel.from_pretrained("google/pegasus-xsum")
+    with pytest.raises(ManifestError, match="is a transformers checkpoint, not an ortseq export"):
+        Seq2SeqModel.from_pretrained(model.checkpoint)
