@@ -56,8 +56,8 @@ def _export(args: argparse.Namespace) -> int:
         from .pipeline import export
     from ..graphs.generation import GenerationSettingError
     from ..graphs.lsg import LSGConfigError
+    from ..runtime.library_output import third_party_output_hidden
     from .families import UnsupportedModelError
-    from .progress import third_party_output_hidden
     from .verify import GraphMismatchError
 
     try:
@@ -84,7 +84,7 @@ def _quantize(args: argparse.Namespace) -> int:
         from .quantization import formats
         from .quantization.pipeline import QuantizationError, default_settings, quantize
         from .quantization.quality import format_report
-    from .progress import third_party_output_hidden
+    from ..runtime.library_output import third_party_output_hidden
 
     settings = default_settings(args.to)
     overrides = {

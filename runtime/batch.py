@@ -10,15 +10,16 @@ every run; summaries that fail at run time are appended to it.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 
 from .errors import InvalidInputError
+
+logger = logging.getLogger("ortseq")
 
 DocumentId = str | int  # JSON ids: strings or integers, written back exactly as read
 
@@ -246,11 +247,11 @@ def write_errors(path: Path, rejected: list[Rejected]) -> None:
 
 
 class Progress:
-    """Documents done, documents/s and ETA on stderr, at most once per `every_s`."""
+    """Documents done, documents/s and ETA, logged (`ortseq: ...` on stderr from the CLI) at most once per
+    `every_s`: through ortseq's logger, which writes past the libraries' hidden output."""
 
-    def __init__(self, total: int, every_s: float = 2.0, stream: TextIO | None = None):
+    def __init__(self, total: int, every_s: float = 2.0):
         self.total, self.done, self.every_s = total, 0, every_s
-        self.stream = stream or sys.stderr
         self.started = self._last = time.monotonic()
 
     def advance(self, documents: int) -> None:
@@ -258,7 +259,7 @@ class Progress:
         now = time.monotonic()
         if now - self._last >= self.every_s or self.done == self.total:
             self._last = now
-            print(f"ortseq: {self.line()}", file=self.stream, flush=True)
+            logger.info(self.line())
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)

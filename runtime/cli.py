@@ -17,6 +17,7 @@ from ..graphs.directories import OutputDirError
 from ..graphs.generation import add_generation_arguments, generation_overrides
 from ..graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE
 from .errors import InvalidInputError, ManifestError
+from .library_output import third_party_output_hidden
 from .texts import DEFAULT_BATCH_SIZE, check_unicode, read_lines, summarize_stream
 
 EXIT_USAGE = 2
@@ -100,8 +101,10 @@ def _batch(args: argparse.Namespace) -> int:
         provider=args.provider,
         engine=args.engine,
         generate_kwargs=generation_overrides(args),
+        verbose=args.verbose,
     )
-    report = run_batch(job)
+    with third_party_output_hidden(not args.verbose):  # Ray's own notices (its C++ core's too): only with -v
+        report = run_batch(job)
     print(
         f"ortseq: {report.summarized} summarized, {report.already_done} already in {output}, "
         f"{report.rejected} refused (see {job.errors})",
@@ -146,10 +149,11 @@ def _serve_on_ray(args: argparse.Namespace, limits, batching) -> int:
     from .serving.schema import GRACEFUL_TIMEOUT_S
 
     graceful_timeout_s = GRACEFUL_TIMEOUT_S if args.graceful_timeout is None else args.graceful_timeout
-    serve_on_ray(
-        args.export_dir, args.host, args.port, args.replicas, args.provider, args.threads, limits, batching,
-        args.address, graceful_timeout_s, args.verbose,
-    )  # fmt: skip
+    with third_party_output_hidden(not args.verbose):  # Ray's own notices (its C++ core's too): only with -v
+        serve_on_ray(
+            args.export_dir, args.host, args.port, args.replicas, args.provider, args.threads, limits, batching,
+            args.address, graceful_timeout_s, args.verbose,
+        )  # fmt: skip
     return 0
 
 
