@@ -40,7 +40,7 @@ export: setup
 quantize: setup  ## make quantize MODEL=tiny-pegasus-trained TO=int8|int4|fp16 (the fp32 export must exist)
 	$(ORTSEQ) quantize $(EXPORTS)/$(MODEL) --to $(TO) --out $(EXPORTS)/$(MODEL)-$(TO) --force
 
-# HTTP server (README "Serving"): make serve MODEL=tiny-pegasus PORT=8080
+# HTTP server (docs/serving.md): make serve MODEL=tiny-pegasus PORT=8080
 PORT    ?= 8080
 serve: setup
 	test -f $(EXPORTS)/$(MODEL)/manifest.json || $(ORTSEQ) export $(MODEL) --out $(EXPORTS)/$(MODEL)
@@ -50,7 +50,7 @@ serve: setup
 loadtest: setup
 	$(PY) benchmarks/load_test.py
 
-# edge bundle (README "Edge bundle"): make bundle MODEL=tiny-pegasus -> bundles/tiny-pegasus
+# edge bundle (docs/bundle.md): make bundle MODEL=tiny-pegasus -> bundles/tiny-pegasus
 bundle: setup
 	test -f $(EXPORTS)/$(MODEL)/manifest.json || $(ORTSEQ) export $(MODEL) --out $(EXPORTS)/$(MODEL)
 	$(ORTSEQ) bundle $(EXPORTS)/$(MODEL) --out bundles/$(MODEL) --force
@@ -73,11 +73,11 @@ test-full: setup .venv-hf457/.installed
 test-ray: setup
 	$(PY) -m pytest -q -m ray
 
-# README "Beyond one machine": ortseq batch with 1 and 2 workers vs one process (benchmarks/results/ray_batch.*)
+# docs/ray.md: ortseq batch with 1 and 2 workers vs one process (benchmarks/results/ray_batch.*)
 bench-ray: setup
 	$(PY) benchmarks/bench_ray_batch.py
 
-# every system of issue 5 on the same workload; BENCH_ARGS narrows it (see benchmarks/bench.py --help)
+# every system on the same workload (docs/benchmarks.md); BENCH_ARGS narrows it (see benchmarks/bench.py --help)
 bench: setup .venv-optimum/.installed
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 

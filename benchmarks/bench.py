@@ -100,7 +100,7 @@ def _build_random(checkpoint: Path, shape: dict) -> None:
 
 def input_ids(batch: int, length: int, vocab: int):
     """Ids drawn from the whole vocabulary, as real text's are: where the lookups read their rows matters
-    to a memory-mapped table (README "What a call's peak is made of")."""
+    to a memory-mapped table (docs/architecture.md, "What a call's peak is made of")."""
     import numpy as np
 
     return np.random.default_rng(0).integers(3, vocab, size=(batch, length)).astype(np.int64)

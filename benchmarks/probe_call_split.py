@@ -7,7 +7,7 @@ search around them), for this ortseq and for an earlier one on its own export, i
 Each (version, beams) runs in a fresh process (the earlier ortseq from `git archive` of --ref, as `make
 bench`'s ortseq-before systems): load with 2 threads, a warm-up call, then --calls timed calls of 512 input
 ids drawn from the whole vocabulary and exactly 64 new tokens. onnxruntime's run() and
-run_with_iobinding() are timed per graph file. Used for README "Speed", issue 14's "not slower than before".
+run_with_iobinding() are timed per graph file. Used for the benchmark log's "not slower than before" (benchmarks/results/history/log.md).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ every `--every`-th decoder step: the resident set after the stage, the peak duri
 VmHWM, reset before each stage through /proc/self/clear_refs), and what must be resident then: the
 process after loading plus the tensors alive (cross K/V, past and present K/V, logits). The gap
 between the peak and that is what the allocators hold beyond it. Used to explain and then cut the
-peak-RSS ratio in the README.
+peak-RSS ratio in docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 
 Runs generate() once with onnxruntime's profiler on both sessions (2 threads, as `make bench`), then
 sums the profiler's node events per op type, and reports the wall time not spent inside session runs
-(the numpy search and the Python step driver). Used to explain the benchmark ratios in the README.
+(the numpy search and the Python step driver). Used to explain the benchmark ratios in docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Size and quality of quantization variants of one fp32 export (the README's "Sizes and quality" table).
+"""Size and quality of quantization variants of one fp32 export (docs/quantization.md, "Sizes and quality").
 
     python benchmarks/quantize_variants.py exports/tiny-pegasus-trained [--out .cache/quantize-variants]
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from ..runtime.cli import HelpFormatter, bounded, common_options, needs_extra, out_options
 from ..runtime.errors import InvalidInputError
 from ..runtime.texts import read_lines
+from .aliases import check_source_name, declared_aliases
+from .errors import SourceError
 
 FRACTION = bounded(float, 0.0, 1.0, "agreement is a fraction in [0, 1]")
 SOURCE_HELP = "an alias, a hub id or a save_pretrained() directory"
@@ -37,24 +39,25 @@ def register(commands) -> None:
 
 
 class _ExportHelp(HelpFormatter):
-    """Lists the aliases only when help is shown: the families that declare them import torch."""
+    """Lists the aliases, read from the families' declarations without importing them (they import torch)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.help == SOURCE_HELP:
-            from .sources import ALIASES
-
-            return f"an alias ({', '.join(ALIASES)}), a hub id or a save_pretrained() directory"
+            return f"an alias ({', '.join(sorted(declared_aliases()))}), a hub id or a save_pretrained() directory"
         return super()._get_help_string(action)
 
 
 def _export(args: argparse.Namespace) -> int:
+    try:
+        check_source_name(args.source)  # a mistyped alias is refused before torch is imported (seconds)
+    except SourceError as exc:
+        raise InvalidInputError(str(exc)) from exc
     with needs_extra("export", "the exporter dependencies", "pip install torch==2.13.0 -e '.[export]'"):
         from .pipeline import export
     from ..graphs.generation import GenerationSettingError
     from ..graphs.lsg import LSGConfigError
+    from ..runtime.library_output import third_party_output_hidden
     from .families import UnsupportedModelError
-    from .progress import third_party_output_hidden
-    from .sources import SourceError
     from .verify import GraphMismatchError
 
     try:
@@ -81,7 +84,7 @@ def _quantize(args: argparse.Namespace) -> int:
         from .quantization import formats
         from .quantization.pipeline import QuantizationError, default_settings, quantize
         from .quantization.quality import format_report
-    from .progress import third_party_output_hidden
+    from ..runtime.library_output import third_party_output_hidden
 
     settings = default_settings(args.to)
     overrides = {

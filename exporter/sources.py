@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
 from . import families
+from .aliases import check_not_a_typo
 from .errors import SourceError
 from .progress import log
 
@@ -35,15 +35,8 @@ def resolved_source(source: str, scratch: Path):
         return
     if local.exists() or target.startswith((".", "/", "~")) or target.count("/") > 1:
         raise SourceError(f"{target} is not a directory holding a saved model")
-    _check_not_a_typo(target)
+    check_not_a_typo(target)
     yield _download(target)
-
-
-def _check_not_a_typo(name: str) -> None:
-    """A name close to an alias is a typo, not a hub id: say so before minutes of hub time-outs."""
-    close = difflib.get_close_matches(name, ALIASES, n=1, cutoff=0.8)
-    if "/" not in name and close:
-        raise SourceError(f"{name!r} is not an alias: did you mean {close[0]!r}? (aliases: {', '.join(ALIASES)})")
 
 
 def _download(repo_id: str) -> Path:

@@ -8,7 +8,7 @@ value is 1", computed once from the graph input, whose branches are the node wit
 node as traced. Both give transformers' numbers (exporter/verify.py checks padded and unpadded inputs).
 
 Measured on six layers of 8 x 64 heads, 2 threads (`python benchmarks/probe_encoder_attention.py`):
-README "How it works", *The encoder's attention*.
+docs/architecture.md, *The encoder's attention*.
 """
 
 from __future__ import annotations

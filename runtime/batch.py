@@ -10,15 +10,16 @@ every run; summaries that fail at run time are appended to it.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 
 from .errors import InvalidInputError
+
+logger = logging.getLogger("ortseq")
 
 DocumentId = str | int  # JSON ids: strings or integers, written back exactly as read
 
@@ -142,6 +143,33 @@ def make_plan(inputs: Iterable[Document | Rejected], done: set[DocumentId]) -> P
     return plan
 
 
+def check_distinct_files(input_path: Path, output: Path, errors: Path) -> None:
+    """--input, --output and --errors are three files: a job reading the output it appends to would take
+    every input id for one already summarized, and do nothing."""
+    paths = {"--input": input_path, "--output": output, "--errors": errors}
+    seen: dict[Path, str] = {}
+    for flag, path in paths.items():
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise BatchFileError(f"{seen[resolved]} and {flag} are the same file ({path}): give {flag} another path")
+        seen[resolved] = flag
+
+
+def check_something_to_do(input_path: Path, plan: Plan) -> None:
+    """An input of which no line is a document (plain text, or every line without the text field) is a
+    wrong file or a wrong --text-field/--id-field, not a job that succeeded with everything refused."""
+    if plan.pending or plan.already_done:
+        return
+    if not plan.rejected:
+        raise BatchFileError(f"--input {input_path} is empty: give one JSON object per line")
+    first = min(plan.rejected, key=lambda item: item.line)
+    raise BatchFileError(
+        f"--input {input_path}: none of its {len(plan.rejected)} lines is a document to summarize "
+        f'(line {first.line}: {first.reason}); give JSON Lines of {{"id": ..., "text": ...}} (or name the '
+        "fields with --id-field/--text-field); for plain text, one document per line: ortseq generate --input FILE"
+    )
+
+
 def length_grouped(documents: list[Document], window: int) -> list[Document]:
     """Documents sorted by length within consecutive windows: batches of neighbours pad little, and the
     run still moves through the corpus in order (so its rate, and the ETA, stay representative)."""
@@ -164,7 +192,10 @@ def recover_output(path: Path) -> set[DocumentId]:
     done = set()
     for line_number, line in enumerate(complete.splitlines(), start=1):
         try:
-            done.add(json.loads(line)["id"])
+            record = json.loads(line)
+            if "summary" not in record:  # an input line ({"id", "text"}) has an id too
+                raise KeyError("summary")
+            done.add(record["id"])
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise BatchFileError(
                 f"{path} line {line_number} is not an ortseq batch result: give another --output"
@@ -216,11 +247,11 @@ def write_errors(path: Path, rejected: list[Rejected]) -> None:
 
 
 class Progress:
-    """Documents done, documents/s and ETA on stderr, at most once per `every_s`."""
+    """Documents done, documents/s and ETA, logged (`ortseq: ...` on stderr from the CLI) at most once per
+    `every_s`: through ortseq's logger, which writes past the libraries' hidden output."""
 
-    def __init__(self, total: int, every_s: float = 2.0, stream: TextIO | None = None):
+    def __init__(self, total: int, every_s: float = 2.0):
         self.total, self.done, self.every_s = total, 0, every_s
-        self.stream = stream or sys.stderr
         self.started = self._last = time.monotonic()
 
     def advance(self, documents: int) -> None:
@@ -228,7 +259,7 @@ class Progress:
         now = time.monotonic()
         if now - self._last >= self.every_s or self.done == self.total:
             self._last = now
-            print(f"ortseq: {self.line()}", file=self.stream, flush=True)
+            logger.info(self.line())
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)

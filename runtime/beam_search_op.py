@@ -2,7 +2,7 @@
 
 The whole search runs inside one `session.run`: no Python per step. `Seq2SeqModel.load(dir,
 engine="beam-search-op")` uses it (runtime/engines.py). What the op cannot honour is refused here
-rather than silently changed (see README, "BeamSearch-op engine").
+rather than silently changed (docs/generation.md, "BeamSearch-op engine").
 """
 
 from __future__ import annotations

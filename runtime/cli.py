@@ -17,7 +17,8 @@ from ..graphs.directories import OutputDirError
 from ..graphs.generation import add_generation_arguments, generation_overrides
 from ..graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE
 from .errors import InvalidInputError, ManifestError
-from .texts import DEFAULT_BATCH_SIZE, read_lines, summarize_stream
+from .library_output import third_party_output_hidden
+from .texts import DEFAULT_BATCH_SIZE, check_unicode, read_lines, summarize_stream
 
 EXIT_USAGE = 2
 USER_ERRORS = (InvalidInputError, ManifestError, OutputDirError)
@@ -41,14 +42,15 @@ def _generate(args: argparse.Namespace) -> int:
     model.settings(**settings)  # reject bad settings before reading any input
     with _opened_input(args.input) as (source, name):
         lines = enumerate(args.texts, 1) if args.texts else read_lines(source, name)
-        count = summarize_stream(model, lines, args.batch_size, settings, sys.stdout, sys.stderr)
+        count = summarize_stream(model, lines, args.batch_size, settings, sys.stdout, sys.stderr, args.json)
     if count == 0:
         raise InvalidInputError(f"no input: {name} holds no line; give texts as arguments, --input FILE or stdin")
     return 0
 
 
 def _check_text_arguments(texts: list[str], input_file: str | None) -> None:
-    """Texts given as arguments: none blank, none that is only a file name, not together with --input."""
+    """Texts given as arguments: none blank or not UTF-8, none that is only a file name, not with --input."""
+
     if texts and input_file:
         raise InvalidInputError("give texts as arguments or --input FILE, not both")
     for number, text in enumerate(texts, 1):
@@ -56,6 +58,7 @@ def _check_text_arguments(texts: list[str], input_file: str | None) -> None:
             raise InvalidInputError(
                 f"text argument {number} is empty or only whitespace: there is nothing to summarize"
             )
+        check_unicode(text, f"text argument {number}")
         if not any(c.isspace() for c in text) and Path(text).is_file():
             raise InvalidInputError(
                 f"{text!r} is a file: did you mean --input {text}? (texts to summarize have spaces)"
@@ -98,8 +101,10 @@ def _batch(args: argparse.Namespace) -> int:
         provider=args.provider,
         engine=args.engine,
         generate_kwargs=generation_overrides(args),
+        verbose=args.verbose,
     )
-    report = run_batch(job)
+    with third_party_output_hidden(not args.verbose):  # Ray's own notices (its C++ core's too): only with -v
+        report = run_batch(job)
     print(
         f"ortseq: {report.summarized} summarized, {report.already_done} already in {output}, "
         f"{report.rejected} refused (see {job.errors})",
@@ -144,10 +149,11 @@ def _serve_on_ray(args: argparse.Namespace, limits, batching) -> int:
     from .serving.schema import GRACEFUL_TIMEOUT_S
 
     graceful_timeout_s = GRACEFUL_TIMEOUT_S if args.graceful_timeout is None else args.graceful_timeout
-    serve_on_ray(
-        args.export_dir, args.host, args.port, args.replicas, args.provider, args.threads, limits, batching,
-        args.address, graceful_timeout_s, args.verbose,
-    )  # fmt: skip
+    with third_party_output_hidden(not args.verbose):  # Ray's own notices (its C++ core's too): only with -v
+        serve_on_ray(
+            args.export_dir, args.host, args.port, args.replicas, args.provider, args.threads, limits, batching,
+            args.address, graceful_timeout_s, args.verbose,
+        )  # fmt: skip
     return 0
 
 
@@ -249,6 +255,13 @@ def _add_generate(commands) -> None:
         "--input",
         metavar="FILE",
         help="read one text per line from FILE (UTF-8; a blank line gets an empty output line) instead of stdin",
+    )
+    generate.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object per input: {"input": N, "summaries": [...], "input_tokens": n, "output_tokens": [...]} '
+        "(several summaries with --num-return-sequences); without it, one summary per line, and with several "
+        'per input each line starts "N.R<TAB>" (input N, hypothesis R)',
     )
     add_generation_arguments(generate)
     generate.add_argument(

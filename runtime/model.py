@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..graphs.external_data import check_graph_data
 from ..graphs.generation import SETTING_NAMES, GenerationSettingError, resolve_settings
-from ..graphs.manifest import LOOP_ENGINE, Manifest
+from ..graphs.manifest import LOOP_ENGINE, MANIFEST_FILE, Manifest, ManifestError
 from .engines import open_engine
 from .errors import InvalidInputError
 from .search import SearchSettings
 from .sessions import EncoderDecoderSessions
+from .texts import check_unicode
 from .tokenizer import TextTokenizer
+
+
+@dataclass(frozen=True)
+class CountedSummary:
+    text: str
+    input_tokens: int  # of its input, special tokens included (after truncation to the model's maximum)
+    output_tokens: int  # generated, the end token included
 
 
 class Seq2SeqModel:
@@ -48,6 +57,24 @@ class Seq2SeqModel:
         tokenizer = TextTokenizer(directory, manifest.tokenizer, manifest.special_tokens.pad_token_id)
         return cls(directory, manifest, search_engine, tokenizer)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **options):
+        """load(), under the name Hugging Face users type: a local export directory (`ortseq export` writes
+        one). A hub id or a transformers checkpoint is not an export: refused with the command that makes one."""
+        path = Path(name_or_path).expanduser()
+        if not path.is_dir():
+            raise ManifestError(
+                f"{name_or_path} is not a local export directory; ortseq runs exported models (no hub download "
+                f"at run time): export it first, `ortseq export {name_or_path} --out exports/NAME`, then "
+                "Seq2SeqModel.from_pretrained('exports/NAME')"
+            )
+        if not (path / MANIFEST_FILE).is_file() and (path / "config.json").is_file():
+            raise ManifestError(
+                f"{path} is a transformers checkpoint, not an ortseq export: `ortseq export {path} --out "
+                "exports/NAME`, then Seq2SeqModel.from_pretrained('exports/NAME')"
+            )
+        return cls.load(path, **options)
+
     @property
     def sessions(self) -> EncoderDecoderSessions:
         """The loop engine's encoder and decoder sessions (tests drive them step by step)."""
@@ -64,15 +91,25 @@ class Seq2SeqModel:
 
     def summarize(self, texts: list[str], batch_size: int | None = None, **settings) -> list[str]:
         """Summaries of texts, one per text (num_return_sequences per text when asked); settings as generate()."""
+        return [summary.text for summary in self.summaries(texts, batch_size, **settings)]
+
+    def summaries(self, texts: list[str], batch_size: int | None = None, **settings) -> list[CountedSummary]:
+        """As summarize(), each summary with its token counts: num_return_sequences per text, in order."""
         check_texts(texts)
         if batch_size is not None and batch_size < 1:
             raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
-        self.settings(**settings)  # reject bad settings before any work
+        per_text = self.settings(**settings).num_return_sequences  # reject bad settings before any work
         batch_size = batch_size or len(texts) or 1
-        summaries: list[str] = []
+        eos = self.manifest.special_tokens.eos_token_id
+        summaries: list[CountedSummary] = []
         for start in range(0, len(texts), batch_size):
             input_ids, attention_mask = self.tokenizer.encode(list(texts[start : start + batch_size]))
-            summaries += self.tokenizer.decode(self.generate(input_ids, attention_mask, **settings))
+            output = self.generate(input_ids, attention_mask, **settings)
+            input_tokens = np.repeat(attention_mask.sum(axis=1), per_text)
+            summaries += [
+                CountedSummary(text, int(length), len(generated_ids(row, eos)))
+                for text, length, row in zip(self.tokenizer.decode(output), input_tokens, output)
+            ]
         return summaries
 
     def settings(self, **overrides) -> SearchSettings:
@@ -113,13 +150,22 @@ class Seq2SeqModel:
         return input_ids, attention_mask
 
 
-def check_texts(texts) -> None:
-    """A list of non-blank strings, or InvalidInputError naming the first bad one."""
+def check_texts(texts, noun: str = "text") -> None:
+    """A list of non-blank strings of valid Unicode, or InvalidInputError naming the first bad one (counted
+    from 1, as the command line counts its text arguments and input lines)."""
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
-        raise InvalidInputError("texts must be a list of strings")
-    for index, text in enumerate(texts):
+        raise InvalidInputError(f"{noun}s must be a list of strings")
+    for number, text in enumerate(texts, 1):
         if not isinstance(text, str) or not text.strip():
-            raise InvalidInputError(f"text {index} is empty or only whitespace: there is nothing to summarize")
+            raise InvalidInputError(f"{noun} {number} is empty or only whitespace: there is nothing to summarize")
+        check_unicode(text, f"{noun} {number}")
+
+
+def generated_ids(output_row: np.ndarray, eos_token_id: int) -> list[int]:
+    """The tokens a row generated: after the start token, up to the first end token (kept). Rows that
+    finished early are filled after it (with pad or end ids) only because the batch is a rectangle."""
+    ids = [int(token) for token in output_row[1:]]
+    return ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids
 
 
 def _as_int64_matrix(name: str, array) -> np.ndarray:

@@ -27,6 +27,8 @@ from .batch import (
     Rejected,
     Result,
     append_block,
+    check_distinct_files,
+    check_something_to_do,
     length_grouped,
     make_plan,
     read_inputs,
@@ -53,13 +55,19 @@ def import_ray():
     return ray
 
 
+def ray_log_options(verbose: bool) -> dict:
+    """ray.init's logging keywords: what the workers print reaches this terminal only with -v (Ray's own
+    notices in this process are hidden with the libraries' other output: runtime/library_output.py)."""
+    return {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": verbose}
+
+
 # Ray reads this when it is imported; despite its name it decides on every platform whether a node's
 # address may be 127.0.0.1. Left on (Linux's default), ray.init turns _node_ip_address="127.0.0.1"
 # into the machine's outward address and its services listen there and on every interface.
 _LOOPBACK_NODE_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def start_local_ray(ray, num_cpus: int, **options) -> None:
+def start_local_ray(ray, num_cpus: int, verbose: bool = False, **options) -> None:
     """A Ray of this machine alone, on the loopback address: ray.init(address="local") with `options`.
 
     Its node address is 127.0.0.1 (Ray's own services listen there only), which ray.init would otherwise
@@ -77,7 +85,7 @@ def start_local_ray(ray, num_cpus: int, **options) -> None:
             num_cpus=num_cpus,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
-            logging_level=logging.WARNING,
+            **ray_log_options(verbose),
             **options,
         )
     finally:
@@ -103,6 +111,7 @@ class BatchJob:
     provider: str = "cpu"
     engine: str = LOOP_ENGINE
     generate_kwargs: dict = field(default_factory=dict)
+    verbose: bool = False  # Ray's own log lines too (`-v`)
 
 
 @dataclass
@@ -162,10 +171,12 @@ def run_batch(job: BatchJob, summarize: SummarizeFn | None = None) -> BatchRepor
     summarize: who turns the documents into blocks of summaries (a Ray Data pipeline when None)."""
     if job.batch_size < 1 or job.threads < 1 or (job.workers is not None and job.workers < 1):
         raise InvalidInputError("--batch-size, --threads and --workers must be at least 1")
-    # a bad export or setting is refused here, before any Ray process starts
-    Seq2SeqModel.load(job.export_dir, threads=1, engine=job.engine).settings(**job.generate_kwargs)
+    check_distinct_files(job.input, job.output, job.errors)
     done = recover_output(job.output)
     plan = make_plan(read_inputs(job.input, job.text_field, job.id_field), done)
+    check_something_to_do(job.input, plan)
+    # a bad export or setting is refused here, before any Ray process starts
+    Seq2SeqModel.load(job.export_dir, threads=1, engine=job.engine).settings(**job.generate_kwargs)
     write_errors(job.errors, plan.rejected)
     logger.info(
         "%d documents to summarize, %d already done, %d refused (see %s)",
@@ -200,17 +211,17 @@ def ray_blocks(job: BatchJob, documents: list[Document]) -> Iterator[Iterable[di
 def _connect(ray, job: BatchJob) -> None:
     address = job.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-        return
-    workers = job.workers or max(1, (os.cpu_count() or 1) // job.threads)
-    start_local_ray(ray, num_cpus=max(os.cpu_count() or 1, workers * job.threads))
+        ray.init(address=address, **ray_log_options(job.verbose))
+    else:
+        workers = job.workers or max(1, (os.cpu_count() or 1) // job.threads)
+        start_local_ray(ray, num_cpus=max(os.cpu_count() or 1, workers * job.threads), verbose=job.verbose)
 
 
 def _pipeline(ray, job: BatchJob, documents: list[Document]):
     from ray.data import ActorPoolStrategy, DataContext
 
     DataContext.get_current().enable_progress_bars = False  # ours is on stderr already
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.INFO if job.verbose else logging.WARNING)
     workers = job.workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // job.threads)
     items = [{"key": key, "text": document.text} for key, document in enumerate(documents)]
     dataset = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / job.batch_size))

@@ -63,7 +63,7 @@ def create_session(
 # says: its ops are too small to split, yet a second thread still costs a hand-off at every session
 # run and, spinning between runs, slows the Python search beside it. Measured on tiny-pegasus
 # (0.15 M per row) on the 2-core machine: one thread was faster at every batch and beam count (8 beams,
-# batch 1: 0.43 vs 0.66-0.77 ms per step; README "Speed"). pegasus-xsum has 333 M per row.
+# batch 1: 0.43 vs 0.66-0.77 ms per step; docs/benchmarks.md). pegasus-xsum has 333 M per row.
 SINGLE_THREAD_DECODER_MACS = 1_000_000
 
 
@@ -82,8 +82,8 @@ def decoder_memory_pattern(dims: ModelDims) -> bool:
     """Whether the decoder session plans one block per step for its intermediate tensors: only for a
     decoder too small to split. It saves a step's allocations, which is felt where a step is tiny
     (tiny-pegasus, 8 beams, 64 steps: 60-61 ms with it, 64-66 without); on a real model they are noise
-    next to the step's work, and the block came on top of the free chunks it did not fit (README
-    "How it works", *What a call's peak is made of*)."""
+    next to the step's work, and the block came on top of the free chunks it did not fit (docs/architecture.md,
+    *What a call's peak is made of*)."""
     return _small_decoder(dims)
 
 
@@ -98,7 +98,7 @@ def _register_shared_cpu_arena() -> None:
     free chunk whole when it is at most 128 MB too big, and the step tensors grow by one position per
     step, so chunks went out far too big: splitting anything more than 1 MB too big stops that. The
     measured peak of two calls: 3.35 GB with an arena per session, 2.86 GB shared, 2.68 GB shared and
-    split (benchmarks/profile_memory.py, README "Speed").
+    split (benchmarks/profile_memory.py, docs/benchmarks.md).
     """
     cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
     # no cap, onnxruntime's default growth and first chunk; split free chunks more than 1 MB too big

@@ -66,6 +66,14 @@ def tiny_export(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def trained_export(tmp_path_factory):
+    """tiny-pegasus-trained exported once per session (trained once per user: exporter/tiny/trained.py)."""
+    out = tmp_path_factory.mktemp("trained") / "fp32"
+    export("tiny-pegasus-trained", out)
+    return out
+
+
 @pytest.fixture(autouse=True)
 def search_step_on_cpu(request, monkeypatch):
     """Every test runs the search step graph on the CPU too (the runtime's CPU default is numpy, measured

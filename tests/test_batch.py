@@ -4,6 +4,7 @@ run_batch itself on an in-process Summarizer, so `make test` (which runs no Ray 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -182,3 +183,43 @@ def test_a_rerun_resumes_after_a_killed_run_and_writes_every_id_once(exported, t
     written = output.read_text()
     again = run_batch(job, summarize=in_process_blocks)
     assert (again.summarized, again.already_done) == (0, 7) and output.read_text() == written
+
+
+def batch_job(tmp_path: Path, corpus: Path, output: Path, **fields):
+    from ortseq.runtime.ray_batch import BatchJob
+
+    # the export does not exist: these refusals come before it is opened (and before Ray starts)
+    return BatchJob(tmp_path / "no-export", corpus, output, tmp_path / "errors.jsonl", **fields)
+
+
+def test_a_job_whose_output_is_its_input_is_refused_before_anything_is_written(tmp_path):
+    from ortseq.runtime.ray_batch import run_batch
+
+    corpus = write_lines(tmp_path / "docs.jsonl", [{"id": 1, "text": "The council met."}])
+    with pytest.raises(BatchFileError, match="--input and --output are the same file"):
+        run_batch(batch_job(tmp_path, corpus, tmp_path / "." / "docs.jsonl"))
+    with pytest.raises(BatchFileError, match="--output and --errors are the same file"):
+        run_batch(batch_job(tmp_path, corpus, tmp_path / "errors.jsonl"))
+    # an input file as --output (read for ids already done) is not a results file either
+    other = write_lines(tmp_path / "other.jsonl", [{"id": 1, "text": "Another text."}])
+    with pytest.raises(BatchFileError, match="line 1 is not an ortseq batch result"):
+        run_batch(batch_job(tmp_path, corpus, other))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["docs.jsonl", "other.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "lines, fields, says",
+    [
+        (["The council met on Monday.", "Police closed the library."], {}, "line 1: not valid JSON"),
+        ([{"id": 1, "article": "The council met."}], {}, "line 1: no 'text' field"),
+        ([], {}, "is empty"),
+    ],
+    ids=["plain_text", "wrong_text_field", "empty"],
+)
+def test_an_input_without_a_single_document_is_refused_not_run(tmp_path, lines, fields, says):
+    from ortseq.runtime.ray_batch import run_batch
+
+    corpus = write_lines(tmp_path / "docs.txt", lines)
+    with pytest.raises(BatchFileError, match=re.escape(says)):
+        run_batch(batch_job(tmp_path, corpus, tmp_path / "out.jsonl", **fields))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["docs.txt"]

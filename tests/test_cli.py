@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
+import pytest
 from helpers import ortseq
 
 
@@ -48,3 +52,46 @@ def test_hub_export_offline_fails_fast_and_leaves_nothing(tmp_path):
     assert "unreachable" in result.stderr and "ortseq export DIR" in result.stderr
     assert not (tmp_path / "xsum").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name != "hf"] == []
+
+
+# Runs `ortseq ARGS` in a fresh interpreter and reports which heavy libraries it imported before answering.
+IMPORT_PROBE = """
+import json, sys
+from ortseq.runtime.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+heavy = sorted(name for name in ("torch", "transformers", "onnx") if name in sys.modules)
+sys.stderr.write("PROBE " + json.dumps({"code": code, "imported": heavy}) + "\\n")
+"""
+
+
+@pytest.mark.parametrize(
+    "args, code, says",
+    [
+        (("export", "--help"), 0, "tiny-pegasus-trained"),
+        (("export", "tiny-pegasuss", "--out", "x"), 2, "did you mean 'tiny-pegasus'?"),
+        (("export", "bart-larg-cnn", "--out", "x"), 2, "did you mean 'bart-large-cnn'?"),
+        (("quantize", "--help"), 0, "--min-agreement"),
+        (("generate", "--help"), 0, "--num-return-sequences"),
+    ],
+    ids=["export_help", "alias_typo", "another_family_typo", "quantize_help", "generate_help"],
+)
+def test_help_and_alias_typos_answer_before_torch_is_imported(tmp_path, args, code, says):
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE, *args], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    elapsed = time.monotonic() - start
+    probe = json.loads(result.stderr.rsplit("PROBE ", 1)[1])
+    assert probe == {"code": code, "imported": []}, result.stderr
+    assert says in " ".join((result.stdout + result.stderr).split())
+    assert elapsed < 5, f"{args} took {elapsed:.1f} s"  # generous on a loaded machine: torch alone takes longer
+
+
+def test_the_aliases_read_from_the_family_modules_are_the_families_aliases():
+    from ortseq.exporter import families
+    from ortseq.exporter.aliases import declared_aliases
+
+    assert declared_aliases() == families.aliases() and "tiny-pegasus" in declared_aliases()

@@ -102,6 +102,21 @@ def an_export_at(path: Path) -> Callable[[Path], None]:
     return lambda export: shutil.copytree(export, path)
 
 
+def a_bundle_at(path: Path) -> Callable[[Path], None]:
+    return lambda export: make_bundle(export, path)
+
+
+def with_a_user_file(writer: Callable[[Path], Callable[[Path], None]], directory: str, name: str):
+    """An ortseq directory (writer(export.parent / directory)) into which the user then put `name`."""
+
+    def corrupt(export: Path) -> None:
+        writer(export.parent / directory)(export)
+        (export.parent / directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (export.parent / directory / name).write_text("mine")
+
+    return corrupt
+
+
 @dataclass
 class Case:
     """args may name {export} (a fresh copy of the tiny export) and {tmp} (the case's own directory)."""
@@ -158,6 +173,9 @@ CASES = [
     Case("file_name_as_text", ("generate", "{export}", "docs.txt"), "did you mean --input docs.txt?",
          corrupt=lambda export: (export.parent / "docs.txt").write_text(TEXT)),
     Case("blank_text_argument", generate("  "), "text argument 2 is empty"),
+    # a Latin-1 shell's argument: Python hands it over surrogate-escaped
+    Case("text_argument_not_utf8", ("generate", "{export}", TEXT, os.fsdecode(b"caf\xe9 au lait")),
+         "text argument 2 is not UTF-8 text (character 4"),
     # quantize and serve flags (refused before any import of onnx or fastapi work)
     Case("min_agreement_above_1", ("quantize", "{export}", "--to", "int8", "--out", "q", "--min-agreement", "1.5"),
          "--min-agreement"),
@@ -194,6 +212,20 @@ CASES = [
     Case("export_over_an_export_without_force", ("export", "tiny-pegasus", "--out", "other"), "pass --force",
          corrupt=lambda export: an_export_at(export.parent / "other")(export), untouched=["other/encoder.onnx"]),
     Case("export_alias_typo", ("export", "tiny-pegasuss", "--out", "x"), "did you mean 'tiny-pegasus'?"),
+    # --force replaces an export's or a bundle's own files only
+    Case("quantize_force_over_an_export_holding_a_user_file",
+         ("quantize", "{export}", "--to", "int8", "--out", "other", "--force"), "other/notes.txt",
+         corrupt=with_a_user_file(an_export_at, "other", "notes.txt"),
+         untouched=["other/notes.txt", "other/encoder.onnx"]),
+    Case("export_force_over_an_export_holding_a_user_directory",
+         ("export", "tiny-pegasus", "--out", "other", "--force"), "other/mine",
+         corrupt=with_a_user_file(an_export_at, "other", "mine/notes.txt"), untouched=["other/mine/notes.txt"]),
+    Case("bundle_force_over_a_bundle_holding_its_venv", ("bundle", "{export}", "--out", "old", "--force"),
+         "old/venv", corrupt=with_a_user_file(a_bundle_at, "old", "venv/pyvenv.cfg"),
+         untouched=["old/venv/pyvenv.cfg", "old/model/manifest.json"]),
+    Case("bundle_force_over_a_bundle_with_a_user_file_in_its_model", ("bundle", "{export}", "--out", "old", "--force"),
+         "old/model/notes.txt", corrupt=with_a_user_file(a_bundle_at, "old", "model/notes.txt"),
+         untouched=["old/model/notes.txt"]),
 ]  # fmt: skip
 
 
@@ -370,3 +402,56 @@ def test_a_line_that_is_not_utf8_comes_after_the_summaries_of_the_lines_before_i
         "ortseq: error: stdin line 3 is not UTF-8 text (byte 0: invalid start byte); convert the file first, "
         "e.g. iconv -f latin1 -t utf-8"
     ]
+
+
+def test_text_that_is_not_utf8_is_refused_in_one_line_by_the_api_and_the_bundle(exported, tmp_path):
+    from ortseq.runtime import InvalidInputError
+
+    export = exported("base").export_dir
+    latin1 = os.fsdecode(b"caf\xe9 au lait")  # what Python makes of a non-UTF-8 argument or file name
+    with pytest.raises(InvalidInputError, match=r"text 2 is not UTF-8 text \(character 4"):
+        Seq2SeqModel.load(export).summarize([TEXT, latin1])
+    bundle = make_bundle(export, tmp_path / "bundle")
+    result = subprocess.run(
+        [sys.executable, str(bundle / "summarize"), os.fsencode(latin1)], capture_output=True, timeout=120, env=ENV
+    )
+    stderr = result.stderr.decode()
+    assert result.returncode == 2 and stderr.count("\n") == 1, stderr
+    assert "text argument 1 is not UTF-8 text" in stderr and "Traceback" not in stderr
+
+
+def test_several_hypotheses_per_text_say_whose_they_are_and_json_gives_their_token_counts(exported, tmp_path):
+    export = str(exported("base").export_dir)
+    texts = [TEXT, "Police closed the old library on Sunday morning."]
+    settings = ("--num-beams", "4", "--num-return-sequences", "3", "--max-new-tokens", "6")
+    plain = ortseq("generate", export, *texts, *settings, cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    lines = plain.stdout.decode().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["1.1", "1.2", "1.3", "2.1", "2.2", "2.3"]
+    as_json = ortseq("generate", export, *texts, *settings, "--json", cwd=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    records = [json.loads(line) for line in as_json.stdout.decode().splitlines()]
+    model = Seq2SeqModel.load(export)
+    expected = model.summaries(texts, num_beams=4, num_return_sequences=3, max_new_tokens=6)
+    assert [record["input"] for record in records] == [1, 2]
+    assert [s for record in records for s in record["summaries"]] == [s.text for s in expected]
+    assert [line.split("\t", 1)[1] for line in lines] == [s.text for s in expected]
+    assert [record["input_tokens"] for record in records] == [len(ids) for ids in model.tokenizer.token_ids(texts)]
+    counts = [n for record in records for n in record["output_tokens"]]
+    assert counts == [s.output_tokens for s in expected] and all(1 <= n <= 6 for n in counts)
+    assert len(set(counts)) > 1 or len({s.text for s in expected[:3]}) == 3  # the hypotheses differ
+    one = ortseq("generate", export, TEXT, "--max-new-tokens", "6", "--json", cwd=tmp_path)
+    (record,) = [json.loads(line) for line in one.stdout.decode().splitlines()]
+    assert record["summaries"] == model.summarize([TEXT], max_new_tokens=6) and len(record["output_tokens"]) == 1
+
+
+def test_from_pretrained_loads_an_export_and_refuses_a_hub_id_or_a_checkpoint_with_the_command(exported, tmp_path):
+    model = exported("base")
+    loaded = Seq2SeqModel.from_pretrained(str(model.export_dir), threads=1)
+    assert loaded.summarize([TEXT], max_new_tokens=4) == Seq2SeqModel.load(model.export_dir).summarize(
+        [TEXT], max_new_tokens=4
+    )
+    with pytest.raises(ManifestError, match=r"google/pegasus-xsum is not a local export directory.*ortseq export"):
+        Seq2SeqModel.from_pretrained("google/pegasus-xsum")
+    with pytest.raises(ManifestError, match="is a transformers checkpoint, not an ortseq export"):
+        Seq2SeqModel.from_pretrained(model.checkpoint)

@@ -33,13 +33,6 @@ QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat
 
 
 @pytest.fixture(scope="session")
-def trained_export(tmp_path_factory):
-    out = tmp_path_factory.mktemp("trained") / "fp32"
-    export("tiny-pegasus-trained", out)
-    return out
-
-
-@pytest.fixture(scope="session")
 def quantized(trained_export, tmp_path_factory):
     """quantized(fmt) -> (export dir, manifest) of the trained export in that format, made once."""
     cache: dict[str, tuple] = {}

@@ -161,11 +161,12 @@ def test_summarize_returns_the_python_api_summaries_and_token_counts(client, mod
         ('["a text"]', 422, "valid dictionary"),
         ('{"texts": ["a"]}', 422, "texts: unknown field; allowed: inputs, parameters"),
         ('{"inputs": "a text"}', 422, "inputs: Input should be a valid list"),
-        ('{"inputs": [1]}', 422, "inputs.0: Input should be a valid string"),
+        ('{"inputs": [1]}', 422, "input 1: Input should be a valid string"),
         ('{"inputs": []}', 422, "inputs: List should have at least 1 item"),
         ('{"inputs": ["a", "b", "c", "d", "e"]}', 422, "5 inputs in one request; this server takes at most 4"),
-        ('{"inputs": ["   "]}', 422, "text 0 is empty or only whitespace"),
-        ('{"inputs": ["ok", "' + "word " * 60 + '"]}', 422, "limit of 40 tokens (input 1 has "),
+        ('{"inputs": ["   "]}', 422, "input 1 is empty or only whitespace"),
+        ('{"inputs": ["ok", "caf\\udce9"]}', 422, "input 2 is not UTF-8 text (character 4"),
+        ('{"inputs": ["ok", "' + "word " * 60 + '"]}', 422, "limit of 40 tokens (input 2 has "),
         ('{"inputs": ["a"], "parameters": {"beams": 2}}', 422, "parameters.beams: unknown field; allowed: num_beams"),
         ('{"inputs": ["a"], "parameters": {"num_beams": "2"}}', 422, "parameters.num_beams: Input should be a valid integer"),
         ('{"inputs": ["a"], "parameters": {"num_beams": 0}}', 422, "num_beams must be an integer of at least 1, got 0"),
@@ -204,6 +205,29 @@ def test_num_beams_equal_to_the_servers_maximum_is_served(model):
         assert response.json()["summaries"] == model.summarize(texts, num_beams=3)
         response = client.post("/v1/summarize", json={"inputs": texts, "parameters": {"num_beams": 4}})
         assert response.status_code == 422 and "allows at most 3" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain; charset=utf-8"])
+def test_a_body_not_sent_as_json_gets_a_415_that_names_the_header(client, content_type):
+    """curl -d sends application/x-www-form-urlencoded unless told otherwise."""
+    response = client.post("/v1/summarize", content='{"inputs": ["a text"]}', headers={"content-type": content_type})
+    assert response.status_code == 415, response.text
+    error = response.json()["error"]
+    assert error["type"] == "unsupported_media_type" and "Content-Type: application/json" in error["message"]
+    assert content_type.split(";")[0] in error["message"]
+
+
+def test_json_content_types_with_parameters_or_a_suffix_are_read_as_json(client):
+    for content_type in ("application/json; charset=utf-8", "application/merged-patch+json"):
+        response = client.post("/v1/summarize", content='{"inputs": ["   "]}', headers={"content-type": content_type})
+        assert response.status_code == 422 and "input 1 is empty" in response.json()["error"]["message"]
+
+
+def test_a_wrong_method_is_a_405_typed_method_not_allowed_with_its_allow_header(client):
+    response = client.get("/v1/summarize")
+    assert response.status_code == 405, response.text
+    assert response.json()["error"]["type"] == "method_not_allowed" and response.headers["allow"] == "POST"
+    assert client.get("/v2/nothing").json()["error"]["type"] == "not_found"
 
 
 def test_bodies_over_the_size_limit_are_refused_unread(client):

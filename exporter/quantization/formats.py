@@ -46,7 +46,7 @@ class Int4Settings:
     block_size: int = 32
     symmetric: bool = True
     # 4: MatMulNBits quantizes activations to int8 on CPU: pegasus-xsum-shaped greedy 9.3 s against 15.0 s
-    # with 0 (float compute), same quality on the trained fixture (README "Quantization")
+    # with 0 (float compute), same quality on the trained fixture (docs/quantization.md)
     accuracy_level: int = 4
     lm_head: bool = True
     embeddings: bool = True  # block-quantize the token embedding (com.microsoft GatherBlockQuantized, opset 21)

@@ -8,7 +8,7 @@ and the quantized export writes it once, into its own embeddings.data:
 * int8: int8 rows with one symmetric scale per row ([vocab, d] as stored). A lookup is Gather, Cast,
   times the gathered rows' scales; the LM head is DynamicQuantizeLinear (activations quantized per
   call, as quantize_dynamic does) and com.microsoft QGemm(transB=1), which reads the table as stored.
-  Chosen by measurement (benchmarks/probe_lm_head_speed.py, README "Quantization"): QGemm is as fast as
+  Chosen by measurement (benchmarks/probe_lm_head_speed.py, docs/quantization.md): QGemm is as fast as
   quantize_dynamic's MatMulInteger over a transposed copy (the LM head before), while MatMulNBits at 8
   bits, which GatherBlockQuantized could share too, took twice as long at 64 rows.
   The LM head reads the table in chunks of rows (LM_HEAD_CHUNK_BYTES each; one QGemm per chunk, the

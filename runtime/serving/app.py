@@ -124,7 +124,7 @@ def create_app(
         SUMMARIZE_PATH,
         summary="Summarize texts",
         response_model=SummarizeResponse,
-        responses={status: {"model": ErrorResponse} for status in (400, 411, 413, 422, 503)},
+        responses={status: {"model": ErrorResponse} for status in (400, 411, 413, 415, 422, 503)},
     )
     async def summarize(body: SummarizeRequest, request: Request):
         check_ready()
@@ -198,6 +198,14 @@ def _add_error_handlers(app: FastAPI, metrics: ServingMetrics) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type")
+        if content_type is not None and not _is_json(content_type):  # FastAPI parses only JSON bodies as JSON
+            return failed(
+                415,
+                "unsupported_media_type",
+                f"the body was sent as {content_type.split(';')[0].strip() or 'an empty content type'}: "
+                "send a JSON object with the header Content-Type: application/json",
+            )
         errors = exc.errors()
         if any(error["type"] == "json_invalid" for error in errors):
             return failed(400, "invalid_json", "the request body is not valid JSON: send a JSON object")
@@ -220,9 +228,9 @@ def _add_error_handlers(app: FastAPI, metrics: ServingMetrics) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        kind = "not_found" if exc.status_code in (404, 405) else "invalid_request"
+        kind = HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request")
         message = f"{exc.detail}: {request.method} {request.url.path}; the API is described at /openapi.json"
-        return failed(exc.status_code, kind, message)
+        return failed(exc.status_code, kind, message, **(exc.headers or {}))  # a 405 keeps its Allow header
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -230,9 +238,22 @@ def _add_error_handlers(app: FastAPI, metrics: ServingMetrics) -> None:
         return failed(500, "internal", f"internal error ({type(exc).__name__}); the server log has the details")
 
 
+HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def _is_json(content_type: str) -> bool:
+    """application/json or application/SOMETHING+json, parameters (charset) aside: what FastAPI reads as JSON."""
+    main, _, sub = content_type.split(";")[0].strip().lower().partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
+
+
 def _describe(error: dict) -> str:
-    """One pydantic error as 'where: what', with the allowed names for an unknown parameter."""
-    where = ".".join(str(part) for part in error["loc"] if part != "body") or "body"
+    """One pydantic error as 'where: what', with the allowed names for an unknown parameter. Inputs are
+    counted from 1 ("input 2"), as in every other message and on the command line."""
+    loc = [part for part in error["loc"] if part != "body"]
+    if loc[:1] == ["inputs"] and len(loc) > 1 and isinstance(loc[1], int):
+        loc = [f"input {loc[1] + 1}", *loc[2:]]
+    where = ".".join(str(part) for part in loc) or "body"
     if error["type"] == "extra_forbidden":
         model = SummarizeRequest if len(error["loc"]) == 2 else SummarizeRequest.model_fields["parameters"].annotation
         return f"{where}: unknown field; allowed: {', '.join(model.model_fields)}"

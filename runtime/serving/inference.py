@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from ..model import Seq2SeqModel
+from ..model import Seq2SeqModel, generated_ids
 
 
 @dataclass
@@ -23,10 +21,3 @@ def summarize_rows(model: Seq2SeqModel, generate_kwargs: dict, rows: list[list[i
     texts = model.tokenizer.decode(output)
     eos = model.manifest.special_tokens.eos_token_id
     return [Summary(text, len(row), generated_ids(ids, eos)) for text, row, ids in zip(texts, rows, output)]
-
-
-def generated_ids(output_row: np.ndarray, eos_token_id: int) -> list[int]:
-    """The tokens a row generated: after the start token, up to the first end token (kept). Rows that
-    finished early are filled after it (with pad or end ids) only because the batch is a rectangle."""
-    ids = [int(token) for token in output_row[1:]]
-    return ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids

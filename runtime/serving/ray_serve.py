@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import InvalidInputError
-from ..ray_batch import import_ray, start_local_ray
+from ..ray_batch import import_ray, ray_log_options, start_local_ray
 from .batcher import BatchingConfig
 from .schema import GRACEFUL_TIMEOUT_S, RequestLimits
 
@@ -110,8 +110,8 @@ def serve_on_ray(
     """Blocks until SIGTERM/SIGINT, then drains: the application is deleted first, its replicas finishing
     the requests they hold (up to graceful_timeout_s) while Ray Serve's proxy is still there to answer
     them, and only then is Serve shut down. Without an address (nor RAY_ADDRESS), starts a local Ray bound
-    to 127.0.0.1. Ray Serve's own log lines (its controller, proxy and replicas) show only with verbose,
-    warnings excepted; no access log, as `ortseq serve` without --replicas."""
+    to 127.0.0.1. Ray's and Ray Serve's own log lines (its controller, proxy and replicas) show only with
+    verbose; no access log, as `ortseq serve` without --replicas."""
     from ..model import Seq2SeqModel
     from .app import server_settings
 
@@ -120,9 +120,9 @@ def serve_on_ray(
     del probe
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, **ray_log_options(verbose))
     else:
-        start_local_ray(ray, num_cpus=max(os.cpu_count() or 1, replicas * (threads or 1)))
+        start_local_ray(ray, num_cpus=max(os.cpu_count() or 1, replicas * (threads or 1)), verbose=verbose)
     stop = threading.Event()
     # ray.init installs a SIGTERM handler that exits at once: ours replaces it before the port opens
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

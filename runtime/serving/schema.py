@@ -80,7 +80,7 @@ def checked_settings(request: SummarizeRequest, model: Seq2SeqModel, limits: Req
             f"{len(request.inputs)} inputs in one request; this server takes at most {limits.max_inputs}: "
             "split them over several requests"
         )
-    check_texts(request.inputs)
+    check_texts(request.inputs, noun="input")
     settings = model.settings(**generation_kwargs(request))
     if settings.num_return_sequences != 1:
         raise InvalidInputError("num_return_sequences must be 1: the server returns one summary per input")
@@ -90,9 +90,9 @@ def checked_settings(request: SummarizeRequest, model: Seq2SeqModel, limits: Req
 
 
 def check_input_lengths(lengths: list[int], limits: RequestLimits) -> None:
-    too_long = [(index, length) for index, length in enumerate(lengths) if length > limits.max_input_tokens]
+    too_long = [(number, length) for number, length in enumerate(lengths, 1) if length > limits.max_input_tokens]
     if too_long:
-        listed = ", ".join(f"input {index} has {length}" for index, length in too_long)
+        listed = ", ".join(f"input {number} has {length}" for number, length in too_long)
         raise InvalidInputError(
             f"inputs longer than this server's limit of {limits.max_input_tokens} tokens ({listed}): shorten them"
         )
