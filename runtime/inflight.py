@@ -19,6 +19,7 @@ Where things live:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,9 @@ class InflightDecoder:
         self._in_use = np.zeros(rows, dtype=bool)
         self.running: list[RowRequest] = []
         self._steps = 0
+        # where the time goes, summed over the decoder's life: encoder runs (admissions), decoder steps,
+        # and the searches' host work (processors, top-k, bookkeeping)
+        self.seconds = {"encoder": 0.0, "decoder": 0.0, "search": 0.0}
 
     @property
     def rows_in_use(self) -> int:
@@ -139,6 +143,7 @@ class InflightDecoder:
         first = self.free_run(request.rows)
         if first is None:
             return False
+        started = time.perf_counter()
         memory = self.sessions.encode(request.input_ids, request.attention_mask)
         mask = memory["encoder_attention_mask"]
         mem = mask.shape[1]
@@ -154,6 +159,7 @@ class InflightDecoder:
         request.search = new_search(1, request.settings, encoder)
         request.first_row, request.position = first, 0
         self.running.append(request)
+        self.seconds["encoder"] += time.perf_counter() - started
         return True
 
     def retire(self, request: RowRequest) -> None:
@@ -177,7 +183,10 @@ class InflightDecoder:
             request_tokens, parents = request.search.next_inputs()
             tokens[own], beam_idx[own] = request_tokens, first + parents
             positions[own], row_base[own] = request.position, first
+        started = time.perf_counter()
         self._run(n, tokens, beam_idx, positions, row_base)
+        ran = time.perf_counter()
+        self.seconds["decoder"] += ran - started
         finished = []
         for request in list(self.running):
             own = slice(request.first_row, request.first_row + request.rows)
@@ -186,6 +195,7 @@ class InflightDecoder:
                 request.output = request.search.result()
                 self.retire(request)
                 finished.append(request)
+        self.seconds["search"] += time.perf_counter() - ran
         return finished
 
     def _run(self, n, tokens, beam_idx, positions, row_base) -> None:

@@ -76,6 +76,12 @@ class ServingMetrics:
         self.retired_abandoned = Counter(
             "ortseq_abandoned_inputs", "Inputs retired because their client left", registry=self.registry
         )
+        self.phase_seconds = Counter(
+            "ortseq_scheduler_seconds",
+            "Time of the in-flight scheduler's work by phase: encoder (admissions), decoder (steps), search (host)",
+            ["phase"],
+            registry=self.registry,
+        )
         self.queue_wait = Histogram(
             "ortseq_queue_wait_seconds",
             "Time from a request's arrival to the admission of its last input",

@@ -67,6 +67,7 @@ class InflightScheduler:
         self._waiting: list[RowRequest] = []  # the worker's FIFO of inputs not yet admitted
         self._waiting_jobs = 0  # jobs with an input not admitted yet (what max_queue bounds)
         self._closing = False
+        self._phase_seconds: dict[str, float] = {}  # the decoder's totals last exported to the metrics
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._work, name="ortseq-scheduler", daemon=True)
 
@@ -147,10 +148,13 @@ class InflightScheduler:
         admitted = self._admit()
         if not self.decoder.running:
             return
-        started = time.monotonic()
+        rows, started = self.decoder.rows_in_use, time.monotonic()
         finished = self.decoder.step()
         metrics = self._metrics
-        metrics.step_done(self.decoder.rows_in_use, admitted, len(finished), time.monotonic() - started)
+        metrics.step_done(rows, admitted, len(finished), time.monotonic() - started)
+        for phase, seconds in self.decoder.seconds.items():
+            metrics.phase_seconds.labels(phase).inc(seconds - self._phase_seconds.get(phase, 0.0))
+        self._phase_seconds = dict(self.decoder.seconds)
         for request in finished:
             self._finish(request)
 
