@@ -121,6 +121,40 @@ def running_set_mismatches(model, pool: list[dict], answers: list[dict]) -> int:
     return sum(generated_ids(r.output[0], eos) != answers[r.tag]["ids"] for r in done)
 
 
+def step_profile(model, pool: list[dict]) -> dict:
+    """Where a step's time goes at several row counts (decoder run, host search per step), with the
+    pool's sources (padded to the longest) and with every source cut to 24 tokens (what packing the cross
+    K/V could save at most), and the encoder's time for a 400-token input (an admission's stall)."""
+    from ortseq.runtime.inflight import InflightDecoder, RowBudget, RowRequest, open_inflight_decoder
+
+    inflight = open_inflight_decoder(model.sessions, model.directory, "cpu", THREADS)
+    profile = {}
+    for sources in ("pool", "short"):
+        for target in (4, 12, 24, 48):
+            decoder = InflightDecoder(model.sessions, inflight, RowBudget(64, 64))
+            for entry in pool:
+                ids = np.asarray(model.tokenizer.token_ids([entry["text"]]), dtype=np.int64)
+                ids = ids[:, : INPUT_TOKENS[0]] if sources == "short" else ids
+                parameters = entry["parameters"] | {"max_new_tokens": 48, "min_new_tokens": 48}
+                if decoder.rows_in_use + parameters["num_beams"] <= target:
+                    decoder.admit(RowRequest(ids, np.ones_like(ids), model.settings(**parameters)))
+            decoder.step()  # the first run of these shapes
+            before = dict(decoder.seconds)
+            steps = 8
+            for _ in range(steps):
+                decoder.step()
+            per_step = {k: 1000 * (decoder.seconds[k] - before[k]) / steps for k in ("decoder", "search")}
+            profile[f"{sources} sources, {decoder.rows_in_use} rows"] = per_step | {"mem": decoder._mem}
+    ids = np.asarray(model.tokenizer.token_ids([" ".join(WORDS * 40)], INPUT_TOKENS[1]), dtype=np.int64)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        model.sessions.encode(ids, np.ones_like(ids))
+        times.append(time.perf_counter() - start)
+    profile["encoder_ms_400_tokens"] = 1000 * float(np.median(times))
+    return profile
+
+
 def client(port: int, deadline: float, pool: list[dict], seed: int, samples: list[dict]) -> None:
     rng = np.random.default_rng(seed)
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
@@ -187,7 +221,7 @@ def scrape(port: int) -> dict[str, float]:
     connection.request("GET", "/metrics")
     lines = connection.getresponse().read().decode().splitlines()
     wanted = ("ortseq_step_seconds_", "ortseq_step_rows_", "ortseq_batch_size_", "ortseq_batch_seconds_",
-              "ortseq_scheduler_seconds_total", "ortseq_queue_wait_seconds_")  # fmt: skip
+              "ortseq_scheduler_seconds_total", "ortseq_queue_wait_seconds_", "ortseq_admit_seconds_")  # fmt: skip
     found = {}
     for line in lines:
         if line.startswith(wanted) and not line.startswith("#") and "_bucket" not in line:
@@ -241,6 +275,12 @@ def write(report: dict, out: Path) -> None:
     lines += ["", f"in-flight / dynamic, summed over rounds: tokens/s **{report['tokens_ratio']:.2f}x**, "
               f"p95 {report['p95_ratio']:.2f}x; running-set token mismatches against solo generate(): "
               f"{report['running_set_mismatches']} of {s['pool']}"]  # fmt: skip
+    lines += ["", "Per step (ms) where the time goes, measured in-process before the runs:", "",
+              "| running set | decoder run | host search | cross K/V positions |", "|---|---|---|---|"]
+    for name, row in report["step_profile_ms"].items():
+        if isinstance(row, dict):
+            lines.append(f"| {name} | {row['decoder']:.1f} | {row['search']:.1f} | {row['mem']} |")
+    lines += ["", f"Encoder, one 400-token input: {report['step_profile_ms']['encoder_ms_400_tokens']:.0f} ms"]
     (out / "load_inflight.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -265,6 +305,8 @@ def main() -> None:
     print(f"[load] solo answers of the {len(pool)} pool requests", flush=True)
     answers = solo_answers(model, pool)
     mismatches = running_set_mismatches(model, pool, answers)
+    profile = step_profile(model, pool)
+    print(json.dumps(profile, indent=1), flush=True)
     del model
     configs = [
         {"name": "dynamic", "flags": ["--scheduler", "dynamic"] if not args.baseline_src else [],
@@ -290,6 +332,7 @@ def main() -> None:
         "pool": pool,
         "solo_answers": answers,
         "running_set_mismatches": int(mismatches),
+        "step_profile_ms": profile,
         "summaries": summaries,
         "tokens_ratio": tokens["inflight"] / tokens["dynamic"] if tokens["dynamic"] else float("nan"),
         "p95_ratio": p95["inflight"] / p95["dynamic"] if p95["dynamic"] else float("nan"),

@@ -67,6 +67,12 @@ class ServingMetrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
+        self.admit_seconds = Histogram(
+            "ortseq_admit_seconds",
+            "Time of the admissions (encoder runs) between two in-flight steps: how long they hold running rows",
+            buckets=STEP_BUCKETS,
+            registry=self.registry,
+        )
         self.admitted = Counter(
             "ortseq_admitted_inputs", "Inputs admitted into the running set", registry=self.registry
         )

@@ -145,9 +145,12 @@ class InflightScheduler:
 
     def _step(self) -> None:
         self._retire_abandoned()
+        admitting = time.monotonic()
         admitted = self._admit()
         if not self.decoder.running:
             return
+        if admitted:
+            self._metrics.admit_seconds.observe(time.monotonic() - admitting)
         rows, started = self.decoder.rows_in_use, time.monotonic()
         finished = self.decoder.step()
         metrics = self._metrics
