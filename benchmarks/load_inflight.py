@@ -275,8 +275,13 @@ def write(report: dict, out: Path) -> None:
     lines += ["", f"in-flight / dynamic, summed over rounds: tokens/s **{report['tokens_ratio']:.2f}x**, "
               f"p95 {report['p95_ratio']:.2f}x; running-set token mismatches against solo generate(): "
               f"{report['running_set_mismatches']} of {s['pool']}"]  # fmt: skip
-    lines += ["", "Per step (ms) where the time goes, measured in-process before the runs:", "",
-              "| running set | decoder run | host search | cross K/V positions |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "Per step (ms) where the time goes, measured in-process before the runs:",
+        "",
+        "| running set | decoder run | host search | cross K/V positions |",
+        "|---|---|---|---|",
+    ]
     for name, row in report["step_profile_ms"].items():
         if isinstance(row, dict):
             lines.append(f"| {name} | {row['decoder']:.1f} | {row['search']:.1f} | {row['mem']} |")

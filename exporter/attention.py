@@ -6,6 +6,8 @@ dynamic in batch, rows (batch * beams), source length and past length.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..graphs import contract
@@ -232,13 +234,15 @@ class StaticCacheDecoderStep(torch.nn.Module):
     cache (static_self_attention, `body`), and returns the logits, the new indirection and the caches.
     A family's subclass sets num_layers and body, and gives:
       step(input_ids, positions [rows, 1], encoder_attention_mask, cross, self_attention) -> logits, calling
-          self_attention(layer index, attention module, h [rows, 1, D]) for each layer;
+          self_attention(layer index, attention module, h [rows, 1, D]) for each layer, and
+          self.cross_attend(q [rows, H, 1, dh], cross K, cross V, additive mask, scaling) for its cross-attention;
       project(attention module, h) -> (q, k, v [rows, 1, D], heads, scaling);
       finish(attention module, context [rows, 1, D]) -> the sublayer's output (e.g. its out projection).
     """
 
     num_layers: int
     body: str
+    cross_attend = staticmethod(cross_attend_shared)  # the in-flight step swaps in its own (InflightDecoderStep)
 
     def forward(
         self,
@@ -310,19 +314,46 @@ def inflight_self_attention(q, k, v, cache_k, cache_v, step: InflightCacheStep, 
     return merge_heads(context), present_k, present_v
 
 
+def cross_attend_folded(cross_grid, cross_slot, q_rows, cross_k, cross_v, mask, scaling: float):
+    """Cross-attention of rows from requests of any beam count, each request's K/V read once for all its
+    beams: the rows' queries are laid out on a grid [requests, width] (cross_grid: the row in each cell,
+    a request's beams first, its spare cells repeating a row), attended as one query axis per request,
+    and each row takes its own cell back (cross_slot: request * width + beam).
+
+    q_rows [rows, H, 1, dh]; cross_k/v [requests, H, mem, dh]; mask [requests, 1, 1, mem] -> [rows, H, 1, dh]."""
+    rows, heads, _, dh = q_rows.shape
+    requests, width = cross_grid.shape
+    q = q_rows[:, :, 0, :].index_select(0, cross_grid.reshape(-1)).reshape(requests, width, heads, dh)
+    out = attend(q.transpose(1, 2), cross_k, cross_v, mask, scaling)  # [requests, H, width, dh]
+    return out.transpose(1, 2).reshape(requests * width, heads, dh).index_select(0, cross_slot)[:, :, None, :]
+
+
 class InflightDecoderStep(torch.nn.Module):
     """decoder_inflight.onnx's I/O (graphs/contract.py) around a family's StaticCacheDecoderStep: its
-    step, project and finish, with every row its own cross-attention entry and its own cache slot."""
+    step, project and finish, with every row its own cache slot and position, and each request's cross
+    K/V read once for all its beams (cross_attend_folded)."""
 
     def __init__(self, decoder: StaticCacheDecoderStep):
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, input_ids, encoder_attention_mask, beam_idx, position_ids, row_base, cache_indirection, *tensors):
+    def forward(
+        self,
+        input_ids,
+        encoder_attention_mask,
+        beam_idx,
+        position_ids,
+        row_base,
+        cache_indirection,
+        cross_grid,
+        cross_slot,
+        *tensors,
+    ):
         decoder = self.decoder
         n = decoder.num_layers
         cache, cross = tensors[: 2 * n], tensors[2 * n :]
         step = InflightCacheStep(beam_idx, position_ids, row_base, cache_indirection)
+        decoder.cross_attend = functools.partial(cross_attend_folded, cross_grid, cross_slot)
         presents = []
 
         def self_attention(i: int, attn: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:

@@ -240,18 +240,19 @@ def _decoder_trace_args(dims) -> tuple:
 
 def _inflight_trace_args(dims) -> tuple:
     """Three requests: 2 beams at rows 0-1, then two greedy rows, all of different ages and sources."""
-    rows, heads, dh = 4, dims.decoder_heads, dims.head_dim
-    encoder_mask = torch.ones(rows, TRACE_SRC, dtype=torch.int64)
-    encoder_mask[3, -2:] = 0
+    rows, requests, heads, dh = 4, 3, dims.decoder_heads, dims.head_dim
+    encoder_mask = torch.ones(requests, TRACE_SRC, dtype=torch.int64)
+    encoder_mask[2, -2:] = 0
     cache = [torch.randn(rows, heads, TRACE_MAX_LEN, dh) for _ in range(2 * dims.decoder_layers)]
-    cross = [torch.randn(rows, heads, TRACE_SRC, dh) for _ in range(2 * dims.decoder_layers)]
+    cross = [torch.randn(requests, heads, TRACE_SRC, dh) for _ in range(2 * dims.decoder_layers)]
     input_ids = torch.randint(3, dims.vocab_size, (rows, 1))
     beam_idx = torch.tensor([1, 0, 2, 3])
     positions = torch.tensor([TRACE_PAST, TRACE_PAST, 1, TRACE_PAST + 2])
     row_base = torch.tensor([0, 0, 2, 3])
     indirection = torch.randint(0, 2, (rows, TRACE_MAX_LEN), dtype=torch.int32)
     indirection[2:] = 0
-    return (input_ids, encoder_mask, beam_idx, positions, row_base, indirection, *cache, *cross)
+    grid, slot = torch.tensor([[0, 1], [2, 2], [3, 3]]), torch.tensor([0, 1, 2, 4])
+    return (input_ids, encoder_mask, beam_idx, positions, row_base, indirection, grid, slot, *cache, *cross)
 
 
 def generation_defaults(model, checkpoint: Path | None = None, ignore_refused: bool = False) -> tuple:

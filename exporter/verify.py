@@ -130,27 +130,32 @@ def verify_inflight_decoder(path: Path, module: torch.nn.Module, dims) -> float:
     session, rng, worst = _session(path), np.random.default_rng(3), 0.0
     names = contract.decoder_outputs(dims.decoder_layers)
     beams, max_len, src = (3, 1, 2, 1), 9, 11
-    rows = sum(beams)
-    row_base = np.repeat(np.cumsum((0, *beams[:-1])), beams)
-    mask = np.ones((rows, src), dtype=np.int64)
-    for first, count, length in zip(row_base[np.r_[0, np.cumsum(beams)[:-1]]], beams, (src, 4, 7, 1)):
-        mask[first : first + count, length:] = 0
-    positions = np.repeat(rng.integers(0, max_len, size=len(beams)), beams)
+    rows, requests, width = sum(beams), len(beams), max(beams)
+    first_rows = np.cumsum((0, *beams[:-1]))
+    row_base = np.repeat(first_rows, beams)
+    beam_of_row = np.arange(rows) - row_base
+    request_of_row = np.repeat(np.arange(requests), beams)
+    mask = np.ones((requests, src), dtype=np.int64)
+    for request, length in enumerate((src, 4, 7, 1)):
+        mask[request, length:] = 0
+    grid = np.stack([first + np.minimum(np.arange(width), count - 1) for first, count in zip(first_rows, beams)])
+    positions = np.repeat(rng.integers(0, max_len, size=requests), beams)
+    beam_counts = np.repeat(beams, beams)
     feeds = {
         "input_ids": rng.integers(3, dims.vocab_size, size=(rows, 1), dtype=np.int64),
         "encoder_attention_mask": mask,
-        "beam_idx": (row_base + rng.integers(0, 3, size=rows) % np.repeat(beams, beams)).astype(np.int64),
+        "beam_idx": (row_base + rng.integers(0, 3, size=rows) % beam_counts).astype(np.int64),
         "position_ids": positions.astype(np.int64),
         "row_base": row_base.astype(np.int64),
-        "cache_indirection": (rng.integers(0, 3, size=(rows, max_len)) % np.repeat(beams, beams)[:, None]).astype(
-            np.int32
-        ),
+        "cache_indirection": (rng.integers(0, 3, size=(rows, max_len)) % beam_counts[:, None]).astype(np.int32),
+        "cross_grid": grid.astype(np.int64),
+        "cross_slot": (request_of_row * width + beam_of_row).astype(np.int64),
     }
     kv = (dims.decoder_heads, dims.head_dim)
     for name in contract.cache_names(dims.decoder_layers):
         feeds[name] = rng.standard_normal((rows, kv[0], max_len, kv[1]), dtype=np.float32)
     for name in contract.cross_names(dims.decoder_layers):
-        feeds[name] = rng.standard_normal((rows, kv[0], src, kv[1]), dtype=np.float32)
+        feeds[name] = rng.standard_normal((requests, kv[0], src, kv[1]), dtype=np.float32)
     ordered = [torch.from_numpy(feeds[name]) for name in contract.inflight_decoder_inputs(dims.decoder_layers)]
     with torch.no_grad():
         want = module(*ordered)

@@ -38,15 +38,18 @@ Decoder step (``decoder.onnx``), contract 0.3 ("static-cache"), one new token pe
 
 In-flight decoder step (``decoder_inflight.onnx``, optional: ``ortseq export --inflight``), the
 static-cache step for rows of different requests and ages sharing one run (runtime/inflight.py):
-every row is its own entry (batch = rows), so requests of any beam count and source length mix:
+requests of any beam count, age and source length mix. Axis ``requests``: the request entries that
+hold cross K/V (one per request, however many beams it has).
     input_ids [rows, 1] int64, position_ids [rows] int64 (each row's position = the cache slot it
     writes = the tokens it has cached; slots after it are masked), beam_idx [rows] int64 (the row of
     the previous step each row continues: a row of the same request), row_base [rows] int64 (the row
     of beam 0 of r's request: its beams are rows row_base .. row_base + beams - 1),
     cache_indirection [rows, max_len] int32 (which beam of r's request holds r's K/V at slot t),
-    cache_key_{l}, cache_value_{l} [rows, H, max_len, dh], encoder_attention_mask [rows, mem] int64
-    and cross_key_{l}, cross_value_{l} [rows, H, mem, dh]: each row's own copy of its request's,
-    padded to the longest request's mem (padding masked)
+    cross_grid [requests, width] int64 (the rows whose queries each request's cross-attention takes:
+    its beams' rows first, then any of them repeated), cross_slot [rows] int64 (each row's cell of
+    that grid, flat: request * width + beam), cache_key_{l}, cache_value_{l} [rows, H, max_len, dh],
+    encoder_attention_mask [requests, mem] int64 and cross_key_{l}, cross_value_{l}
+    [requests, H, mem, dh]: padded to the longest request's mem (padding masked)
     -> logits, present_cache_indirection (slot position_ids[r] set to r - row_base[r]) and
        present_key_{l}, present_value_{l} as in contract 0.3 (written in place).
     Its self-attention is always the plain body.
@@ -107,12 +110,8 @@ DECODER_STATIC_INPUTS = ("input_ids", "encoder_attention_mask", "beam_idx")
 DECODER_STEP_INPUTS = (*DECODER_STATIC_INPUTS, "position_ids", "past_sequence_length", "cache_indirection")
 PRESENT_INDIRECTION = "present_cache_indirection"
 INFLIGHT_STEP_INPUTS = (
-    "input_ids",
-    "encoder_attention_mask",
-    "beam_idx",
-    "position_ids",
-    "row_base",
-    "cache_indirection",
+    *("input_ids", "encoder_attention_mask", "beam_idx", "position_ids", "row_base", "cache_indirection"),
+    *("cross_grid", "cross_slot"),
 )
 
 # The decoder contracts (the manifest's `decoder_contract`); manifests written before it name none: concat.
@@ -165,10 +164,15 @@ def inflight_decoder_inputs(num_layers: int) -> list[str]:
 
 
 def inflight_decoder_dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
-    """As the static-cache decoder's, with every row its own entry (no batch axis)."""
-    axes = decoder_dynamic_axes(num_layers) | {"encoder_attention_mask": {0: "rows", 1: "mem"}, "row_base": {0: "rows"}}
+    """As the static-cache decoder's, with request entries in place of the batch axis."""
+    axes = decoder_dynamic_axes(num_layers) | {
+        "encoder_attention_mask": {0: "requests", 1: "mem"},
+        "row_base": {0: "rows"},
+        "cross_grid": {0: "requests", 1: "width"},
+        "cross_slot": {0: "rows"},
+    }
     for name in cross_names(num_layers):
-        axes[name] = {0: "rows", 2: "mem"}
+        axes[name] = {0: "requests", 2: "mem"}
     return axes
 
 

@@ -12,9 +12,9 @@ Where things live:
   use (free rows in between run as harmless dummies).
 - self-attention cache: [max_rows, H, max_len, dh] per layer, allocated once; a row writes its slot
   `position` (the tokens its request has cached) and reads slots 0 .. position through the indirection.
-- cross K/V: each row holds its request's copy, padded to the running set's longest source (rounded up
-  to MEM_BUCKET positions, the padding masked); the buffers are laid out again only when that grows or
-  shrinks by a bucket.
+- cross K/V: one entry per request (read once for all its beams: the graph folds a request's beams into
+  its query axis), padded to the running set's longest source (rounded up to MEM_BUCKET positions, the
+  padding masked); the buffers are laid out again only when that grows or shrinks by a bucket.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class RowRequest:
     settings: SearchSettings
     search: Search | None = None  # from admission on
     first_row: int = -1
+    slot: int = -1  # its cross K/V entry
     position: int = 0  # decoder tokens cached so far = the slot its rows write next
     output: np.ndarray | None = None  # the search's result once finished
     tag: object = field(default=None)  # the caller's, untouched
@@ -105,6 +106,7 @@ class InflightDecoder:
         self._cross_mask = np.zeros((rows, 0), np.int64)
         self._mem_of: dict[int, int] = {}  # id(request) -> its encoder output length
         self._in_use = np.zeros(rows, dtype=bool)
+        self._slot_in_use = np.zeros(rows, dtype=bool)  # cross K/V entries: at most one per row
         self.running: list[RowRequest] = []
         self._steps = 0
         # where the time goes, summed over the decoder's life: encoder runs (admissions), decoder steps,
@@ -147,14 +149,16 @@ class InflightDecoder:
         memory = self.sessions.encode(request.input_ids, request.attention_mask)
         mask = memory["encoder_attention_mask"]
         mem = mask.shape[1]
-        rows = slice(first, first + request.rows)
-        self._in_use[rows] = True
+        slot = int(np.flatnonzero(~self._slot_in_use)[0])  # a free row means a free entry
+        self._in_use[first : first + request.rows] = True
+        self._slot_in_use[slot] = True
         self._mem_of[id(request)] = mem
         self._fit_mem()
         for name in contract.cross_names(self.layers):
-            self._cross[name][rows, :, :mem] = memory[name]
-        self._cross_mask[rows] = 0
-        self._cross_mask[rows, :mem] = mask
+            self._cross[name][slot, :, :mem] = memory[name][0]
+        self._cross_mask[slot] = 0
+        self._cross_mask[slot, :mem] = mask[0]
+        request.slot = slot
         encoder = EncoderTokens(request.input_ids, request.rows, request.settings)
         request.search = new_search(1, request.settings, encoder)
         request.first_row, request.position = first, 0
@@ -166,6 +170,7 @@ class InflightDecoder:
         """Free a request's rows (finished, or its client gone)."""
         self.running.remove(request)
         self._in_use[request.first_row : request.first_row + request.rows] = False
+        self._slot_in_use[request.slot] = False
         del self._mem_of[id(request)]
         self._fit_mem()
 
@@ -177,14 +182,19 @@ class InflightDecoder:
         rows = np.arange(n, dtype=np.int64)
         tokens = np.full(n, self.sessions.manifest.special_tokens.pad_token_id, dtype=np.int64)
         beam_idx, positions, row_base = rows.copy(), np.zeros(n, np.int64), rows.copy()
+        requests = int(np.flatnonzero(self._slot_in_use)[-1]) + 1
+        width = max(request.rows for request in self.running)
+        grid, cross_slot = np.zeros((requests, width), np.int64), np.zeros(n, np.int64)
         for request in self.running:
             first, count = request.first_row, request.rows
             own = slice(first, first + count)
             request_tokens, parents = request.search.next_inputs()
             tokens[own], beam_idx[own] = request_tokens, first + parents
             positions[own], row_base[own] = request.position, first
+            grid[request.slot] = first + np.minimum(np.arange(width), count - 1)
+            cross_slot[own] = request.slot * width + np.arange(count)
         started = time.perf_counter()
-        self._run(n, tokens, beam_idx, positions, row_base)
+        self._run(n, tokens, beam_idx, positions, row_base, grid, cross_slot)
         ran = time.perf_counter()
         self.seconds["decoder"] += ran - started
         finished = []
@@ -198,20 +208,22 @@ class InflightDecoder:
         self.seconds["search"] += time.perf_counter() - ran
         return finished
 
-    def _run(self, n, tokens, beam_idx, positions, row_base) -> None:
+    def _run(self, n, tokens, beam_idx, positions, row_base, grid, cross_slot) -> None:
         self.sessions.shared_weights.fill_rows(tokens)
         read, written = self._indirection[self._steps % 2], self._indirection[1 - self._steps % 2]
         self._steps += 1
         binding = self._session.io_binding()
         inputs = {
             "input_ids": tokens.reshape(n, 1),
-            "encoder_attention_mask": self._cross_mask[:n],
+            "encoder_attention_mask": self._cross_mask[: len(grid)],
             "beam_idx": beam_idx,
             "position_ids": positions,
             "row_base": row_base,
             "cache_indirection": read[:n],
+            "cross_grid": grid,
+            "cross_slot": cross_slot,
         }
-        inputs |= {name: self._cross[name][:n] for name in contract.cross_names(self.layers)}
+        inputs |= {name: self._cross[name][: len(grid)] for name in contract.cross_names(self.layers)}
         for name, array in inputs.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         caches = {name: ort.OrtValue.ortvalue_from_numpy(cache[:n]) for name, cache in self._cache.items()}
