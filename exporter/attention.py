@@ -6,6 +6,8 @@ dynamic in batch, rows (batch * beams), source length and past length.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..graphs import contract
@@ -232,13 +234,15 @@ class StaticCacheDecoderStep(torch.nn.Module):
     cache (static_self_attention, `body`), and returns the logits, the new indirection and the caches.
     A family's subclass sets num_layers and body, and gives:
       step(input_ids, positions [rows, 1], encoder_attention_mask, cross, self_attention) -> logits, calling
-          self_attention(layer index, attention module, h [rows, 1, D]) for each layer;
+          self_attention(layer index, attention module, h [rows, 1, D]) for each layer, and
+          self.cross_attend(q [rows, H, 1, dh], cross K, cross V, additive mask, scaling) for its cross-attention;
       project(attention module, h) -> (q, k, v [rows, 1, D], heads, scaling);
       finish(attention module, context [rows, 1, D]) -> the sublayer's output (e.g. its out projection).
     """
 
     num_layers: int
     body: str
+    cross_attend = staticmethod(cross_attend_shared)  # the in-flight step swaps in its own (InflightDecoderStep)
 
     def forward(
         self,
@@ -264,4 +268,99 @@ class StaticCacheDecoderStep(torch.nn.Module):
             return self.finish(attn, context)
 
         logits = self.step(input_ids, position_ids[:, None], encoder_attention_mask, cross, self_attention)
+        return (logits, step.indirection, *presents)
+
+
+# ---------------------------------------------------------------- the in-flight decoder step
+#
+# Rows of different requests and ages share one run (graphs/contract.py, decoder_inflight.onnx): each
+# row writes its K/V at its own position and reads slots 0 .. its position through the indirection,
+# relative to its request's first row; slots past a row's position belong to nobody it knows and are
+# masked. The self-attention is the plain body (DMMHA has one past length for all rows).
+
+
+class InflightCacheStep:
+    """What every layer's in-flight self-attention needs about this step, from the step's inputs."""
+
+    def __init__(self, beam_idx, position_ids, row_base, cache_indirection):
+        rows, max_len = cache_indirection.shape
+        self.rows = rows
+        self.slot = position_ids  # [rows]: the slot each row writes
+        own_beam = (torch.arange(rows) - row_base).to(torch.int32)
+        is_new_slot = torch.arange(max_len)[None, :] == position_ids[:, None]  # [rows, max_len]
+        self.indirection = torch.where(is_new_slot, own_beam[:, None], cache_indirection.index_select(0, beam_idx))
+        self.live_slots = torch.arange(position_ids.max() + 1)  # 0 .. the oldest row's position
+        visible = self.live_slots[None, :] <= position_ids[:, None]  # [rows, t]
+        # slots past a row's position hold another row's stale beam index: read the row's own instead
+        sources = row_base[:, None] + self.indirection.index_select(1, self.live_slots).long()
+        sources = torch.where(visible, sources, torch.arange(rows)[:, None])
+        self.flat_sources = (sources + self.live_slots[None, :] * rows).transpose(0, 1).reshape(-1)
+        self.mask = additive_mask(visible.to(torch.int64), torch.float32)  # [rows, 1, 1, t]
+
+    def write_indices(self, heads: int) -> torch.Tensor:
+        """ScatterND indices [rows, H, 3] of each row's own slot in every head."""
+        rows = self.rows
+        row = torch.arange(rows)[:, None].expand(rows, heads)
+        head = torch.arange(heads)[None, :].expand(rows, heads)
+        return torch.stack([row, head, self.slot[:, None].expand(rows, heads)], dim=-1)
+
+
+def inflight_self_attention(q, k, v, cache_k, cache_v, step: InflightCacheStep, heads: int, scaling: float):
+    """q, k, v [rows, 1, D] -> (context [rows, 1, D], present K, present V), each row at its own slot."""
+    present_k = write_slot(cache_k, split_heads(k, heads), step)
+    present_v = write_slot(cache_v, split_heads(v, heads), step)
+    keys, values = read_live(present_k, step), read_live(present_v, step)
+    context = attend(split_heads(q, heads), keys, values, step.mask.to(q.dtype), scaling)
+    return merge_heads(context), present_k, present_v
+
+
+def cross_attend_folded(cross_grid, cross_slot, q_rows, cross_k, cross_v, mask, scaling: float):
+    """Cross-attention of rows from requests of any beam count, each request's K/V read once for all its
+    beams: the rows' queries are laid out on a grid [requests, width] (cross_grid: the row in each cell,
+    a request's beams first, its spare cells repeating a row), attended as one query axis per request,
+    and each row takes its own cell back (cross_slot: request * width + beam).
+
+    q_rows [rows, H, 1, dh]; cross_k/v [requests, H, mem, dh]; mask [requests, 1, 1, mem] -> [rows, H, 1, dh]."""
+    rows, heads, _, dh = q_rows.shape
+    requests, width = cross_grid.shape
+    q = q_rows[:, :, 0, :].index_select(0, cross_grid.reshape(-1)).reshape(requests, width, heads, dh)
+    out = attend(q.transpose(1, 2), cross_k, cross_v, mask, scaling)  # [requests, H, width, dh]
+    return out.transpose(1, 2).reshape(requests * width, heads, dh).index_select(0, cross_slot)[:, :, None, :]
+
+
+class InflightDecoderStep(torch.nn.Module):
+    """decoder_inflight.onnx's I/O (graphs/contract.py) around a family's StaticCacheDecoderStep: its
+    step, project and finish, with every row its own cache slot and position, and each request's cross
+    K/V read once for all its beams (cross_attend_folded)."""
+
+    def __init__(self, decoder: StaticCacheDecoderStep):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(
+        self,
+        input_ids,
+        encoder_attention_mask,
+        beam_idx,
+        position_ids,
+        row_base,
+        cache_indirection,
+        cross_grid,
+        cross_slot,
+        *tensors,
+    ):
+        decoder = self.decoder
+        n = decoder.num_layers
+        cache, cross = tensors[: 2 * n], tensors[2 * n :]
+        step = InflightCacheStep(beam_idx, position_ids, row_base, cache_indirection)
+        decoder.cross_attend = functools.partial(cross_attend_folded, cross_grid, cross_slot)
+        presents = []
+
+        def self_attention(i: int, attn: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+            q, k, v, heads, scaling = decoder.project(attn, h)
+            context, *present = inflight_self_attention(q, k, v, cache[2 * i], cache[2 * i + 1], step, heads, scaling)
+            presents.extend(present)
+            return decoder.finish(attn, context)
+
+        logits = decoder.step(input_ids, position_ids[:, None], encoder_attention_mask, cross, self_attention)
         return (logits, step.indirection, *presents)

@@ -69,6 +69,7 @@ def _export(args: argparse.Namespace) -> int:
                 add_special_tokens=args.add_special_tokens,
                 beam_search_op=args.beam_search_op,
                 plain_attention=args.plain_attention,
+                inflight=args.inflight,
                 ignore_generation_fields=args.ignore_generation_fields,
                 force=args.force,
             )
@@ -140,6 +141,12 @@ def add_export(commands) -> None:
         "--beam-search-op",
         action="store_true",
         help="also write beam_search.onnx, for `generate --engine beam-search-op` (Pegasus only)",
+    )
+    export.add_argument(
+        "--inflight",
+        action="store_true",
+        help="also write decoder_inflight.onnx, for `serve --scheduler inflight` (requests join and leave "
+        "the running decode loop at every step)",
     )
     export.add_argument(
         "--plain-attention",

@@ -18,7 +18,7 @@ from ..graphs.directories import check_out_dir, replace_dir
 from ..graphs.generation import settings_from_generation_config
 from ..graphs.manifest import BEAM_SEARCH_OP_ENGINE, LOOP_ENGINE, Manifest, sha256_of
 from . import onnx_export, verify
-from .attention import self_attention_body
+from .attention import InflightDecoderStep, self_attention_body
 from .beam_search_op import beam_search_model_for, check_supported
 from .checkpoint_check import load_checkpoint_tensors, tensors_held_by
 from .families import Family, UnsupportedModelError, family_for, family_named
@@ -43,6 +43,7 @@ def export(
     ignore_generation_fields: bool = False,
     force: bool = False,
     plain_attention: bool = False,
+    inflight: bool = False,
 ) -> Manifest:
     """add_special_tokens: whether the runtime tokenizes inputs with the tokenizer's special tokens;
     None follows the model family's knowledge of the source's model card (default True).
@@ -52,7 +53,9 @@ def export(
     force: replace an existing export at out_dir (a directory ortseq did not write is never replaced).
     plain_attention: self-attention in standard ONNX ops, not onnxruntime's contrib ops: the encoder's
     MultiHeadAttention and the decoder's DecoderMaskedMultiHeadAttention (exporter/attention.py; the
-    manifest records the decoder's)."""
+    manifest records the decoder's).
+    inflight: also write decoder_inflight.onnx, the decoder step `ortseq serve --scheduler inflight` runs
+    (rows of different requests and ages in one step; graphs/contract.py)."""
     out_dir = Path(out_dir).absolute()
     local_source = Path(os.path.expanduser(source))
     check_out_dir(out_dir, force, [local_source] if local_source.is_dir() else [])
@@ -63,7 +66,7 @@ def export(
         staging.mkdir()
         with resolved_source(source, Path(tmp)) as checkpoint:
             options = ExportOptions(
-                external_data, add_special_tokens, beam_search_op, ignore_generation_fields, plain_attention
+                external_data, add_special_tokens, beam_search_op, ignore_generation_fields, plain_attention, inflight
             )
             manifest, graph_tensors = _export_checkpoint(checkpoint, staging, source, options)
             manifest.source = source
@@ -85,6 +88,7 @@ class ExportOptions:
     beam_search_op: bool
     ignore_generation_fields: bool
     plain_attention: bool
+    inflight: bool = False
 
 
 def _export_checkpoint(
@@ -125,6 +129,21 @@ def _export_checkpoint(
         finalize=shared.point_at_shared,
     )
     verify.verify_decoder(staging / contract.DECODER_FILE, decoder, dims)
+
+    if options.inflight:
+        log("exporting the in-flight decoder step")
+        inflight = InflightDecoderStep(family.decoder_export(model, contract.PLAIN_BODY)).eval()
+        files += onnx_export.export_graph(
+            inflight,
+            _inflight_trace_args(dims),
+            staging / contract.INFLIGHT_DECODER_FILE,
+            contract.inflight_decoder_inputs(dims.decoder_layers),
+            contract.decoder_outputs(dims.decoder_layers),
+            contract.inflight_decoder_dynamic_axes(dims.decoder_layers),
+            external_data,
+            finalize=shared.point_at_shared,
+        )
+        verify.verify_inflight_decoder(staging / contract.INFLIGHT_DECODER_FILE, inflight, dims)
 
     files += write_search_step(staging)  # the same small graph for every family (no torch, no weights)
 
@@ -230,6 +249,23 @@ def _decoder_trace_args(dims) -> tuple:
     past_length = torch.tensor([TRACE_PAST], dtype=torch.int32)
     indirection = torch.randint(0, TRACE_BEAMS, (rows, TRACE_MAX_LEN), dtype=torch.int32)
     return (input_ids, encoder_mask, beam_idx, positions, past_length, indirection, *cache, *cross)
+
+
+def _inflight_trace_args(dims) -> tuple:
+    """Three requests: 2 beams at rows 0-1, then two greedy rows, all of different ages and sources."""
+    rows, requests, heads, dh = 4, 3, dims.decoder_heads, dims.head_dim
+    encoder_mask = torch.ones(requests, TRACE_SRC, dtype=torch.int64)
+    encoder_mask[2, -2:] = 0
+    cache = [torch.randn(rows, heads, TRACE_MAX_LEN, dh) for _ in range(2 * dims.decoder_layers)]
+    cross = [torch.randn(requests, heads, TRACE_SRC, dh) for _ in range(2 * dims.decoder_layers)]
+    input_ids = torch.randint(3, dims.vocab_size, (rows, 1))
+    beam_idx = torch.tensor([1, 0, 2, 3])
+    positions = torch.tensor([TRACE_PAST, TRACE_PAST, 1, TRACE_PAST + 2])
+    row_base = torch.tensor([0, 0, 2, 3])
+    indirection = torch.randint(0, 2, (rows, TRACE_MAX_LEN), dtype=torch.int32)
+    indirection[2:] = 0
+    grid, slot = torch.tensor([[0, 1], [2, 2], [3, 3]]), torch.tensor([0, 1, 2, 4])
+    return (input_ids, encoder_mask, beam_idx, positions, row_base, indirection, grid, slot, *cache, *cross)
 
 
 def generation_defaults(model, checkpoint: Path | None = None, ignore_refused: bool = False) -> tuple:

@@ -95,26 +95,72 @@ def verify_decoder(path: Path, module: torch.nn.Module, dims) -> float:
     names = contract.decoder_outputs(dims.decoder_layers)
     for case in DECODER_CASES:
         feeds = _decoder_feeds(rng, case, dims)
-        cache = {name: feeds[name].copy() for name in contract.cache_names(dims.decoder_layers)}
         ordered = [torch.from_numpy(feeds[name]) for name in contract.decoder_inputs(dims.decoder_layers)]
         with torch.no_grad():
             want = module(*ordered)
-        binding = session.io_binding()
-        values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in cache.items()}  # bound in place
-        for name, array in feeds.items():
-            if name in values:
-                binding.bind_ortvalue_input(name, values[name])
-            else:
-                binding.bind_cpu_input(name, array)
-        for name in names[:2]:
-            binding.bind_output(name, "cpu")
-        for cache_name, present in zip(contract.cache_names(dims.decoder_layers), names[2:]):
-            binding.bind_ortvalue_output(present, values[cache_name])
-        session.run_with_iobinding(binding)
-        got = [output.numpy() for output in binding.get_outputs()[:2]]  # in binding order: logits, indirection
-        got += [cache[name] for name in contract.cache_names(dims.decoder_layers)]
-        worst = max(worst, _compare(f"decoder at {case}", got, list(want), names))
+        worst = max(worst, _compare(f"decoder at {case}", _run_in_place(session, feeds, dims), list(want), names))
     log(f"verified {path.name} at {len(DECODER_CASES)} new shapes (max abs diff {worst:.2g})")
+    return worst
+
+
+def _run_in_place(session, feeds: dict[str, np.ndarray], dims) -> list[np.ndarray]:
+    """A static-cache step's outputs (logits, indirection, then the caches), run with copies of the cache
+    feeds bound as both input and output, as the runtime binds them (DMMHA writes into the bound buffer only)."""
+    names, cache_names = contract.decoder_outputs(dims.decoder_layers), contract.cache_names(dims.decoder_layers)
+    cache = {name: feeds[name].copy() for name in cache_names}
+    binding = session.io_binding()
+    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in cache.items()}  # bound in place
+    for name, array in feeds.items():
+        if name in values:
+            binding.bind_ortvalue_input(name, values[name])
+        else:
+            binding.bind_cpu_input(name, array)
+    for name in names[:2]:
+        binding.bind_output(name, "cpu")
+    for cache_name, present in zip(cache_names, names[2:]):
+        binding.bind_ortvalue_output(present, values[cache_name])
+    session.run_with_iobinding(binding)
+    got = [output.numpy() for output in binding.get_outputs()[:2]]  # in binding order: logits, indirection
+    return got + [cache[name] for name in cache_names]
+
+
+def verify_inflight_decoder(path: Path, module: torch.nn.Module, dims) -> float:
+    """decoder_inflight.onnx against its module, run as the scheduler runs it (caches bound in place):
+    requests of 1, 2 and 3 beams in rows of different positions, sources of different lengths."""
+    session, rng, worst = _session(path), np.random.default_rng(3), 0.0
+    names = contract.decoder_outputs(dims.decoder_layers)
+    beams, max_len, src = (3, 1, 2, 1), 9, 11
+    rows, requests, width = sum(beams), len(beams), max(beams)
+    first_rows = np.cumsum((0, *beams[:-1]))
+    row_base = np.repeat(first_rows, beams)
+    beam_of_row = np.arange(rows) - row_base
+    request_of_row = np.repeat(np.arange(requests), beams)
+    mask = np.ones((requests, src), dtype=np.int64)
+    for request, length in enumerate((src, 4, 7, 1)):
+        mask[request, length:] = 0
+    grid = np.stack([first + np.minimum(np.arange(width), count - 1) for first, count in zip(first_rows, beams)])
+    positions = np.repeat(rng.integers(0, max_len, size=requests), beams)
+    beam_counts = np.repeat(beams, beams)
+    feeds = {
+        "input_ids": rng.integers(3, dims.vocab_size, size=(rows, 1), dtype=np.int64),
+        "encoder_attention_mask": mask,
+        "beam_idx": (row_base + rng.integers(0, 3, size=rows) % beam_counts).astype(np.int64),
+        "position_ids": positions.astype(np.int64),
+        "row_base": row_base.astype(np.int64),
+        "cache_indirection": (rng.integers(0, 3, size=(rows, max_len)) % beam_counts[:, None]).astype(np.int32),
+        "cross_grid": grid.astype(np.int64),
+        "cross_slot": (request_of_row * width + beam_of_row).astype(np.int64),
+    }
+    kv = (dims.decoder_heads, dims.head_dim)
+    for name in contract.cache_names(dims.decoder_layers):
+        feeds[name] = rng.standard_normal((rows, kv[0], max_len, kv[1]), dtype=np.float32)
+    for name in contract.cross_names(dims.decoder_layers):
+        feeds[name] = rng.standard_normal((requests, kv[0], src, kv[1]), dtype=np.float32)
+    ordered = [torch.from_numpy(feeds[name]) for name in contract.inflight_decoder_inputs(dims.decoder_layers)]
+    with torch.no_grad():
+        want = module(*ordered)
+    worst = _compare("in-flight decoder", _run_in_place(session, feeds, dims), list(want), names)
+    log(f"verified {path.name} (max abs diff {worst:.2g})")
     return worst
 
 

@@ -36,6 +36,24 @@ Decoder step (``decoder.onnx``), contract 0.3 ("static-cache"), one new token pe
     rows must be a multiple of batch: row r belongs to input r // (rows / batch). The cross
     attention folds the beams of an input into its query axis instead of copying K/V per beam.
 
+In-flight decoder step (``decoder_inflight.onnx``, optional: ``ortseq export --inflight``), the
+static-cache step for rows of different requests and ages sharing one run (runtime/inflight.py):
+requests of any beam count, age and source length mix. Axis ``requests``: the request entries that
+hold cross K/V (one per request, however many beams it has).
+    input_ids [rows, 1] int64, position_ids [rows] int64 (each row's position = the cache slot it
+    writes = the tokens it has cached; slots after it are masked), beam_idx [rows] int64 (the row of
+    the previous step each row continues: a row of the same request), row_base [rows] int64 (the row
+    of beam 0 of r's request: its beams are rows row_base .. row_base + beams - 1),
+    cache_indirection [rows, max_len] int32 (which beam of r's request holds r's K/V at slot t),
+    cross_grid [requests, width] int64 (the rows whose queries each request's cross-attention takes:
+    its beams' rows first, then any of them repeated), cross_slot [rows] int64 (each row's cell of
+    that grid, flat: request * width + beam), cache_key_{l}, cache_value_{l} [rows, H, max_len, dh],
+    encoder_attention_mask [requests, mem] int64 and cross_key_{l}, cross_value_{l}
+    [requests, H, mem, dh]: padded to the longest request's mem (padding masked)
+    -> logits, present_cache_indirection (slot position_ids[r] set to r - row_base[r]) and
+       present_key_{l}, present_value_{l} as in contract 0.3 (written in place).
+    Its self-attention is always the plain body.
+
 Decoder step, concat contract ("concat": ortseq 0.2's decoder.onnx, still run; and the decoder
 subgraph of ORT's BeamSearch op), past may be empty (past = 0):
     input_ids, encoder_attention_mask, beam_idx as above,
@@ -69,6 +87,7 @@ IR_VERSION = 8
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 SEARCH_STEP_FILE = "search_step.onnx"
+INFLIGHT_DECODER_FILE = "decoder_inflight.onnx"
 SEARCH_STEP_INPUTS = ("logits", "log_probs", "bias", "ban_ids", "ban_values", "running_scores", "k")
 SEARCH_STEP_OUTPUTS = ("topk_scores", "topk_ids")
 # Optional: ONNX Runtime's BeamSearch op over Pegasus subgraphs, the whole search in one graph
@@ -90,6 +109,10 @@ ENCODER_INPUTS = ("input_ids", "attention_mask")
 DECODER_STATIC_INPUTS = ("input_ids", "encoder_attention_mask", "beam_idx")
 DECODER_STEP_INPUTS = (*DECODER_STATIC_INPUTS, "position_ids", "past_sequence_length", "cache_indirection")
 PRESENT_INDIRECTION = "present_cache_indirection"
+INFLIGHT_STEP_INPUTS = (
+    *("input_ids", "encoder_attention_mask", "beam_idx", "position_ids", "row_base", "cache_indirection"),
+    *("cross_grid", "cross_slot"),
+)
 
 # The decoder contracts (the manifest's `decoder_contract`); manifests written before it name none: concat.
 CONCAT_CONTRACT = "concat"
@@ -134,6 +157,23 @@ def decoder_inputs(num_layers: int) -> list[str]:
 
 def decoder_outputs(num_layers: int) -> list[str]:
     return ["logits", PRESENT_INDIRECTION, *present_names(num_layers)]
+
+
+def inflight_decoder_inputs(num_layers: int) -> list[str]:
+    return [*INFLIGHT_STEP_INPUTS, *cache_names(num_layers), *cross_names(num_layers)]
+
+
+def inflight_decoder_dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
+    """As the static-cache decoder's, with request entries in place of the batch axis."""
+    axes = decoder_dynamic_axes(num_layers) | {
+        "encoder_attention_mask": {0: "requests", 1: "mem"},
+        "row_base": {0: "rows"},
+        "cross_grid": {0: "requests", 1: "width"},
+        "cross_slot": {0: "rows"},
+    }
+    for name in cross_names(num_layers):
+        axes[name] = {0: "requests", 2: "mem"}
+    return axes
 
 
 def concat_decoder_inputs(num_layers: int) -> list[str]:

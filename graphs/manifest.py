@@ -31,7 +31,7 @@ PRECISIONS = ("fp32", "int8", "int4", "fp16")
 GRAPH_FILES = (contract.ENCODER_FILE, contract.DECODER_FILE)
 ENGINE_GRAPH_FILES = {BEAM_SEARCH_OP_ENGINE: contract.BEAM_SEARCH_FILE}
 # The graphs the runtime opens when listed: exports made before them run without
-OPTIONAL_GRAPH_FILES = (contract.SEARCH_STEP_FILE,)
+OPTIONAL_GRAPH_FILES = (contract.SEARCH_STEP_FILE, contract.INFLIGHT_DECODER_FILE)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 

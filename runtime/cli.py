@@ -120,7 +120,9 @@ def _serve(args: argparse.Namespace) -> int:
     from .serving.schema import RequestLimits
 
     limits = RequestLimits(args.max_inputs, args.max_input_tokens, args.max_num_beams)
-    batching = BatchingConfig(args.max_batch_size, args.max_wait_ms, args.max_queue)
+    batching = BatchingConfig(
+        args.max_batch_size, args.max_wait_ms, args.max_queue, args.scheduler, args.max_rows, args.max_decoder_tokens
+    )
     if args.replicas is not None:
         return _serve_on_ray(args, limits, batching)
     if args.address is not None:
@@ -291,6 +293,23 @@ def _add_serve(commands) -> None:
         "--max-wait-ms", type=NON_NEGATIVE, default=10.0, help="longest a request waits for others to join"
     )
     serve.add_argument("--max-queue", type=POSITIVE, default=64, help="requests waiting; more get 503 + Retry-After")
+    serve.add_argument(
+        "--scheduler",
+        choices=["dynamic", "inflight"],
+        default="dynamic",
+        help="dynamic: requests with equal settings share generate calls; inflight: requests of any settings "
+        "join and leave one running decode loop at every step (CPU; an export made with --inflight; "
+        "docs/serving-scheduler.md)",
+    )
+    serve.add_argument(
+        "--max-rows", type=POSITIVE, default=64, help="inflight: decoder rows (beams) running at once; more wait"
+    )
+    serve.add_argument(
+        "--max-decoder-tokens",
+        type=POSITIVE,
+        default=256,
+        help="inflight: cache slots per row; a request whose max_length - 1 exceeds it is refused",
+    )
     serve.add_argument("--max-inputs", type=POSITIVE, default=16, help="inputs per request (at most --max-batch-size)")
     serve.add_argument(
         "--max-input-tokens", type=POSITIVE, help="tokens per input; longer get 422 (default: the model's maximum)"

@@ -299,17 +299,85 @@ def greedy_search(
     """transformers' `_sample` with do_sample=False: returns [batch, length] int64. encoder: the
     input ids, for the processors that read them (none when None). candidates: who picks each step's
     tokens (HostCandidates when None)."""
-    candidates = candidates or HostCandidates(settings, encoder)
-    sequences = np.full((batch, 1), settings.decoder_start_token_id, dtype=np.int64)
-    unfinished = np.ones(batch, dtype=bool)
-    rows = np.arange(batch, dtype=np.int64)
-    while True:
-        next_tokens = candidates.greedy(step(sequences[:, -1], rows), sequences)
-        next_tokens = np.where(unfinished, next_tokens, settings.pad_token_id)
-        sequences = np.concatenate([sequences, next_tokens[:, None]], axis=1)
-        unfinished &= ~((next_tokens == settings.eos_token_id) | (sequences.shape[1] >= settings.max_length))
-        if not unfinished.any():
-            return sequences
+    return run_search(step, GreedySearch(batch, settings, encoder, candidates))
+
+
+def beam_search(
+    step: StepFn,
+    batch: int,
+    settings: SearchSettings,
+    encoder: EncoderTokens | None = None,
+    candidates: Candidates | None = None,
+) -> np.ndarray:
+    """transformers' `_beam_search`: returns [batch * num_return_sequences, length] int64. encoder: the
+    input ids repeated per beam, for the processors that read them (none when None). candidates: who
+    picks each step's best continuations (HostCandidates when None)."""
+    return run_search(step, BeamSearch(batch, settings, encoder, candidates))
+
+
+class Search(Protocol):
+    """One search over its own rows, advanced one decoder step at a time by whoever runs the decoder:
+    run_search for a generate() call, the in-flight scheduler (runtime/inflight.py) for a request
+    whose rows share each step with other requests' rows. Row r of the search is its r-th row."""
+
+    rows: int
+
+    def next_inputs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, beam_idx) [rows] int64 of the next decoder step: every row's newest token and the
+        row of the previous step it continues."""
+
+    def advance(self, logits: np.ndarray) -> bool:
+        """Choose this step's tokens from the decoder step's logits [rows, vocab]; True when done."""
+
+    def result(self) -> np.ndarray:
+        """The generated sequences, laid out as transformers' generate() returns them."""
+
+
+def run_search(step: StepFn, search: Search) -> np.ndarray:
+    """A whole search over a decoder StepFn of its own."""
+    while not search.advance(step(*search.next_inputs())):
+        pass
+    return search.result()
+
+
+def new_search(
+    batch: int, settings: SearchSettings, encoder: EncoderTokens | None = None, candidates: Candidates | None = None
+) -> Search:
+    """The search these settings ask for: greedy with one beam, else beam search."""
+    kind = GreedySearch if settings.num_beams == 1 else BeamSearch
+    return kind(batch, settings, encoder, candidates)
+
+
+class GreedySearch:
+    """transformers' `_sample` with do_sample=False, one step per advance()."""
+
+    def __init__(
+        self,
+        batch: int,
+        settings: SearchSettings,
+        encoder: EncoderTokens | None = None,
+        candidates: Candidates | None = None,
+    ):
+        self.rows = batch
+        self.settings = settings
+        self.candidates = candidates or HostCandidates(settings, encoder)
+        self.sequences = np.full((batch, 1), settings.decoder_start_token_id, dtype=np.int64)
+        self.unfinished = np.ones(batch, dtype=bool)
+        self._row_idx = np.arange(batch, dtype=np.int64)
+
+    def next_inputs(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.sequences[:, -1], self._row_idx
+
+    def advance(self, logits: np.ndarray) -> bool:
+        settings = self.settings
+        next_tokens = self.candidates.greedy(logits, self.sequences)
+        next_tokens = np.where(self.unfinished, next_tokens, settings.pad_token_id)
+        self.sequences = np.concatenate([self.sequences, next_tokens[:, None]], axis=1)
+        self.unfinished &= ~((next_tokens == settings.eos_token_id) | (self.sequences.shape[1] >= settings.max_length))
+        return not self.unfinished.any()
+
+    def result(self) -> np.ndarray:
+        return self.sequences
 
 
 @dataclass
@@ -326,52 +394,59 @@ class _BeamState:
     improvable: np.ndarray  # whether a live beam can still beat the finished ones [batch, 1]
 
 
-def beam_search(
-    step: StepFn,
-    batch: int,
-    settings: SearchSettings,
-    encoder: EncoderTokens | None = None,
-    candidates: Candidates | None = None,
-) -> np.ndarray:
-    """transformers' `_beam_search`: returns [batch * num_return_sequences, length] int64. encoder: the
-    input ids repeated per beam, for the processors that read them (none when None). candidates: who
-    picks each step's best continuations (HostCandidates when None)."""
-    candidates = candidates or HostCandidates(settings, encoder)
-    beams, max_length = settings.num_beams, settings.max_length
-    keep = 2 * beams  # candidates kept per step: enough live ones even if `beams` of them end with EOS
-    # transformers fills unused positions with `pad_token_id or eos_token_id`: EOS when pad is 0
-    fill = settings.pad_token_id or settings.eos_token_id
-    running = np.full((batch, beams, max_length), fill, dtype=np.int64)
-    running[:, :, 0] = settings.decoder_start_token_id
-    running_scores = np.zeros((batch, beams), dtype=np.float32)
-    running_scores[:, 1:] = NEG_LARGE  # only the first beam is live at the start: no duplicate hypotheses
-    indices = np.full((batch, beams, max_length - PROMPT_LEN), -1, dtype=np.int64)
-    state = _BeamState(
-        running=running,
-        running_scores=running_scores,
-        running_beam_indices=indices,
-        sequences=running.copy(),
-        scores=np.full((batch, beams), NEG_LARGE, dtype=np.float32),
-        beam_indices=indices.copy(),
-        finished=np.zeros((batch, beams), dtype=bool),
-        improvable=np.ones((batch, 1), dtype=bool),
-    )
-    top_beams = np.arange(keep) < beams
-    batch_offset = (np.arange(batch, dtype=np.int64) * beams)[:, None]
-    beam_idx = np.arange(batch * beams, dtype=np.int64)
-    cur_len = PROMPT_LEN
-    while True:
-        logits = step(state.running[:, :, cur_len - 1].reshape(-1), beam_idx)
+class BeamSearch:
+    """transformers' `_beam_search`, one step per advance()."""
+
+    def __init__(
+        self,
+        batch: int,
+        settings: SearchSettings,
+        encoder: EncoderTokens | None = None,
+        candidates: Candidates | None = None,
+    ):
+        self.settings = settings
+        self.candidates = candidates or HostCandidates(settings, encoder)
+        beams, max_length = settings.num_beams, settings.max_length
+        self.rows = batch * beams
+        self.keep = 2 * beams  # candidates kept per step: enough live ones even if `beams` of them end with EOS
+        # transformers fills unused positions with `pad_token_id or eos_token_id`: EOS when pad is 0
+        fill = settings.pad_token_id or settings.eos_token_id
+        running = np.full((batch, beams, max_length), fill, dtype=np.int64)
+        running[:, :, 0] = settings.decoder_start_token_id
+        running_scores = np.zeros((batch, beams), dtype=np.float32)
+        running_scores[:, 1:] = NEG_LARGE  # only the first beam is live at the start: no duplicate hypotheses
+        indices = np.full((batch, beams, max_length - PROMPT_LEN), -1, dtype=np.int64)
+        self.state = _BeamState(
+            running=running,
+            running_scores=running_scores,
+            running_beam_indices=indices,
+            sequences=running.copy(),
+            scores=np.full((batch, beams), NEG_LARGE, dtype=np.float32),
+            beam_indices=indices.copy(),
+            finished=np.zeros((batch, beams), dtype=bool),
+            improvable=np.ones((batch, 1), dtype=bool),
+        )
+        self._top_beams = np.arange(self.keep) < beams
+        self._batch_offset = (np.arange(batch, dtype=np.int64) * beams)[:, None]
+        self.beam_idx = np.arange(batch * beams, dtype=np.int64)
+        self.cur_len = PROMPT_LEN
+
+    def next_inputs(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.state.running[:, :, self.cur_len - 1].reshape(-1), self.beam_idx
+
+    def advance(self, logits: np.ndarray) -> bool:
+        state, settings, cur_len, beams = self.state, self.settings, self.cur_len, self.settings.num_beams
+        batch = state.running.shape[0]
         vocab = logits.shape[-1]
         sequences = state.running[:, :, :cur_len].reshape(batch * beams, cur_len)
         # top-k continuations over all beams of an input
-        topk_scores, topk_flat = candidates.beam(logits, sequences, state.running_scores, keep)
+        topk_scores, topk_flat = self.candidates.beam(logits, sequences, state.running_scores, self.keep)
         from_beam = topk_flat // vocab
         topk_running = _rows(state.running, from_beam)
         topk_running[:, :, cur_len] = topk_flat % vocab
         topk_indices = _rows(state.running_beam_indices, from_beam)
-        topk_indices[:, :, cur_len - PROMPT_LEN] = from_beam + batch_offset
-        ends = (topk_running[:, :, cur_len] == settings.eos_token_id) | (cur_len + 1 >= max_length)
+        topk_indices[:, :, cur_len - PROMPT_LEN] = from_beam + self._batch_offset
+        ends = (topk_running[:, :, cur_len] == settings.eos_token_id) | (cur_len + 1 >= settings.max_length)
 
         # live beams for the next step: the best candidates that did not end
         if ends.any():
@@ -385,15 +460,16 @@ def beam_search(
             state.running_scores = topk_scores[:, :beams]
             state.running_beam_indices = topk_indices[:, :beams]
 
-        _update_finished(state, settings, topk_running, topk_scores, topk_indices, ends & top_beams, cur_len)
+        _update_finished(state, settings, topk_running, topk_scores, topk_indices, ends & self._top_beams, cur_len)
 
-        beam_idx = state.running_beam_indices[:, :, cur_len - PROMPT_LEN].reshape(-1)
-        cur_len += 1
-        _update_improvable(state, settings, cur_len)
+        self.beam_idx = state.running_beam_indices[:, :, cur_len - PROMPT_LEN].reshape(-1)
+        self.cur_len += 1
+        _update_improvable(state, settings, self.cur_len)
         all_done = bool(np.all(state.finished)) and settings.early_stopping is True
-        if not state.improvable.any() or all_done or bool(np.all(ends)):
-            break
-    return _final_sequences(state, settings)
+        return not state.improvable.any() or all_done or bool(np.all(ends))
+
+    def result(self) -> np.ndarray:
+        return _final_sequences(self.state, self.settings)
 
 
 def _update_finished(state, settings, topk_running, topk_scores, topk_indices, just_finished, cur_len) -> None:

@@ -26,7 +26,6 @@ from ..attention import (
     StaticCacheDecoderStep,
     additive_mask,
     attend,
-    cross_attend_shared,
     encoder_self_attention,
     merge_heads,
     split_heads,
@@ -267,7 +266,7 @@ class DecoderExport(StaticCacheDecoderStep):
             def cross_attention(h, attn=layer.encoder_attn, i=i):
                 q = split_heads(attn.q_proj(h), attn.num_heads)
                 return attn.out_proj(
-                    merge_heads(cross_attend_shared(q, cross[2 * i], cross[2 * i + 1], cross_mask, attn.scaling))
+                    merge_heads(self.cross_attend(q, cross[2 * i], cross[2 * i + 1], cross_mask, attn.scaling))
                 )
 
             x = residual(layout, layer.self_attn_layer_norm, x, functools.partial(self_attention, i, layer.self_attn))

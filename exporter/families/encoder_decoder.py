@@ -28,7 +28,6 @@ from ..attention import (
     StaticCacheDecoderStep,
     additive_mask,
     attend,
-    cross_attend_shared,
     encoder_self_attention,
     merge_heads,
     split_heads,
@@ -286,7 +285,7 @@ class DecoderExport(StaticCacheDecoderStep):
             x = block.output.LayerNorm(block.output.dense(self_attention(i, block.self, x)) + x)
             cross_attn = layer.crossattention.self
             q = split_heads(cross_attn.query(x), cross_attn.num_attention_heads)
-            context = cross_attend_shared(q, cross[2 * i], cross[2 * i + 1], cross_mask, cross_attn.scaling)
+            context = self.cross_attend(q, cross[2 * i], cross[2 * i + 1], cross_mask, cross_attn.scaling)
             x = _feed_forward(layer, _post_ln_attention(layer.crossattention, x, merge_heads(context)))
         return self.lm_head(x[:, 0, :])  # [rows, vocab]
 

@@ -20,9 +20,10 @@ from starlette.exceptions import HTTPException
 
 from ..errors import InvalidInputError
 from ..model import Seq2SeqModel
-from .batcher import BatchingConfig, DynamicBatcher, QueueFullError, ShuttingDownError
+from .batcher import BatchingConfig, QueueFullError, ShuttingDownError
 from .inference import Summary, summarize_rows
 from .metrics import ServingMetrics
+from .scheduler import make_batcher
 from .schema import (
     ErrorResponse,
     RequestLimits,
@@ -73,7 +74,7 @@ def create_app(
 ) -> FastAPI:
     limits, batching = server_settings(model, limits, batching)
     metrics = ServingMetrics()
-    batcher = DynamicBatcher(lambda kwargs, rows: summarize_rows(model, kwargs, rows), batching, metrics)
+    batcher = make_batcher(model, batching, metrics)
     warm_up: dict[str, asyncio.Task] = {}
 
     @asynccontextmanager

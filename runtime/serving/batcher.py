@@ -24,6 +24,10 @@ from .metrics import ServingMetrics
 RunBatch = Callable[[dict, list[list[int]]], list[Summary]]  # (generate kwargs, token rows) -> a Summary per row
 
 
+# "dynamic": this module; "inflight": runtime/serving/scheduler.py (needs an export made with --inflight)
+SCHEDULERS = ("dynamic", "inflight")
+
+
 class QueueFullError(Exception):
     """The queue holds max_queue requests already: the client should retry later (503)."""
 
@@ -37,12 +41,19 @@ class BatchingConfig:
     max_batch_size: int = 16  # rows (inputs) per generate call
     max_wait_ms: float = 10.0  # how long the oldest request may wait for others to join it
     max_queue: int = 64  # requests waiting; one more gets QueueFullError
+    scheduler: str = SCHEDULERS[0]  # SCHEDULERS; "inflight" reads the two below
+    max_rows: int = 64  # decoder rows (beams) the in-flight running set holds
+    max_decoder_tokens: int = 256  # cache slots per row: the longest max_length - 1 it admits
 
     def check(self) -> None:
         if self.max_batch_size < 1 or self.max_queue < 1 or not self.max_wait_ms >= 0:
             raise InvalidInputError(
                 f"max_batch_size and max_queue must be at least 1 and max_wait_ms at least 0, got {self}"
             )
+        if self.scheduler not in SCHEDULERS:
+            raise InvalidInputError(f"unknown scheduler {self.scheduler!r}; choose one of {list(SCHEDULERS)}")
+        if self.max_rows < 1 or self.max_decoder_tokens < 1:
+            raise InvalidInputError(f"max_rows and max_decoder_tokens must be at least 1, got {self}")
 
 
 @dataclass(eq=False)  # a job is itself: compared by identity

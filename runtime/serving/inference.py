@@ -17,7 +17,11 @@ class Summary:
 def summarize_rows(model: Seq2SeqModel, generate_kwargs: dict, rows: list[list[int]]) -> list[Summary]:
     """One generate call over rows of token ids (padded to the longest), one Summary per row."""
     input_ids, attention_mask = model.tokenizer.pad(rows)
-    output = model.generate(input_ids, attention_mask, **generate_kwargs)
+    return summaries_of(model, rows, model.generate(input_ids, attention_mask, **generate_kwargs))
+
+
+def summaries_of(model: Seq2SeqModel, rows: list[list[int]], output: np.ndarray) -> list[Summary]:
+    """One Summary per row of input ids, from the generated ids `output` (a row per input)."""
     texts = model.tokenizer.decode(output)
     eos = model.manifest.special_tokens.eos_token_id
     return [Summary(text, len(row), generated_ids(ids, eos)) for text, row, ids in zip(texts, rows, output)]

@@ -6,6 +6,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 ERROR_KINDS = (
     "invalid_json",  # the body is not JSON
@@ -52,6 +53,56 @@ class ServingMetrics:
             "Generated tokens per second of the latest generate call",
             registry=self.registry,
         )
+
+        # the in-flight scheduler (runtime/serving/scheduler.py): one decoder step over the running rows
+        self.steps = Counter(
+            "ortseq_scheduler_steps", "Decoder steps of the in-flight scheduler", registry=self.registry
+        )
+        self.step_seconds = Histogram(
+            "ortseq_step_seconds", "Time of one in-flight decoder step", buckets=STEP_BUCKETS, registry=self.registry
+        )
+        self.step_rows = Histogram(
+            "ortseq_step_rows",
+            "Decoder rows (beams) in one in-flight step",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.admit_seconds = Histogram(
+            "ortseq_admit_seconds",
+            "Time of the admissions (encoder runs) between two in-flight steps: how long they hold running rows",
+            buckets=STEP_BUCKETS,
+            registry=self.registry,
+        )
+        self.admitted = Counter(
+            "ortseq_admitted_inputs", "Inputs admitted into the running set", registry=self.registry
+        )
+        self.retired = Counter(
+            "ortseq_retired_inputs", "Inputs that finished and left the running set", registry=self.registry
+        )
+        self.retired_abandoned = Counter(
+            "ortseq_abandoned_inputs", "Inputs retired because their client left", registry=self.registry
+        )
+        self.phase_seconds = Counter(
+            "ortseq_scheduler_seconds",
+            "Time of the in-flight scheduler's work by phase: encoder (admissions), decoder (steps), search (host)",
+            ["phase"],
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "ortseq_queue_wait_seconds",
+            "Time from a request's arrival to the admission of its last input",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def step_done(self, rows: int, admitted: int, retired: int, seconds: float) -> None:
+        """One in-flight step: the rows it ran, the inputs admitted before it and retired after it."""
+        self.steps.inc()
+        self.step_seconds.observe(seconds)
+        self.step_rows.observe(rows)
+        self.running_rows.set(rows)
+        self.admitted.inc(admitted)
+        self.retired.inc(retired)
 
     def batch_done(self, rows: int, seconds: float, tokens: int) -> None:
         self.batch_size.observe(rows)
