@@ -5,7 +5,10 @@ This file is the `ortseq` package itself: pyproject.toml maps the package onto t
 the folders runtime/, graphs/ and exporter/ install as ortseq.runtime, ortseq.graphs, ortseq.exporter.
 """
 
-from .graphs import __version__
+# pytest imports this file on its own, as a module with no package, when the checkout's folder is not a
+# valid package name (a clone in `ortseq-ci/`): it then has nothing to import relative to, and is not ortseq.
+if __package__:
+    from .graphs import __version__
 
 __all__ = ["InvalidInputError", "ManifestError", "Seq2SeqModel", "__version__"]
 

@@ -107,3 +107,14 @@ def test_the_check_sees_a_broken_import(tmp_path, monkeypatch):
     assert len(problems) == 3, problems
     assert "Y is neither defined" in problems[0] and "no module runtime/missing" in problems[1]
     assert "absolute import" in problems[2]
+
+
+def test_the_root_file_imports_on_its_own_as_pytest_imports_it_from_any_folder():
+    """In a checkout whose folder is not a valid package name pytest imports the root __init__.py as a
+    module named __init__ with no package: it must not fail there, or no test is collected at all."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("__init__", ROOT / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.__all__
