@@ -82,7 +82,8 @@ class UnsupportedModelError(ValueError):
 class Family:
     """Base of every model family. Required hooks raise NotImplementedError; optional ones have defaults."""
 
-    # The manifest's `family` string; the runtime reads it, so it never changes for a family.
+    # The manifest's `family` string and the family's entry in graphs/families.py; the runtime reads it, so it
+    # never changes for a family.
     name: ClassVar[str] = ""
     # Short names users type (`ortseq export ALIAS`) -> hub id, or "tiny:KIND" for a tiny model built offline.
     aliases: ClassVar[dict[str, str]] = {}
@@ -207,8 +208,8 @@ def check_model_attributes(family: Family, model: nn.Module) -> None:
         missing = _missing_attribute(model, path.split("."))
         if missing is not None:
             raise ModelAttributeError(
-                f"{family.name}: the loaded {type(model).__name__} has no {missing} (the export reads {path}); "
-                f"this transformers version is not one the {family.name} family's export modules know"
+                f"{family.name}: the loaded {type(model).__name__} has no {missing} (the export reads {path}): "
+                f"another transformers version, or a variant of the model the {family.name} export does not handle"
             )
 
 

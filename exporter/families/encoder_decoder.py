@@ -146,6 +146,20 @@ class EncoderDecoderFamily(Family):
         decoder = [name for name, _ in model.decoder.base_model.named_parameters() if name in encoder]
         return CheckpointLayout(tied=[frozenset({prefix + name, f"encoder.{name}"}) for name in decoder])
 
+    def model_attributes(self, model: nn.Module) -> tuple[str, ...]:
+        """What EncoderExport and DecoderExport below read of transformers' EncoderDecoderModel."""
+        attention = ("query", "key", "value", "num_attention_heads", "scaling")
+        paths = [f"decoder.{_stack(model.config.decoder).lm_head}"]
+        for side in ("encoder", "decoder"):
+            embeddings, layers = f"{side}.base_model.embeddings", f"{side}.base_model.encoder.layer[]"
+            paths += [f"{embeddings}.{name}" for name in ("word_embeddings", "position_embeddings", "LayerNorm")]
+            paths += [f"{layers}.attention.self.{name}" for name in attention]
+            paths += [f"{layers}.{name}" for name in ("attention.output.dense", "attention.output.LayerNorm")]
+            paths += [f"{layers}.{name}" for name in ("intermediate", "output.dense", "output.LayerNorm")]
+        paths += [f"decoder.base_model.encoder.layer[].crossattention.self.{name}" for name in attention]
+        paths += [f"decoder.base_model.encoder.layer[].crossattention.output.{name}" for name in ("dense", "LayerNorm")]
+        return tuple(paths)
+
     def dims(self, model: nn.Module) -> ModelDims:
         decoder = model.config.decoder
         encoder_vocab = model.encoder.get_input_embeddings().num_embeddings

@@ -83,6 +83,11 @@ class LSGPegasusFamily(PegasusFamily):
         layout = super().checkpoint_layout(model)
         return replace(layout, computed={name: why for name, why in layout.computed.items() if name != POSITIONS_KEY})
 
+    def model_attributes(self, model: nn.Module) -> tuple[str, ...]:
+        """Pegasus' (its decoder is Pegasus'), and what the LSG encoder below reads besides."""
+        lsg_parts = ("lsg_config", "lsg_weights", "model.encoder.layers[].self_attn.head_dim")
+        return (*super().model_attributes(model), *lsg_parts)
+
     def encoder_export(self, model: nn.Module, fused: bool = True) -> nn.Module:
         return EncoderExport(model)  # its attention is one ortseq::LSGAttention node either way
 

@@ -53,9 +53,7 @@ def build_tiny_marian(out_dir: Path, shape: TinyMarianShape = TinyMarianShape(),
     torch.manual_seed(seed)
     model = MarianMTModel(config).eval()
     make_outputs_input_dependent(bart_lineage_parts(model), shape.eos_logit_bias)
-    model.generation_config = GenerationConfig(
-        num_beams=4, max_length=32, bad_words_ids=[[pad]], **token_ids
-    )
+    model.generation_config = GenerationConfig(num_beams=4, max_length=32, bad_words_ids=[[pad]], **token_ids)
     model.save_pretrained(out_dir)
     return out_dir
 
