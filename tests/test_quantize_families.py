@@ -1,9 +1,10 @@
 """`ortseq quantize` works for every family in every format: the quantized export loads, generates, and
 carries a quality report the gate was applied to.
 
-The models are tiny *random* checkpoints (the tiny-* aliases): their token agreement says nothing about
+The models are tiny *random* checkpoints (the tiny-* aliases): their token agreement says little about
 a real model (tests/test_quantize.py measures quality on a trained one), so the gate's threshold is 0
-here and the test checks that the gate read this report, not what it decided.
+here and the test checks that the gate read this report. What a random model does show is how far the
+quantized logits are from the fp32 ones, against the spread of the fp32 logits: LOGIT_ERROR_BOUND.
 
 Pegasus reuses conftest's session export; LSG-Pegasus is exported here (about 25 s). The three
 encoder-decoder families are `slow` (`make test-full`): their three exports add about 35 s and their nine
@@ -12,7 +13,6 @@ quantizations about 30 s more to the default run, and int8/int4/fp16 worked for 
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 
@@ -35,6 +35,11 @@ FAMILIES = [
     *(pytest.param(family, marks=pytest.mark.slow) for family in ("bert2bert", "roberta2roberta", "bertgeneration")),
 ]
 REPORT = ReportSettings(num_beams=2, max_new_tokens=8, logit_steps=4)
+# mean |logit - fp32 logit| / std of the fp32 logits, at most. Measured on these models: fp16 0.006 to
+# 0.021, int8 0.19 (Pegasus) to 0.55 (BertGeneration), int4 0.53 to 0.84 (the same two). The logits of
+# another model of the same shape (weights lost or misread) are off by about 1.1 std (E|X - Y| for two
+# independent spreads).
+LOGIT_ERROR_BOUND = {"fp16": 0.05, "int8": 0.65, "int4": 0.95}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +69,8 @@ def test_every_family_quantizes_to_every_format_and_generates(family_export, gat
     assert manifest.family == Manifest.read(source).family and manifest.precision == fmt
     report = manifest.quantization.quality
     assert report["inputs"] == 4 and {"greedy", "beam2", "logits"} <= set(report)
-    assert np.isfinite(report["logits"]["max_abs_error"])
+    logits = report["logits"]
+    assert logits["mean_abs_error"] <= LOGIT_ERROR_BOUND[fmt] * logits["fp32_logit_std"], logits
     [(gated_report, (mode, agreement))] = gate_calls  # the gate ran once, on the report that was written
     assert gated_report == report and agreement == min(report[m]["token_agreement"] for m in ("greedy", "beam2"))
 
