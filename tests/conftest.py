@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHAPES
+from helpers import PEAKED_SHAPES, SHAPES
 
 from ortseq.exporter.pipeline import export
 from ortseq.exporter.tiny.pegasus import build_tiny_pegasus
@@ -28,13 +28,15 @@ class ExportedModel:
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
-    """exported(name) -> ExportedModel for a shape of SHAPES, built and exported once."""
+    """exported(name) -> ExportedModel for a shape of SHAPES (or PEAKED_SHAPES: the same weights with a
+    likelier end token), built and exported once."""
     cache: dict[str, ExportedModel] = {}
 
     def get(name: str) -> ExportedModel:
         if name not in cache:
             root = tmp_path_factory.mktemp(name)
-            checkpoint = build_tiny_pegasus(root / "checkpoint", SHAPES[name], seed=list(SHAPES).index(name) + 1)
+            shape, seed = (SHAPES | PEAKED_SHAPES)[name], list(SHAPES).index(name.removesuffix("_peaked")) + 1
+            checkpoint = build_tiny_pegasus(root / "checkpoint", shape, seed=seed)
             export(str(checkpoint), root / "export")
             cache[name] = ExportedModel(checkpoint, root / "export")
         return cache[name]

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ SHAPES = {
     "base": TinyPegasusShape(),
     "odd_heads": TinyPegasusShape(
         d_model=60, heads=3, encoder_layers=3, decoder_layers=1, ffn_dim=72, extra_vocab=6,
-        max_position_embeddings=64, eos_logit_bias=2.5,
+        max_position_embeddings=64, eos_logit_bias=4.0,
     ),
     "deep_decoder": TinyPegasusShape(
         d_model=32, heads=2, encoder_layers=1, decoder_layers=3, ffn_dim=48, extra_vocab=1,
@@ -43,7 +44,7 @@ SHAPES = {
     # others' head sizes, 16 and 20, get the plain-ONNX body): graphs/contract.py, exporter/attention.py
     "head32": TinyPegasusShape(
         d_model=64, heads=2, encoder_layers=1, decoder_layers=2, ffn_dim=96, extra_vocab=3,
-        max_position_embeddings=48, eos_logit_bias=2.0,
+        max_position_embeddings=48, eos_logit_bias=3.0,
     ),
 }  # fmt: skip
 
@@ -56,13 +57,95 @@ SETTINGS = {
     "beam4_lp06": dict(num_beams=4, max_new_tokens=14, length_penalty=0.6),
     "beam8_lp2": dict(num_beams=8, max_new_tokens=14, length_penalty=2.0),
     "beam4_no_repeat_3": dict(num_beams=4, max_new_tokens=20, no_repeat_ngram_size=3),
-    "beam4_early_stopping": dict(num_beams=4, max_new_tokens=16, early_stopping=True),
+    # all four returned: which finished hypotheses early stopping keeps shows in the later ones
+    "beam4_early_stopping": dict(num_beams=4, max_new_tokens=16, early_stopping=True, num_return_sequences=4),
     "beam4_early_stopping_never": dict(num_beams=4, max_new_tokens=16, early_stopping="never", length_penalty=2.0),
+    "beam4_early_stopping_never_lp1": dict(
+        num_beams=4, max_new_tokens=16, early_stopping="never", length_penalty=1.0, num_return_sequences=4
+    ),
     "beam4_return4": dict(num_beams=4, max_new_tokens=12, num_return_sequences=4),
     "beam8_return3_early": dict(num_beams=8, max_new_tokens=12, num_return_sequences=3, early_stopping=True),
-    "beam2_min_new_tokens": dict(num_beams=2, max_new_tokens=10, min_new_tokens=7),
+    "beam2_min_new_tokens": dict(num_beams=2, max_new_tokens=16, min_new_tokens=7),
     "model_defaults": dict(),  # the checkpoint's generation config: 4 beams, length penalty 0.6, max length 32
 }
+
+# The same case without the setting: these values in its place must give other tokens, or the case checks
+# nothing. Settings not listed (plain greedy and beam widths, the model's defaults, num_return_sequences,
+# which changes the shape) are checked for varied lengths only.
+WITHOUT_SETTING = {
+    "greedy_min_new_tokens": {"min_new_tokens": 0},
+    "greedy_no_repeat_2": {"no_repeat_ngram_size": 0},
+    "beam2_lp1": {"length_penalty": 0.6},  # the model's default
+    "beam4_lp06": {"length_penalty": 1.0},
+    "beam8_lp2": {"length_penalty": 1.0},
+    "beam4_no_repeat_3": {"no_repeat_ngram_size": 0},
+    "beam4_early_stopping": {"early_stopping": False},
+    "beam4_early_stopping_never": {"early_stopping": False},
+    "beam4_early_stopping_never_lp1": {"early_stopping": False},
+    "beam8_return3_early": {"early_stopping": False},
+    "beam2_min_new_tokens": {"min_new_tokens": 0},
+}
+
+# A length penalty of 2 favours running to the maximum so strongly that on these random models every
+# hypothesis does, with or without it: those settings run on each shape with a likelier end token.
+PEAKED_SETTINGS = {"beam8_lp2", "beam4_early_stopping_never"}
+PEAKED_EOS_LOGIT_BIAS = {"base": 6.0, "odd_heads": 8.0, "deep_decoder": 6.0, "head32": 6.0}
+PEAKED_SHAPES = {
+    f"{name}_peaked": replace(shape, eos_logit_bias=PEAKED_EOS_LOGIT_BIAS[name]) for name, shape in SHAPES.items()
+}
+
+
+def parity_shape(shape: str, setting: str) -> str:
+    """The model a parity case of this shape and setting runs on (a name for the `exported` fixture)."""
+    return f"{shape}_peaked" if setting in PEAKED_SETTINGS else shape
+
+
+def parity_lengths(max_len: int) -> list[int]:
+    """Rows of a parity batch: the longest input, middling, short and one-token ones."""
+    return [max_len, max_len // 2 + 1, 1, 3, max_len // 3, 9, max_len - 5, 2]
+
+
+SEARCH_SEEDS = 32  # inputs tried per case before it is declared degenerate
+
+
+def generated_lengths(out: np.ndarray, eos: int) -> list[int]:
+    """Tokens each row generated up to its first end token (the width when it has none)."""
+    ends = out[:, 1:] == eos
+    return [int(np.argmax(row)) + 1 if row.any() else out.shape[1] - 1 for row in ends]
+
+
+def degenerate(out: np.ndarray, without: np.ndarray | None, max_new_tokens: int, eos: int) -> str | None:
+    """Why tokens `out` would check little (None when they discriminate): every row ends at step 1, or
+    every row runs to max_new_tokens (no hypothesis finished early: finished-hypothesis scoring never
+    decided anything), or every row has the same length, or the case without its setting gives the same."""
+    lengths = generated_lengths(out, eos)
+    if all(length == 1 for length in lengths):
+        return "every row ends at step 1"
+    if all(length >= max_new_tokens for length in lengths):
+        return "every row runs to the maximum"
+    if len(set(lengths)) < 2:
+        return "every row has the same length"
+    if without is not None and without.shape == out.shape and np.array_equal(without, out):
+        return "the setting changes nothing"
+    return None
+
+
+def discriminating_batch(torch_model, setting: str, make_batch, first_seed: int, eos: int):
+    """(ids, mask, transformers' tokens) of the first seed from first_seed whose batch (make_batch(seed))
+    discriminates for this setting (see `degenerate`); AssertionError if none of SEARCH_SEEDS does."""
+    settings = SETTINGS[setting]
+    max_new = settings.get("max_new_tokens", torch_model.generation_config.max_length - 1)
+    reasons = []
+    for seed in range(first_seed, first_seed + SEARCH_SEEDS):
+        ids, mask = make_batch(seed)
+        expected = torch_generate(torch_model, ids, mask, settings)
+        without = WITHOUT_SETTING.get(setting)
+        other = torch_generate(torch_model, ids, mask, settings | without) if without else None
+        reason = degenerate(expected, other, max_new, eos)
+        if reason is None:
+            return ids, mask, expected
+        reasons.append(reason)
+    raise AssertionError(f"{setting}: no input of seeds {first_seed}+{SEARCH_SEEDS} discriminates: {set(reasons)}")
 
 
 def padded_batch(manifest, lengths: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

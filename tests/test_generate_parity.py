@@ -7,7 +7,16 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from helpers import SETTINGS, SHAPES, assert_disagreements_are_fp32_ties, padded_batch, torch_generate
+from helpers import (
+    SETTINGS,
+    SHAPES,
+    assert_disagreements_are_fp32_ties,
+    discriminating_batch,
+    padded_batch,
+    parity_lengths,
+    parity_shape,
+    torch_generate,
+)
 
 from ortseq.runtime import Seq2SeqModel
 
@@ -15,11 +24,18 @@ from ortseq.runtime import Seq2SeqModel
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_generate_matches_transformers_on_padded_batch(exported, shape, setting):
-    model = exported(shape)
+    """On the first input (by seed) where the case discriminates: rows end at varied lengths, some before
+    the maximum, and the tokens differ from the same case without its setting (helpers.degenerate)."""
+    model = exported(parity_shape(shape, setting))
     ours = Seq2SeqModel.load(model.export_dir)
     max_len = SHAPES[shape].max_position_embeddings
-    ids, mask = padded_batch(ours.manifest, [max_len, max_len // 2 + 1, 1], seed=zlib.crc32(setting.encode()) % 1000)
-    expected = torch_generate(model.torch_model, ids, mask, SETTINGS[setting])
+    ids, mask, expected = discriminating_batch(
+        model.torch_model,
+        setting,
+        lambda seed: padded_batch(ours.manifest, parity_lengths(max_len), seed=seed),
+        first_seed=zlib.crc32(setting.encode()) % 1000,
+        eos=ours.manifest.special_tokens.eos_token_id,
+    )
     np.testing.assert_array_equal(ours.generate(ids, mask, **SETTINGS[setting]), expected)
 
 

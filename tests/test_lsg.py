@@ -161,7 +161,8 @@ def test_attention_memory_is_linear_in_length():
 
 
 def test_tiny_lsg_pegasus_summarizes_long_text(tmp_path):
-    """`ortseq export tiny-lsg-pegasus` (built offline) serves texts far longer than 2 blocks, in a padded batch."""
+    """`ortseq export tiny-lsg-pegasus` (built offline) serves texts far longer than 2 blocks, in a padded batch,
+    with the tokens of the torch path it was exported from."""
     from ortseq.exporter.tiny.lsg_pegasus import build_tiny_lsg_pegasus
 
     checkpoint = build_tiny_lsg_pegasus(tmp_path / "checkpoint")
@@ -174,5 +175,24 @@ def test_tiny_lsg_pegasus_summarizes_long_text(tmp_path):
     assert ids.shape[1] > 3 * 32
     memory = model.sessions.encode(ids, mask)
     assert memory["encoder_attention_mask"].shape == (2, 1 + ids.shape[1])  # the global token is prepended
-    summaries = model.summarize(texts, num_beams=2, max_new_tokens=8)
-    assert len(summaries) == 2 and all(isinstance(s, str) for s in summaries)
+    got = model.generate(ids, mask, num_beams=2, max_new_tokens=8)
+    np.testing.assert_array_equal(got, torch_lsg_generate(checkpoint, ids, mask, num_beams=2, max_new_tokens=8))
+    assert len({int(np.argmax(row[1:] == 1)) for row in got}) == 2  # the rows end at different steps
+    assert model.summarize(texts, num_beams=2, max_new_tokens=8) == model.tokenizer.decode(got)
+
+
+def torch_lsg_generate(checkpoint: Path, ids: np.ndarray, mask: np.ndarray, **settings) -> np.ndarray:
+    """transformers' generate() on the states of the torch LSG encoder the export traced (its op is checked
+    against the numpy spec above, and the export against the reference's goldens): the fp32 path in torch."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from ortseq.exporter.families.lsg_pegasus import LSGPegasusFamily
+
+    family = LSGPegasusFamily()
+    encoder = family.encoder_export(family.load_model(str(checkpoint)))
+    with torch.no_grad():
+        memory, memory_mask, *_ = encoder(torch.from_numpy(ids), torch.from_numpy(mask))
+        out = family.reference_model(str(checkpoint)).generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=memory), attention_mask=memory_mask, **settings
+        )
+    return out.numpy()
