@@ -287,7 +287,28 @@ def write(report: dict, out: Path) -> None:
             lines.append(f"| {name} | {row['decoder']:.1f} | {row['search']:.1f} | {row['mem']} |")
     lines += ["", f"Encoder, one 400-token input: {report['step_profile_ms']['encoder_ms_400_tokens']:.0f} ms"]
     (out / "load_inflight.md").write_text("\n".join(lines) + "\n")
+    plot(report, out / "load_inflight.png")
     print("\n".join(lines))
+
+
+def plot(report: dict, path: Path) -> None:
+    """Tokens/s and p95 latency of every run, in run order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["summaries"]
+    labels = [f"{r['config']}\nround {r['round']}" for r in rows]
+    colors = ["tab:gray" if r["config"] == "dynamic" else "tab:blue" for r in rows]
+    figure, (tokens, p95) = plt.subplots(1, 2, figsize=(10, 4))
+    tokens.bar(labels, [r["tokens_per_s"] for r in rows], color=colors)
+    tokens.set_title("generated tokens / s (higher is better)")
+    p95.bar(labels, [r["p95_ms"] / 1000 for r in rows], color=colors)
+    p95.set_title("p95 latency, s (lower is better)")
+    figure.suptitle(f"{NAME}, {report['settings']['clients']} clients, {report['date']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
 
 
 def main() -> None:

@@ -72,7 +72,8 @@ def open_inflight_decoder(sessions: EncoderDecoderSessions, directory: Path, pro
     """The session of decoder_inflight.onnx, sharing the export's embeddings file with the others."""
     if contract.INFLIGHT_DECODER_FILE not in sessions.manifest.files:
         raise InvalidInputError(
-            f"{directory} has no in-flight decoder: export with `ortseq export SOURCE --out DIR --inflight`"
+            f"{directory} has no in-flight decoder: export with `ortseq export SOURCE --out DIR --inflight` "
+            "(fp32; quantized exports do not carry it)"
         )
     path = Path(directory) / contract.INFLIGHT_DECODER_FILE
     dims = sessions.manifest.dims
@@ -241,10 +242,12 @@ class InflightDecoder:
         if mem == self._mem:
             return
         keep = min(mem, self._mem)
+        used = int(np.flatnonzero(self._slot_in_use)[-1]) + 1 if self._slot_in_use.any() else 0
+        # zeroed pages cost no memory until written: only the entries in use are copied
         shape = (self.budget.max_rows, self._heads, mem, self._head_dim)
         cross = {name: np.zeros(shape, self._dtype) for name in contract.cross_names(self.layers)}
         for name, old in self._cross.items():
-            cross[name][:, :, :keep] = old[:, :, :keep]
+            cross[name][:used, :, :keep] = old[:used, :, :keep]
         mask = np.zeros((self.budget.max_rows, mem), np.int64)
-        mask[:, :keep] = self._cross_mask[:, :keep]
+        mask[:used, :keep] = self._cross_mask[:used, :keep]
         self._cross, self._cross_mask, self._mem = cross, mask, mem

@@ -88,10 +88,13 @@ def app_builder(args: dict):
 
 
 def _number(value):
-    """`serve run ... max_wait_ms=5` passes strings: numbers as numbers, the rest unchanged."""
+    """`serve run ... max_wait_ms=5` passes strings: numbers as numbers, the rest (scheduler=inflight) unchanged."""
     if not isinstance(value, str):
         return value
-    return float(value) if "." in value else int(value)
+    try:
+        return float(value) if "." in value else int(value)
+    except ValueError:
+        return value
 
 
 def serve_on_ray(
