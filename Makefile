@@ -6,7 +6,7 @@ EXPORTS ?= exports
 TO      ?= int8
 DEMO    := tiny-pegasus-trained
 
-.PHONY: all demo setup export quantize generate serve loadtest bundle bench-bundle test test-full test-ray bench-ray bench bench-lsg lint lsg-golden legacy-golden clean
+.PHONY: all demo setup export quantize generate serve loadtest bundle bench-bundle bench-sweep test test-full test-ray bench-ray bench bench-lsg lint lsg-golden legacy-golden clean
 
 all: demo
 
@@ -80,6 +80,11 @@ bench-ray: setup
 # every system on the same workload (docs/benchmarks.md); BENCH_ARGS narrows it (see benchmarks/bench.py --help)
 bench: setup .venv-optimum/.installed
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# ortseq against CTranslate2 (fp32 and int8) over input lengths, new tokens, batch and beams: peak RSS and
+# time at every point (docs/benchmarks.md); SWEEP_ARGS narrows it (see benchmarks/sweep.py --help)
+bench-sweep: setup
+	$(PY) benchmarks/sweep.py $(SWEEP_ARGS)
 
 # optimum needs transformers < 4.58: its own venv, used only by benchmarks/systems/optimum_ort.py
 .venv-optimum/.installed:
