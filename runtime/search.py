@@ -474,7 +474,8 @@ class BeamSearch:
 
 def _update_finished(state, settings, topk_running, topk_scores, topk_indices, just_finished, cur_len) -> None:
     penalty = np.float32((cur_len + 1 - PROMPT_LEN) ** settings.length_penalty)
-    scores = topk_scores / penalty
+    with np.errstate(over="ignore"):  # a large length penalty overflows to -inf, in float32 torch alike
+        scores = topk_scores / penalty
     batch_full = np.all(state.finished, axis=-1, keepdims=True) & (settings.early_stopping is True)
     scores = scores + batch_full.astype(np.float32) * NEG_LARGE
     scores = scores + (~state.improvable).astype(np.float32) * NEG_LARGE
