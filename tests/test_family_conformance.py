@@ -1,6 +1,7 @@
 """What every registered family (graphs/families.py) must do, checked on each of its tiny models: it exports,
 its tokenizer round-trips as transformers', its fp32 tokens are transformers' (greedy, beams, a padded batch,
-the checkpoint's generation fields), it quantizes with a real gate where a trained tiny model exists, and it
+the checkpoint's generation fields), its checkpoint laid out as pytorch_model.bin or sharded safetensors exports
+the same tokens, it quantizes with a real gate where a trained tiny model exists, and it
 bundles. A new family is covered by registering it (docs/adding-a-family.md).
 
 The cases come from helpers.tiny_model_params: each family's first tiny model in the default run, its others
@@ -133,3 +134,45 @@ def test_bundles_and_the_bundle_summarizes_as_the_export(tiny_export, tmp_path, 
     result = summarize(sys.executable, bundle, *TEXTS, "--num-beams", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == Seq2SeqModel.load(export_dir).summarize(TEXTS, num_beams=2)
+
+
+def _relaid(checkpoint, out, layout: str):
+    """The tiny checkpoint's files laid out again as save_pretrained writes its other layouts: the same
+    tensors, under the same names, in pytorch_model.bin (torch's zip format) or in two safetensors shards
+    with their index."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(checkpoint, out, ignore=shutil.ignore_patterns("model.safetensors"))
+    tensors = load_file(str(checkpoint / "model.safetensors"))
+    if layout == "pytorch_model.bin":
+        torch.save(tensors, out / "pytorch_model.bin")
+        return out
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in halves.items():
+        save_file({name: tensors[name] for name in part}, str(out / file), metadata={"format": "pt"})
+    weight_map = {name: file for file, part in halves.items() for name in part}
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["pytorch_model.bin", "sharded-safetensors"])
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_the_checkpoint_in_another_file_layout_exports_the_same_tokens(tiny_export, tmp_path, family, kind, layout):
+    """Every registered family reads each file layout save_pretrained writes: the same tensors laid out again
+    give an export whose tokens on a padded batch are the first export's (itself checked against
+    transformers; the checkpoint zoo checks the layouts against transformers 4.x's own files and tokens)."""
+    from ortseq.exporter.pipeline import export
+
+    first = tiny_export(kind)
+    relaid = _relaid(first.checkpoint, tmp_path / "checkpoint", layout)
+    assert not (relaid / "model.safetensors").exists()
+    export(str(relaid), tmp_path / "export")
+    ours, again = Seq2SeqModel.load(first.export_dir), Seq2SeqModel.load(tmp_path / "export")
+    ids, mask = next(iter(candidate_batches(ours)))
+    for settings in ({"num_beams": 1, "max_new_tokens": 20}, {"num_beams": 4, "max_new_tokens": 20}):
+        np.testing.assert_array_equal(again.generate(ids, mask, **settings), ours.generate(ids, mask, **settings))
