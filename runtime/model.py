@@ -51,9 +51,8 @@ class Seq2SeqModel:
         if verify:
             manifest.verify_files(directory)
         check_graph_data(directory, manifest)  # before onnxruntime opens any file a graph names
-        # the sessions first: building the decoder's is the peak of loading (packing its weights), and the
-        # tokenizer (tens of MB for a real vocabulary) would sit under it
         search_engine = open_engine(engine, directory, manifest, provider, threads)
+        # the tokenizer reads its file on first use: a caller of generate(ids) never needs it
         tokenizer = TextTokenizer(directory, manifest.tokenizer, manifest.special_tokens.pad_token_id)
         return cls(directory, manifest, search_engine, tokenizer)
 

@@ -20,24 +20,38 @@ logger = logging.getLogger("ortseq")
 
 class TextTokenizer:
     """Thread-safe: the tokenizers object keeps its truncation setting as mutable state, and mutating it
-    while another thread encodes or decodes fails ("Already borrowed"), so every use takes one lock."""
+    while another thread encodes or decodes fails ("Already borrowed"), so every use takes one lock.
+
+    The file is read on first use, not when the model loads: a caller that passes token ids never needs
+    it, and the library and a real vocabulary's tables (5 MiB resident with a 500-token file, tens of MB
+    with a 96k one) would add to the peak of every id-only process (docs/benchmarks.md). The server reads
+    it at start-up, with its warm-up request."""
 
     def __init__(self, directory: Path, info: TokenizerInfo, pad_token_id: int):
-        # imported here, not with the module: loading happens after the sessions are built, so the library
-        # (5 MiB resident) is not under the decoder's packing, the peak of loading
-        from tokenizers import Tokenizer
-
-        path = Path(directory) / info.file
-        try:
-            self._tokenizer = Tokenizer.from_file(str(path))
-        except Exception as exc:  # the tokenizers library raises plain Exception for every malformed file
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ManifestError(f"{path} is not a tokenizer file tokenizers can read ({reason}); export again") from exc
-        self._tokenizer.no_padding()
+        self.path = Path(directory) / info.file
+        if not self.path.is_file():
+            raise ManifestError(f"{self.path} is missing: the export has no tokenizer file; export again")
+        self._tokenizer = None
         self._lock = threading.Lock()
         self.info = info
         self.pad_token_id = pad_token_id
         self._warned_truncation = False
+
+    def _backend(self):
+        """The tokenizers object, read from the file the first time (the caller holds the lock)."""
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            try:
+                tokenizer = Tokenizer.from_file(str(self.path))
+            except Exception as exc:  # the tokenizers library raises plain Exception for every malformed file
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ManifestError(
+                    f"{self.path} is not a tokenizer file tokenizers can read ({reason}); export again"
+                ) from exc
+            tokenizer.no_padding()
+            self._tokenizer = tokenizer
+        return self._tokenizer
 
     def encode(self, texts: list[str], max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Batch-encode, right-padded with the pad id; over-long texts are cut to max_length tokens
@@ -47,11 +61,12 @@ class TextTokenizer:
     def token_ids(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
         """The ids of each text; with max_length, over-long texts are truncated (one warning), without, never."""
         with self._lock:
+            tokenizer = self._backend()
             if max_length is None:
-                self._tokenizer.no_truncation()
+                tokenizer.no_truncation()
             else:
-                self._tokenizer.enable_truncation(max_length)
-            encodings = self._tokenizer.encode_batch(texts, add_special_tokens=self.info.add_special_tokens)
+                tokenizer.enable_truncation(max_length)
+            encodings = tokenizer.encode_batch(texts, add_special_tokens=self.info.add_special_tokens)
         if any(encoding.overflowing for encoding in encodings) and not self._warned_truncation:
             logger.warning("an input was longer than %d tokens: truncated to the model's maximum", max_length)
             self._warned_truncation = True
@@ -70,11 +85,11 @@ class TextTokenizer:
     def token_id(self, token: str) -> int | None:
         """The id of a token of the vocabulary (added and special tokens included), None if it has none."""
         with self._lock:
-            return self._tokenizer.token_to_id(token)
+            return self._backend().token_to_id(token)
 
     def decode(self, ids: np.ndarray) -> list[str]:
         with self._lock:
-            texts = self._tokenizer.decode_batch([list(map(int, row)) for row in ids], skip_special_tokens=True)
+            texts = self._backend().decode_batch([list(map(int, row)) for row in ids], skip_special_tokens=True)
         if self.info.strip_decoded_text:  # before the clean-up, in the order transformers' slow tokenizers do it
             texts = [text.strip() for text in texts]
         if self.info.clean_up_tokenization_spaces:

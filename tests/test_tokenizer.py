@@ -4,7 +4,9 @@ slow sentencepiece PegasusTokenizer of transformers 4.x run in its own environme
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,36 @@ print(json.dumps(out))
         for text, ids, decoded in zip(corpus, reference[kind]["ids"], reference[kind]["text"]):
             assert _ours(runtime, text) == ids, (kind, text[:60])
             assert runtime.decode([ids])[0].rstrip() == decoded.rstrip(), (kind, text[:60])
+
+
+def test_the_tokenizer_is_read_on_first_use_not_at_load(exported):
+    """A caller of generate(ids) never loads the tokenizers library (its peak stays the sessions'); the
+    first text call reads the file."""
+    export_dir = exported("base").export_dir
+    probe = (
+        "import sys, numpy as np\n"
+        "from ortseq.runtime import Seq2SeqModel\n"
+        f"model = Seq2SeqModel.load({str(export_dir)!r}, threads=1)\n"
+        "model.generate(np.array([[5, 6, 7, 1]]), max_new_tokens=3)\n"
+        "print('tokenizers' in sys.modules)\n"
+        "model.summarize(['A text.'], max_new_tokens=3)\n"
+        "print('tokenizers' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "True"]
+
+
+def test_a_malformed_tokenizer_file_is_named_at_first_use_and_a_missing_one_at_load(exported, tmp_path):
+    from ortseq.graphs.manifest import ManifestError
+    from ortseq.runtime import Seq2SeqModel
+
+    export_dir = tmp_path / "export"
+    shutil.copytree(exported("base").export_dir, export_dir)
+    tokenizer_file = export_dir / Manifest.read(export_dir).tokenizer.file
+    tokenizer_file.write_text("{not json")
+    model = Seq2SeqModel.load(export_dir, threads=1, verify=False)
+    with pytest.raises(ManifestError, match="is not a tokenizer file tokenizers can read"):
+        model.summarize(["A text."], max_new_tokens=3)
+    tokenizer_file.unlink()
+    with pytest.raises(ManifestError, match="is missing: the export has no tokenizer file"):
+        Seq2SeqModel.load(export_dir, threads=1, verify=False)
