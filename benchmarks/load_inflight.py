@@ -1,9 +1,11 @@
 """Loopback load test: `serve --scheduler inflight` against the dynamic batcher, same clients, interleaved.
 
-    python benchmarks/load_inflight.py [--seconds 60] [--rounds 2] [--clients 12] [--baseline-src DIR]
+    python benchmarks/load_inflight.py [--model small|xsum] [--seconds 60] [--rounds 2] [--clients 12]
+        [--baseline-src DIR]
 
-The model: a small random-weight Pegasus with the real 96k vocabulary (d_model 256, 3 + 3 layers; built
-and exported once, with --inflight, under .cache/bench). N closed-loop clients on 127.0.0.1, each with
+The model (--model): a random-weight Pegasus with the real 96k vocabulary, `small` (d_model 256, 3 + 3
+layers) or `xsum` (google/pegasus-xsum's shape, benchmarks/bench.py's XSUM_SHAPE: d_model 1024, 16 + 16
+layers), built and exported once, with --inflight, under .cache/bench. N closed-loop clients on 127.0.0.1, each with
 its own keep-alive connection, send one-input requests back to back, drawn from a fixed pool: input
 lengths 24-400 tokens, exactly 8-48 new tokens (min_new_tokens = max_new_tokens: the same work whatever
 the random weights pick), greedy and 4 beams mixed. Each round runs every configuration for T seconds,
@@ -11,7 +13,8 @@ in alternating order. Every answer is compared with the pool entry's solo answer
 in this process), and the in-flight running set is also checked token by token against solo generate()
 on the pool. --baseline-src runs the dynamic batcher from another checkout (e.g. the commit before the
 scheduler, extracted with `git archive`: a folder holding `ortseq/`). Writes benchmarks/results/
-load_inflight.{json,md}: the date, the load average around every run, and every sample.
+load_inflight.{json,md,png} (small) or load_inflight_xsum.{json,md,png} (xsum): the date, the load average
+around every run, and every sample.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,39 +39,56 @@ from load_test import free_port, wait_until_ready
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 THREADS = 2
-NAME = "pegasus-small-shaped"
 SMALL_SHAPE = XSUM_SHAPE | dict(
     d_model=256, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
     encoder_ffn_dim=1024, decoder_ffn_dim=1024,
 )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str  # its folder under .cache/bench
+    shape: dict
+    described: str
+    results: str  # the result files' stem under --out
+    # the default --max-rows: at the xsum shape the full 64-row budget is 2.1 GB of self-attention cache
+    # (docs/serving-scheduler.md), and a 64-row step is compute-bound long before
+    max_rows: int
+
+
+MODELS = {
+    "small": BenchModel("pegasus-small-shaped", SMALL_SHAPE, "d_model 256, 3 + 3 layers", "load_inflight", 64),
+    "xsum": BenchModel("pegasus-xsum-shaped-inflight", XSUM_SHAPE, "d_model 1024, 16 + 16 layers",
+                       "load_inflight_xsum", 32),
+}  # fmt: skip
 INPUT_TOKENS, NEW_TOKENS, BEAMS = (24, 400), (8, 48), (1, 4)
 WORDS = "the city council said new river bridge will open next year after election police museum closed".split()
 
 
-def prepare() -> Path:
-    """The small Pegasus checkpoint and its export with decoder_inflight.onnx (built once)."""
-    checkpoint, export_dir = CACHE / NAME / "checkpoint", CACHE / NAME / "export"
+def prepare(bench: BenchModel) -> Path:
+    """The random-weight Pegasus checkpoint and its export with decoder_inflight.onnx (built once)."""
+    checkpoint, export_dir = CACHE / bench.name / "checkpoint", CACHE / bench.name / "export"
     if not (checkpoint / "config.json").is_file():
-        _build(checkpoint)
+        _build(checkpoint, bench)
     if not (export_dir / "manifest.json").is_file():
         from ortseq.exporter.pipeline import export
 
-        print(f"[load] exporting {NAME} with --inflight", flush=True)
+        print(f"[load] exporting {bench.name} with --inflight", flush=True)
         export(str(checkpoint), export_dir, inflight=True)
     return export_dir
 
 
-def _build(checkpoint: Path) -> None:
+def _build(checkpoint: Path, bench: BenchModel) -> None:
     """As benchmarks/bench.py builds its random models, with a tokenizer that takes 512-token inputs."""
     import torch
     from transformers import PegasusConfig, PegasusForConditionalGeneration
 
     from ortseq.exporter.tiny.pegasus import TinyPegasusShape, build_tiny_pegasus
 
-    print(f"[load] building {NAME} (random weights)", flush=True)
+    print(f"[load] building {bench.name} (random weights)", flush=True)
     build_tiny_pegasus(checkpoint, TinyPegasusShape(max_position_embeddings=512))  # its tokenizer files
     torch.manual_seed(0)
-    model = PegasusForConditionalGeneration(PegasusConfig(**SMALL_SHAPE)).eval()
+    model = PegasusForConditionalGeneration(PegasusConfig(**bench.shape)).eval()
     model.generation_config.update(num_beams=4, length_penalty=0.6, max_length=64)
     model.save_pretrained(checkpoint)
 
@@ -254,13 +275,14 @@ def summarize(run: dict, answers: list[dict]) -> dict:
 
 def write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "load_inflight.json.partial"
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.rename(out / "load_inflight.json")
     s = report["settings"]
+    bench = MODELS[s["model"]]
+    tmp = out / f"{bench.results}.json.partial"
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.rename(out / f"{bench.results}.json")
     lines = [
         f"{report['date']}: {s['clients']} closed-loop clients, {s['seconds']} s per run, {s['rounds']} rounds "
-        f"interleaved, {NAME} (96k vocabulary, d_model 256, 3 + 3 layers, random weights), inputs "
+        f"interleaved, {bench.name} (96k vocabulary, {bench.described}, random weights), inputs "
         f"{INPUT_TOKENS[0]}-{INPUT_TOKENS[1]} tokens, {NEW_TOKENS[0]}-{NEW_TOKENS[1]} new tokens, greedy and 4 beams "
         f"mixed, {THREADS} onnxruntime threads",
         "",
@@ -286,8 +308,8 @@ def write(report: dict, out: Path) -> None:
         if isinstance(row, dict):
             lines.append(f"| {name} | {row['decoder']:.1f} | {row['search']:.1f} | {row['mem']} |")
     lines += ["", f"Encoder, one 400-token input: {report['step_profile_ms']['encoder_ms_400_tokens']:.0f} ms"]
-    (out / "load_inflight.md").write_text("\n".join(lines) + "\n")
-    plot(report, out / "load_inflight.png")
+    (out / f"{bench.results}.md").write_text("\n".join(lines) + "\n")
+    plot(report, out / f"{bench.results}.png")
     print("\n".join(lines))
 
 
@@ -306,7 +328,9 @@ def plot(report: dict, path: Path) -> None:
     tokens.set_title("generated tokens / s (higher is better)")
     p95.bar(labels, [r["p95_ms"] / 1000 for r in rows], color=colors)
     p95.set_title("p95 latency, s (lower is better)")
-    figure.suptitle(f"{NAME}, {report['settings']['clients']} clients, {report['date']}")
+    figure.suptitle(
+        f"{MODELS[report['settings']['model']].name}, {report['settings']['clients']} clients, {report['date']}"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
@@ -317,7 +341,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--pool", type=int, default=48, help="distinct requests the clients draw from")
-    parser.add_argument("--max-rows", type=int, default=64)
+    parser.add_argument("--model", choices=sorted(MODELS), default="small")
+    parser.add_argument("--max-rows", type=int, help="the server's --max-rows (default: 64 small, 32 xsum)")
     parser.add_argument("--baseline-src", type=Path, help="run the dynamic batcher from this checkout's ortseq/")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -325,7 +350,9 @@ def main() -> None:
         raise SystemExit("keep it bounded: 1-64 clients, at most 600 s per run, 1-5 rounds")
     from ortseq.runtime import Seq2SeqModel
 
-    export_dir = prepare()
+    bench = MODELS[args.model]
+    args.max_rows = args.max_rows or bench.max_rows
+    export_dir = prepare(bench)
     model = Seq2SeqModel.load(export_dir, threads=THREADS)
     pool = request_pool(model, args.pool, seed=26)
     print(f"[load] solo answers of the {len(pool)} pool requests", flush=True)

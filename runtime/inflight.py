@@ -73,7 +73,7 @@ def open_inflight_decoder(sessions: EncoderDecoderSessions, directory: Path, pro
     if contract.INFLIGHT_DECODER_FILE not in sessions.manifest.files:
         raise InvalidInputError(
             f"{directory} has no in-flight decoder: export with `ortseq export SOURCE --out DIR --inflight` "
-            "(fp32; quantized exports do not carry it)"
+            "(ortseq quantize carries it into the quantized export)"
         )
     path = Path(directory) / contract.INFLIGHT_DECODER_FILE
     dims = sessions.manifest.dims

@@ -93,18 +93,23 @@ class Run:
             step += 1
 
 
-def test_every_request_gets_its_solo_tokens_whatever_arrives_beside_it(model):
-    """Seeded random cases: arrival steps, source lengths, settings, row budgets; each request's tokens
-    must equal those of generate() on its input alone."""
-    rng = np.random.default_rng(26)
+def random_arrivals(rng: np.random.Generator, vocab: int) -> list[tuple[int, np.ndarray, dict]]:
+    """3-8 requests: arrival step, input ids of 1-69 tokens, random settings."""
+    arrivals = []
+    for _ in range(int(rng.integers(3, 9))):
+        ids = rng.integers(3, vocab, size=(1, int(rng.integers(1, 70))))
+        arrivals.append((int(rng.integers(0, 25)), ids, random_settings(rng, vocab)))
+    return arrivals
+
+
+def assert_mixes_match_solo(model, rng: np.random.Generator, cases: int) -> dict:
+    """Seeded random cases (arrival steps, source lengths, settings, row budgets): each request's tokens
+    must equal those of generate() on its input alone. Returns what the cases saw."""
     vocab = model.manifest.dims.vocab_size
     eos = model.manifest.special_tokens.eos_token_id
     seen = {"lengths": set(), "eos": 0, "max_length": 0, "ages": 0, "kinds": 0, "waits": 0, "requests": 0}
-    for case in range(24):
-        arrivals = []
-        for _ in range(int(rng.integers(3, 9))):
-            ids = rng.integers(3, vocab, size=(1, int(rng.integers(1, 70))))
-            arrivals.append((int(rng.integers(0, 25)), ids, random_settings(rng, vocab)))
+    for case in range(cases):
+        arrivals = random_arrivals(rng, vocab)
         run = Run(model, running_set(model, max_rows=int(rng.integers(8, 20))), arrivals)
         assert len(run.done) == len(arrivals)
         for request in run.done:
@@ -120,11 +125,70 @@ def test_every_request_gets_its_solo_tokens_whatever_arrives_beside_it(model):
         seen["kinds"] = max(seen["kinds"], run.max_beam_kinds)
         seen["waits"] += run.waits
         seen["requests"] += len(run.done)
+    return seen
+
+
+def test_every_request_gets_its_solo_tokens_whatever_arrives_beside_it(model):
+    seen = assert_mixes_match_solo(model, np.random.default_rng(26), cases=24)
     # the cases discriminate: lengths vary, searches end by EOS and by max_length, the running set mixes
     # requests of several ages and beam counts, and admissions wait for rows
     assert len(seen["lengths"]) >= 10, seen
     assert seen["eos"] >= 20 and seen["max_length"] >= 10, seen
     assert seen["ages"] >= 4 and seen["kinds"] >= 3 and seen["waits"] >= 10, seen
+
+
+@pytest.fixture(scope="module")
+def quantized_inflight(inflight_export, tmp_path_factory):
+    """quantized(fmt) -> Seq2SeqModel of the in-flight export quantized to fmt (made once)."""
+    from ortseq.exporter.quantization.pipeline import quantize
+    from ortseq.exporter.quantization.quality import ReportSettings
+
+    root, cache = tmp_path_factory.mktemp("inflight-quantized"), {}
+
+    def get(fmt: str) -> Seq2SeqModel:
+        if fmt not in cache:
+            # the quality gate is not what these tests check (random weights): a short report, no threshold
+            report = ReportSettings(num_beams=1, max_new_tokens=4, logit_steps=1)
+            texts = ["The river bridge will open next year."]
+            quantize(inflight_export[0], root / fmt, fmt, min_agreement=0.0, texts=texts, report_settings=report)
+            cache[fmt] = Seq2SeqModel.load(root / fmt)
+        return cache[fmt]
+
+    return get
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp16"])
+def test_quantized_inflight_requests_get_their_solo_tokens_in_any_mix(quantized_inflight, fmt):
+    """int4 (its activations quantized per row and block) and fp16 compute each row on its own, as fp32
+    does: in any mix, a request gets the tokens the quantized generate() gives it alone."""
+    model = quantized_inflight(fmt)
+    assert model.manifest.precision == fmt and "decoder_inflight.onnx" in model.manifest.files
+    seen = assert_mixes_match_solo(model, np.random.default_rng(27), cases=6)
+    assert len(seen["lengths"]) >= 6 and seen["eos"] >= 3 and seen["max_length"] >= 3, seen
+    assert seen["ages"] >= 3 and seen["kinds"] >= 3, seen
+
+
+def test_int8_inflight_requests_alone_get_their_solo_tokens(quantized_inflight):
+    """int8 quantizes each MatMul's activations with one scale over all the rows of the call, so a row's
+    tokens depend on the rows beside it, in generate() (its batch) as in the running set: the in-flight
+    graph is checked with each request of a seeded mix running alone, where the rows are generate()'s."""
+    model = quantized_inflight("int8")
+    assert model.manifest.precision == "int8" and "decoder_inflight.onnx" in model.manifest.files
+    rng, vocab = np.random.default_rng(28), model.manifest.dims.vocab_size
+    eos = model.manifest.special_tokens.eos_token_id
+    lengths, beams, eos_ends, full = set(), set(), 0, 0
+    for _ in range(4):
+        for _, ids, settings in random_arrivals(rng, vocab):
+            (request,) = Run(model, running_set(model, max_rows=8), [(0, ids, settings)]).done
+            solo = model.generate(ids, **settings)
+            assert solo.shape == request.output.shape and np.array_equal(solo, request.output), (
+                f"{settings}\nsolo {solo}\nin-flight {request.output}"
+            )
+            lengths.add(solo.shape[1])
+            beams.add(request.rows)
+            eos_ends += bool((solo[:, 1:] == eos).any())
+            full += solo.shape[1] == request.settings.max_length
+    assert len(lengths) >= 6 and len(beams) >= 3 and eos_ends >= 3 and full >= 3, (lengths, beams, eos_ends, full)
 
 
 def test_requests_side_by_side_match_transformers(model, inflight_export):

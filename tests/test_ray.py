@@ -246,6 +246,77 @@ def test_ray_serve_with_two_replicas_answers_as_ortseq_serve(local_ray, export_d
         serve.shutdown()
 
 
+@pytest.fixture(scope="module")
+def inflight_export_dir(tmp_path_factory) -> Path:
+    """The tiny base-shape Pegasus exported with decoder_inflight.onnx."""
+    from helpers import SHAPES
+
+    from ortseq.exporter.pipeline import export
+    from ortseq.exporter.tiny.pegasus import build_tiny_pegasus
+
+    root = tmp_path_factory.mktemp("ray-inflight")
+    export(str(build_tiny_pegasus(root / "checkpoint", SHAPES["base"], seed=1)), root / "export", inflight=True)
+    return root / "export"
+
+
+def test_ray_serve_replicas_each_run_an_inflight_scheduler_and_answer_as_alone(local_ray, inflight_export_dir):
+    """`serve --replicas 2 --scheduler inflight`: concurrent requests of mixed settings, spread over both
+    replicas' schedulers, each answered as summarize_rows gives each of its inputs alone. /metrics is the
+    answering replica's (Ray Serve's proxy picks one): it shows an in-flight scheduler that ran."""
+    import httpx
+    from ray import serve
+
+    from ortseq.runtime.serving.batcher import BatchingConfig
+    from ortseq.runtime.serving.inference import summarize_rows
+    from ortseq.runtime.serving.ray_serve import APP_NAME, build_app
+
+    texts = [d["text"] for d in corpus(8, seed=3)]
+    settings = [
+        {"num_beams": 4, "max_new_tokens": 12, "min_new_tokens": 4},
+        {"num_beams": 1, "max_new_tokens": 20, "min_new_tokens": 2},
+        {"num_beams": 2, "max_new_tokens": 8, "no_repeat_ngram_size": 2},
+        {"num_beams": 3, "max_new_tokens": 16, "length_penalty": 2.0, "min_new_tokens": 6},
+    ]
+    bodies = [{"inputs": texts[i : i + 2], "parameters": settings[i % len(settings)]} for i in range(8)]
+    model = Seq2SeqModel.load(inflight_export_dir, threads=1)
+    alone = [
+        [summarize_rows(model, body["parameters"], [row])[0] for row in model.tokenizer.token_ids(body["inputs"])]
+        for body in bodies
+    ]
+    lengths = {len(summary.output_ids) for summaries in alone for summary in summaries}
+    assert len(lengths) >= 4, lengths  # the settings discriminate: the answers' lengths differ
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        batching = BatchingConfig(scheduler="inflight", max_rows=8, max_decoder_tokens=40)
+        serve.run(build_app(inflight_export_dir, replicas=2, batching=batching), name=APP_NAME, route_prefix="/")
+        deployments = serve.status().applications[APP_NAME].deployments
+        assert sum(d.replica_states.get("RUNNING", 0) for d in deployments.values()) == 2
+        answers: dict[int, httpx.Response] = {}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            _wait_ready(client, 120)
+
+            def ask(index: int) -> None:
+                answers[index] = client.post("/v1/summarize", json=bodies[index])
+
+            threads = [threading.Thread(target=ask, args=(index,)) for index in range(len(bodies))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(180)
+            # each scrape is one replica's page: a few, so that a replica that ran steps answers one
+            steps = [metric_value(client.get("/metrics").text, "ortseq_scheduler_steps_total") for _ in range(6)]
+        assert sorted(answers) == list(range(len(bodies))), "a request got no answer in time"
+        for index, summaries in enumerate(alone):
+            assert answers[index].status_code == 200, answers[index].text
+            got = answers[index].json()
+            assert got["summaries"] == [summary.text for summary in summaries], (bodies[index], got)
+            assert got["output_tokens"] == [len(summary.output_ids) for summary in summaries]
+        assert max(steps) > 0, steps
+    finally:
+        serve.shutdown()
+
+
 def _wait_ready(client, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while client.get("/readyz").status_code != 200:

@@ -89,10 +89,10 @@ def quantize(
 
 
 def _write_quantized(source_dir: Path, source: Manifest, staging: Path, to: str, settings) -> Manifest:
-    """Transform both graphs into staging, copy the tokenizer, write the manifest (quality still empty)."""
-    shared = SharedFile(staging)  # the token tables of both graphs, each stored once (vocab_tables.py)
+    """Transform the graphs into staging, copy the tokenizer, write the manifest (quality still empty)."""
+    shared = SharedFile(staging)  # the token tables of all graphs, each stored once (vocab_tables.py)
     files: list[str] = []
-    for graph in (contract.ENCODER_FILE, contract.DECODER_FILE):
+    for graph in quantized_graphs(source):
         log(f"{to}: {graph}")
         # Each graph's own weights go to graph.onnx.data, whatever the source did: onnxruntime maps that file
         # and lets go of what its kernels prepacked, where weights inside the graph file are parsed and
@@ -117,6 +117,13 @@ def _write_quantized(source_dir: Path, source: Manifest, staging: Path, to: str,
     )
     manifest.write(staging)
     return manifest
+
+
+def quantized_graphs(source: Manifest) -> list[str]:
+    """The graphs every format transforms: the encoder, the decoder step, and the in-flight decoder step
+    where the source has one (a decoder like the other, with the scheduler's row inputs)."""
+    optional = [contract.INFLIGHT_DECODER_FILE] if contract.INFLIGHT_DECODER_FILE in source.files else []
+    return [contract.ENCODER_FILE, contract.DECODER_FILE, *optional]
 
 
 def _transform(
