@@ -6,7 +6,7 @@ EXPORTS ?= exports
 TO      ?= int8
 DEMO    := tiny-pegasus-trained
 
-.PHONY: all demo setup export quantize generate serve loadtest bundle bench-bundle bench-sweep test test-full test-ray bench-ray bench bench-lsg lint lsg-golden legacy-golden clean
+.PHONY: all demo setup export quantize generate serve loadtest bundle bench-bundle bench-sweep bench-floor test test-full test-ray bench-ray bench bench-lsg lint lsg-golden legacy-golden clean
 
 all: demo
 
@@ -85,6 +85,10 @@ bench: setup .venv-optimum/.installed
 # time at every point (docs/benchmarks.md); SWEEP_ARGS narrows it (see benchmarks/sweep.py --help)
 bench-sweep: setup
 	$(PY) benchmarks/sweep.py $(SWEEP_ARGS)
+
+# greedy batch-1 decoder step against this machine's memory-bandwidth floor (docs/benchmarks.md)
+bench-floor: setup
+	$(PY) benchmarks/bandwidth_floor.py
 
 # optimum needs transformers < 4.58: its own venv, used only by benchmarks/systems/optimum_ort.py
 .venv-optimum/.installed:
