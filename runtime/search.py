@@ -207,13 +207,67 @@ def top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     if width <= _SORT_WHOLE_ROW:
         indices = np.argsort(-values, axis=1, kind="stable")[:, :k]
         return _rows(values, indices), indices
-    candidates = _best_block_members(values, k)  # the last block's overhang has indices >= width
+    candidates = _candidates(values, k)  # a block's overhang past the row has indices >= width
     picked = np.where(candidates < width, _rows(values, np.minimum(candidates, width - 1)), -np.inf)
-    order = np.lexsort((candidates, -picked), axis=1)[:, :k]
-    return _rows(picked, order).astype(values.dtype), _rows(candidates, order)
+    best, ids = _best_first(picked, candidates, k)
+    return best.astype(values.dtype), ids
 
 
 _SORT_WHOLE_ROW = 512
+
+
+def _best_first(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (scores, ids) per row of candidates in any order: best first, ties by the lower id.
+
+    Only the candidates at least as good as a row's k-th best score are sorted (those of a row that has
+    fewer, with some worse ones: they come after its k)."""
+    n = scores.shape[1]
+    kth_best = np.partition(scores, n - k, axis=1)[:, n - k, None]
+    contenders = scores >= kth_best
+    width = int(contenders.sum(axis=1).max())
+    if k <= width < n:  # fewer: a NaN compares false, every candidate is sorted
+        chosen = np.argpartition(~contenders, width - 1, axis=1)[:, :width]
+        scores, ids = _rows(scores, chosen), _rows(ids, chosen)
+    order = np.lexsort((ids, -scores), axis=1)[:, :k]
+    return _rows(scores, order), _rows(ids, order)
+
+
+# Groups of columns at most above or tied with the k-th best group maximum, per wanted element, before
+# _candidates takes the contiguous blocks instead (a step that forces one token ties every group at -inf).
+_TIED_GROUPS_PER_WANTED = 4
+
+
+def _candidates(values: np.ndarray, k: int) -> np.ndarray:
+    members = _strided_candidates(values, k)
+    return _best_block_members(values, k) if members is None else members
+
+
+def _strided_candidates(values: np.ndarray, k: int) -> np.ndarray | None:
+    """Indices, per row, of a set of elements that holds the row's k largest with torch's ties (lower
+    index first): every element at least as large as the k-th best maximum of strided column groups.
+
+    Group j holds the columns j, j + groups, j + 2 * groups, ...: their maxima are an elementwise
+    maximum over rows of the [block, groups] view, several times cheaper than maxima of contiguous
+    blocks. k groups hold an element >= their k-th best maximum t, so the row's k-th largest is >= t
+    and every element of the top k (ties at t included) lies in a group whose maximum is >= t. When
+    ties at t make those groups many, returns None (the contiguous blocks keep the candidates few).
+    """
+    rows, width = values.shape
+    block = max(1, int(np.sqrt(width / k)))
+    groups = width // block
+    maxima = values[:, : groups * block].reshape(rows, block, groups).max(axis=1)
+    if groups * block < width:  # the columns past the last full stride: one group of their own
+        maxima = np.concatenate([maxima, values[:, groups * block :].max(axis=1, keepdims=True)], axis=1)
+    kth_best = np.partition(maxima, maxima.shape[1] - k, axis=1)[:, maxima.shape[1] - k, None]
+    wanted = maxima >= kth_best
+    needed = int(wanted.sum(axis=1).max())
+    if not k <= needed <= _TIED_GROUPS_PER_WANTED * k:  # fewer: a NaN maximum compares false
+        return None
+    # the wanted groups of every row (and, where a row wants fewer, other groups: more candidates are exact too)
+    chosen = np.argpartition(~wanted, needed - 1, axis=1)[:, :needed]
+    strided = chosen[:, None, :] + groups * np.arange(block)[:, None]  # [rows, block, needed]
+    tail = groups * block + np.arange(block)[:, None]  # the last group, its overhang past the row included
+    return np.where(chosen[:, None, :] < groups, strided, tail).reshape(rows, -1)
 
 
 def _best_block_members(values: np.ndarray, k: int) -> np.ndarray:

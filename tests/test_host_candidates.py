@@ -1,7 +1,7 @@
 """The beam search's candidates on the host (runtime/search.py). top_k: torch.topk's values, and on
 ties the lower id first (a whole-row stable sort's pick; torch leaves the order of ties to its
-kernel), and a step that forces one token (every other score -inf) reads a few blocks of the row, not
-all of it. log_softmax_: the same values whatever the size of its scratch buffer."""
+kernel), from strided column groups or, where ties make those many (a step that forces one token:
+every other score -inf), from a few contiguous blocks of the row, not all of it. log_softmax_: the same values whatever the size of its scratch buffer."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from ortseq.runtime import search
 from ortseq.runtime.search import _best_block_members, log_softmax_, top_k
 
 BEAMS, VOCAB = 8, 96103  # pegasus-xsum: 8 beams of a 96k vocabulary, flattened per input
@@ -50,6 +51,18 @@ def test_top_k_picks_torchs_values_and_the_lowest_tied_ids_on_tied_and_infinite_
     scores[rng.random(scores.shape) < 0.5] = -np.inf
     scores[1] = -np.inf  # a row with no finite score at all
     scores[1, 40000] = 0.0
+    check_top_k(scores)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_k_keeps_the_lowest_ids_of_a_tie_across_the_kth_place_from_the_strided_groups(seed, monkeypatch):
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(0, 4, size=(3, BEAMS * VOCAB)).astype(np.float32)
+    best = scores.max() + 1
+    for row in scores:
+        places = rng.choice(row.size, 25, replace=False)
+        row[places[:5]], row[places[5:]] = best + 1, best  # places 6 to 25 tie: the KEEP - 5 lowest ids win
+    monkeypatch.setattr(search, "_best_block_members", lambda *_: pytest.fail("few ties take the strided groups"))
     check_top_k(scores)
 
 

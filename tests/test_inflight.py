@@ -249,6 +249,11 @@ def test_budget_and_missing_graph_are_refused_by_name(model, exported):
 
 
 def test_queue_bound_and_withdrawn_requests_leave_at_the_next_step(model):
+    """A request withdrawn mid-run leaves before the next decoder step: the step that follows its
+    withdrawal retires it and runs nothing. Its decoder steps are held at HELD_AT until the withdrawal
+    has happened, so no timing decides where in its 60 steps it is withdrawn."""
+    held_at = 5
+
     async def scenario():
         metrics = ServingMetrics()
         config = BatchingConfig(scheduler="inflight", max_queue=1, max_rows=8, max_decoder_tokens=64)
@@ -258,13 +263,27 @@ def test_queue_bound_and_withdrawn_requests_leave_at_the_next_step(model):
         future = scheduler.submit(long, {}, [[5, 6, 7]])
         with pytest.raises(QueueFullError):
             scheduler.submit(long, {}, [[5, 6, 7]])
+        request = scheduler._inbox[0].requests[0]
+        held, withdrawn = threading.Event(), threading.Event()
+        decoder_step = scheduler.decoder.step
+
+        def step_held_mid_run():  # the worker's decoder step; the warm-up's request passes freely
+            finished = decoder_step()
+            if request.position == held_at and request in scheduler.decoder.running:
+                held.set()
+                assert withdrawn.wait(60), "the test never withdrew the request"
+            return finished
+
+        scheduler.decoder.step = step_held_mid_run
         scheduler._thread.start()
-        await asyncio.to_thread(wait_until, lambda: scheduler.decoder.running, "the request runs", 60)
-        steps_then = metrics.steps._value.get()
+        assert await asyncio.to_thread(held.wait, 60), "the request never ran"
+        steps_then = metrics.steps._value.get()  # the held step is not counted yet
         future.cancel()
+        withdrawn.set()
         await asyncio.to_thread(wait_until, lambda: not scheduler.decoder.running, "its rows are retired", 60)
         assert metrics.retired_abandoned._value.get() == 1
-        assert metrics.steps._value.get() - steps_then < 50  # it left long before its 60 steps
+        assert metrics.steps._value.get() - steps_then == 1  # only the held step: no step ran after it
+        assert request.position == held_at and request.output is None  # left mid-run, unfinished
         await scheduler.close()
 
     asyncio.run(scenario())
