@@ -37,6 +37,12 @@ class TextTokenizer:
         self.pad_token_id = pad_token_id
         self._warned_truncation = False
 
+    def read(self) -> None:
+        """Read the file now, not at the first text: a server does at start-up, so that a bad file fails
+        there (ManifestError) and not at its first request."""
+        with self._lock:
+            self._backend()
+
     def _backend(self):
         """The tokenizers object, read from the file the first time (the caller holds the lock)."""
         if self._tokenizer is None:

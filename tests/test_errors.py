@@ -127,6 +127,7 @@ class Case:
     corrupt: Callable[[Path], None] | None = None
     stdin: bytes | None = None
     api: bool = False  # also: Seq2SeqModel.load(export) raises ManifestError saying the same
+    api_at_first_text: bool = False  # ... not at load but at the first call with text (the tokenizer file)
     cwd: str = "{tmp}"
     untouched: list[str] = field(default_factory=list)  # paths under {tmp} that must keep their content
 
@@ -159,9 +160,9 @@ CASES = [
     Case("tokenizer_not_hashed", generate(), "does not list",
          edit_manifest(lambda raw: raw["files"].pop("tokenizer.json")), api=True),
     Case("tokenizer_nested_too_deep", generate(), "tokenizer.json is not a tokenizer file",
-         replace_file("tokenizer.json", b"[" * 100_000 + b"]" * 100_000), api=True),
+         replace_file("tokenizer.json", b"[" * 100_000 + b"]" * 100_000), api=True, api_at_first_text=True),
     Case("tokenizer_malformed", generate(), "tokenizer.json is not a tokenizer file",
-         replace_file("tokenizer.json", b'{"model": 3'), api=True),
+         replace_file("tokenizer.json", b'{"model": 3'), api=True, api_at_first_text=True),
     Case("graph_not_onnx", generate(), "encoder.onnx is not a readable ONNX graph",
          replace_file("encoder.onnx", b"\xff" * 64), api=True),
     Case("graph_names_unlisted_data", generate(), "weights.bin", graph_with_unlisted_external_data, api=True),
@@ -188,6 +189,8 @@ CASES = [
     Case("quality_texts_missing", ("quantize", "{export}", "--to", "int8", "--out", "q", "--texts", "missing.txt"),
          "missing.txt is not a file"),
     Case("port_out_of_range", ("serve", "{export}", "--port", "99999"), "--port"),
+    Case("serve_with_a_malformed_tokenizer", ("serve", "{export}", "--host", "127.0.0.1", "--port", "18779"),
+         "tokenizer.json is not a tokenizer file", replace_file("tokenizer.json", b'{"model": 3')),
     Case("replicas_with_a_uvicorn_flag", ("serve", "{export}", "--replicas", "2", "--max-connections", "5"),
          "--max-connections does not apply with --replicas"),
     Case("replicas_with_inputs_over_the_batch", ("serve", "{export}", "--replicas", "2", "--max-inputs", "64"),
@@ -249,8 +252,13 @@ def test_bad_input_gets_one_line_exit_2_and_touches_nothing(case, exported, tmp_
     assert case.says in stderr and "Traceback" not in stderr, stderr
     assert {name: sha(tmp_path / name) for name in untouched} == untouched
     if case.api:
-        with pytest.raises(ManifestError, match=re.escape(case.says)):
-            Seq2SeqModel.load(tmp_path / "export")
+        if case.api_at_first_text:
+            model = Seq2SeqModel.load(tmp_path / "export")
+            with pytest.raises(ManifestError, match=re.escape(case.says)):
+                model.summarize([TEXT], max_new_tokens=2)
+        else:
+            with pytest.raises(ManifestError, match=re.escape(case.says)):
+                Seq2SeqModel.load(tmp_path / "export")
 
 
 def test_bundle_api_refuses_a_user_directory_and_replaces_a_bundle_only_with_force(exported, tmp_path):

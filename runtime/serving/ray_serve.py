@@ -119,6 +119,7 @@ def serve_on_ray(
     from .app import server_settings
 
     probe = Seq2SeqModel.load(export_dir, threads=1)  # a bad export or setting fails here, before Ray starts
+    probe.tokenizer.read()
     server_settings(probe, limits, batching)
     del probe
     address = address or os.environ.get("RAY_ADDRESS")

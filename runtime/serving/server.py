@@ -61,6 +61,7 @@ def serve(
     sock: from bound_socket(options.host, options.port), bound by the caller (default: bound here)."""
     sock = sock or bound_socket(options.host, options.port)
     model = Seq2SeqModel.load(export_dir, provider=options.provider, threads=options.threads)
+    model.tokenizer.read()  # every request has text: a bad tokenizer file fails here, before the port opens
     app = create_app(model, limits, batching)
     config = uvicorn.Config(
         app,
