@@ -43,7 +43,7 @@ MODELS = {
     "cnn_layout": S(),  # tiny-bart: what bart-large-cnn is, at tiny size
     "scaled_untied": S(
         d_model=60, heads=3, encoder_layers=3, decoder_layers=1, ffn_dim=72, max_position_embeddings=40,
-        scale_embedding=True, tie_embeddings=False, forced_bos=False, eos_logit_bias=2.0,
+        scale_embedding=True, tie_embeddings=False, forced_bos=False, eos_logit_bias=4.0,
     ),
     "cnn_layout_no_forced_bos": S(forced_bos=False),
 }  # fmt: skip
