@@ -45,7 +45,7 @@ MODELS = {
         hidden=36, heads=3, intermediate=60, max_position_embeddings=40, eos_logit_bias=6.0, tie_encoder_decoder=True)),
     "roberta2roberta": ("roberta2roberta", S(encoder_layers=3, decoder_layers=1, eos_logit_bias=7.0)),
     "roberta2roberta_tied": ("roberta2roberta", S(
-        hidden=48, heads=2, max_position_embeddings=48, eos_logit_bias=7.0, tie_encoder_decoder=True)),
+        hidden=48, heads=2, max_position_embeddings=48, eos_logit_bias=4.0, tie_encoder_decoder=True)),
     "bertgeneration": ("bertgeneration", S(encoder_layers=1, decoder_layers=3, max_position_embeddings=50)),
     "bertgeneration_tied": ("bertgeneration", S(hidden=48, heads=4, tie_encoder_decoder=True)),
     # head_dim 32: DecoderMaskedMultiHeadAttention (the others get the plain-ONNX self-attention)
