@@ -12,6 +12,7 @@ import os
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 from helpers import ortseq
 from test_legacy_checkpoints import _filled_as_5x
 
+from ortseq.exporter.families import family_for
 from ortseq.exporter.pipeline import export
 from ortseq.runtime.model import Seq2SeqModel
 
@@ -237,6 +239,11 @@ def test_hub_id_exports_offline_from_the_hub_cache(zoo, tmp_path, layout):
     checkpoint = zoo(ZooEntry("pegasus_untied", layout))
     weights = json.loads((checkpoint / "goldens.json").read_text())["weight_files"]
     assert ("pytorch_model.bin.index.json" in weights) == (layout == "sharded-bin"), weights
+    # a download fetches what the family's patterns match (huggingface_hub's allow_patterns: fnmatch); the
+    # offline cache below holds every file whatever they match, so check them here
+    patterns = family_for(checkpoint).download_patterns()
+    needed = [path.name for path in checkpoint.iterdir() if path.name != "goldens.json"]
+    assert not [name for name in needed if not any(fnmatch(name, pattern) for pattern in patterns)], patterns
     other_frameworks = {"tf_model.h5": b"not a torch file", "flax_model.msgpack": b"not a torch file"}
     lay_out_as_hub_cache(checkpoint, tmp_path / "hub", ALIASES["pegasus-xsum"], other_frameworks)
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
