@@ -45,8 +45,14 @@ def _download(repo_id: str) -> Path:
     return _snapshot(repo_id, list(families.family_for(config_only).download_patterns()), _WEIGHT_FILES)
 
 
-# A cached snapshot holding none of these is one whose config.json alone was fetched.
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# A cached snapshot holding none of these is one whose config.json alone was fetched (a sharded checkpoint
+# is complete with its index, which names its shards).
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def _snapshot(repo_id: str, patterns: list[str], complete_with: tuple[str, ...]) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PEAKED_SHAPES, SHAPES
+from helpers import SHAPES, seed_of, with_peaked
 
 from ortseq.exporter.pipeline import export
 from ortseq.exporter.tiny.pegasus import build_tiny_pegasus
@@ -28,15 +28,14 @@ class ExportedModel:
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
-    """exported(name) -> ExportedModel for a shape of SHAPES (or PEAKED_SHAPES: the same weights with a
-    likelier end token), built and exported once."""
+    """exported(name) -> ExportedModel for a shape of SHAPES (or its peaked twin: the same weights with a
+    likelier end token, helpers.with_peaked), built and exported once."""
     cache: dict[str, ExportedModel] = {}
 
     def get(name: str) -> ExportedModel:
         if name not in cache:
             root = tmp_path_factory.mktemp(name)
-            shape, seed = (SHAPES | PEAKED_SHAPES)[name], list(SHAPES).index(name.removesuffix("_peaked")) + 1
-            checkpoint = build_tiny_pegasus(root / "checkpoint", shape, seed=seed)
+            checkpoint = build_tiny_pegasus(root / "checkpoint", with_peaked(SHAPES)[name], seed=seed_of(SHAPES, name))
             export(str(checkpoint), root / "export")
             cache[name] = ExportedModel(checkpoint, root / "export")
         return cache[name]

@@ -9,13 +9,13 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from ortseq.exporter.tiny.kit import peaked
 from ortseq.exporter.tiny.pegasus import TinyPegasusShape
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,18 +86,24 @@ WITHOUT_SETTING = {
     "beam2_min_new_tokens": {"min_new_tokens": 0},
 }
 
-# A length penalty of 2 favours running to the maximum so strongly that on these random models every
-# hypothesis does, with or without it: those settings run on each shape with a likelier end token.
+# Settings that decide something only on a model with a likelier end token (exporter/tiny/kit.py `peaked`)
 PEAKED_SETTINGS = {"beam8_lp2", "beam4_early_stopping_never"}
-PEAKED_EOS_LOGIT_BIAS = {"base": 6.0, "odd_heads": 8.0, "deep_decoder": 6.0, "head32": 6.0}
-PEAKED_SHAPES = {
-    f"{name}_peaked": replace(shape, eos_logit_bias=PEAKED_EOS_LOGIT_BIAS[name]) for name, shape in SHAPES.items()
-}
+PEAKED_SUFFIX = "_peaked"
+
+
+def with_peaked(models: dict) -> dict:
+    """models (name -> tiny shape) and, for each, its `peaked` twin named name + PEAKED_SUFFIX."""
+    return models | {name + PEAKED_SUFFIX: peaked(shape) for name, shape in models.items()}
 
 
 def parity_shape(shape: str, setting: str) -> str:
-    """The model a parity case of this shape and setting runs on (a name for the `exported` fixture)."""
-    return f"{shape}_peaked" if setting in PEAKED_SETTINGS else shape
+    """The model a parity case of this model and setting runs on (the peaked twin for PEAKED_SETTINGS)."""
+    return shape + PEAKED_SUFFIX if setting in PEAKED_SETTINGS else shape
+
+
+def seed_of(models: dict, name: str) -> int:
+    """The build seed of a model of with_peaked(models): its place in models, the peaked twin's model's."""
+    return list(models).index(name.removesuffix(PEAKED_SUFFIX)) + 1
 
 
 def parity_lengths(max_len: int) -> list[int]:
@@ -130,10 +136,11 @@ def degenerate(out: np.ndarray, without: np.ndarray | None, max_new_tokens: int,
     return None
 
 
-def discriminating_batch(torch_model, setting: str, make_batch, first_seed: int, eos: int):
+def discriminating_batch(torch_model, setting: str, make_batch, first_seed: int, eos: int, settings=None):
     """(ids, mask, transformers' tokens) of the first seed from first_seed whose batch (make_batch(seed))
-    discriminates for this setting (see `degenerate`); AssertionError if none of SEARCH_SEEDS does."""
-    settings = SETTINGS[setting]
+    discriminates for this setting (see `degenerate`); AssertionError if none of SEARCH_SEEDS does.
+    settings: the generate() arguments of the case (default SETTINGS[setting])."""
+    settings = SETTINGS[setting] if settings is None else settings
     max_new = settings.get("max_new_tokens", torch_model.generation_config.max_length - 1)
     reasons = []
     for seed in range(first_seed, first_seed + SEARCH_SEEDS):

@@ -16,7 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CORPUS, SETTINGS, ortseq, padded_batch, torch_generate
+from helpers import (
+    CORPUS,
+    SETTINGS,
+    discriminating_batch,
+    ortseq,
+    padded_batch,
+    parity_lengths,
+    parity_shape,
+    seed_of,
+    with_peaked,
+)
 
 from ortseq.exporter.families import family_for
 from ortseq.exporter.families.bart import BartFamily
@@ -33,7 +43,7 @@ MODELS = {
     "cnn_layout": S(),  # tiny-bart: what bart-large-cnn is, at tiny size
     "scaled_untied": S(
         d_model=60, heads=3, encoder_layers=3, decoder_layers=1, ffn_dim=72, max_position_embeddings=40,
-        scale_embedding=True, tie_embeddings=False, forced_bos=False, eos_logit_bias=2.0,
+        scale_embedding=True, tie_embeddings=False, forced_bos=False, eos_logit_bias=4.0,
     ),
     "cnn_layout_no_forced_bos": S(forced_bos=False),
 }  # fmt: skip
@@ -50,7 +60,8 @@ class ExportedBart:
 
 @pytest.fixture(scope="session")
 def bart(tmp_path_factory):
-    """bart(name) -> ExportedBart for a model of MODELS, built and exported once."""
+    """bart(name) -> ExportedBart for a model of MODELS or its peaked twin (helpers.with_peaked), built and
+    exported once."""
     from transformers import BartForConditionalGeneration
 
     cache: dict[str, ExportedBart] = {}
@@ -58,7 +69,7 @@ def bart(tmp_path_factory):
     def get(name: str) -> ExportedBart:
         if name not in cache:
             root = tmp_path_factory.mktemp(name)
-            checkpoint = build_tiny_bart(root / "checkpoint", MODELS[name], seed=list(MODELS).index(name) + 1)
+            checkpoint = build_tiny_bart(root / "checkpoint", with_peaked(MODELS)[name], seed=seed_of(MODELS, name))
             export(str(checkpoint), root / "export")
             model = BartForConditionalGeneration.from_pretrained(str(checkpoint)).eval()
             cache[name] = ExportedBart(checkpoint, root / "export", model, Seq2SeqModel.load(root / "export"))
@@ -67,31 +78,34 @@ def bart(tmp_path_factory):
     return get
 
 
-def _parity_batch(model: ExportedBart, setting: str) -> tuple[np.ndarray, np.ndarray]:
-    """A padded batch up to the maximum position, ids above BART's specials."""
-    max_len = model.ours.manifest.dims.max_position_embeddings
-    ids, mask = padded_batch(
-        model.ours.manifest, [max_len, max_len // 2 + 1, 1], seed=zlib.crc32(setting.encode()) % 1000
-    )
-    ids[mask == 1] = np.maximum(ids[mask == 1], 5)  # no <s>/<pad>/</s>/<unk>/<mask> inside the text
-    return ids, mask
+def parity_case(bart, name: str, setting: str) -> tuple[ExportedBart, np.ndarray, np.ndarray, np.ndarray]:
+    """(model, ids, mask, transformers' tokens) on the first padded batch (by seed) where the case
+    discriminates: rows end at varied lengths, some before the maximum, and the tokens differ from the
+    same case without its setting (helpers.degenerate). Ids above BART's specials."""
+    model = bart(parity_shape(name, setting))
+    manifest = model.ours.manifest
+
+    def batch(seed: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask = padded_batch(manifest, parity_lengths(manifest.dims.max_position_embeddings), seed=seed)
+        ids[mask == 1] = np.maximum(ids[mask == 1], 5)  # no <s>/<pad>/</s>/<unk>/<mask> inside the text
+        return ids, mask
+
+    first_seed = zlib.crc32(setting.encode()) % 1000
+    eos = manifest.special_tokens.eos_token_id
+    return model, *discriminating_batch(model.torch_model, setting, batch, first_seed, eos)
 
 
 @pytest.mark.parametrize("name", WITHOUT_FORCED_BOS)
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_bart_generate_matches_transformers_on_padded_batch(bart, name, setting):
-    model = bart(name)
-    ids, mask = _parity_batch(model, setting)
-    expected = torch_generate(model.torch_model, ids, mask, SETTINGS[setting])
+    model, ids, mask, expected = parity_case(bart, name, setting)
     np.testing.assert_array_equal(model.ours.generate(ids, mask, **SETTINGS[setting]), expected)
 
 
 @pytest.mark.parametrize("setting", ["greedy", "beam4_lp06", "beam4_no_repeat_3", "model_defaults"])
 def test_bart_with_forced_bos_matches_transformers(bart, setting):
     """forced_bos_token_id (bart-large-cnn: <s> after the decoder start </s>); needs the runtime to honour it."""
-    model = bart("cnn_layout")
-    ids, mask = _parity_batch(model, setting)
-    expected = torch_generate(model.torch_model, ids, mask, SETTINGS[setting])
+    model, ids, mask, expected = parity_case(bart, "cnn_layout", setting)
     assert (expected[:, 1] == 0).all()  # transformers forced <s> second
     np.testing.assert_array_equal(model.ours.generate(ids, mask, **SETTINGS[setting]), expected)
 

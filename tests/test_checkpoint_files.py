@@ -12,6 +12,7 @@ import os
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 from helpers import ortseq
 from test_legacy_checkpoints import _filled_as_5x
 
+from ortseq.exporter.families import family_for
 from ortseq.exporter.pipeline import export
 from ortseq.runtime.model import Seq2SeqModel
 
@@ -41,6 +43,25 @@ def assert_generates_goldens(export_dir: Path, goldens: dict, cases=TOKEN_CASES)
         expected = np.array(expected)
         got = model.generate(ids, mask, **case["kwargs"])
         assert got.shape == expected.shape and np.array_equal(got, expected), case["name"]
+
+
+# How far ortseq's fp32 decoder logits may be from the writing version's fp32 ones (float32 on a CPU, stored
+# fp16/bf16 weights upcast). Measured over the zoo's fp32/fp16/bf16 model.safetensors entries of the five 4.57.6
+# fixtures (logits up to 7 in size): at most 1.1e-4 (BertGeneration fp16), 2.9e-6 to 5e-5 for the
+# others. Rounding the fp32 weights to fp16 moves 4.x's logits by 3.8e-3 to 5.9e-2 (the fp16 files' goldens
+# against the fp32 ones'); reading Pegasus' fp16 file through bf16 moved them by 1.9e-1, with the same tokens.
+STEP_LOGITS_ATOL = 5e-4
+
+
+def step_logits_error(export_dir: Path, goldens: dict) -> float:
+    """The largest absolute difference between the export's logits of each decoder step, fed the writing
+    version's greedy tokens, and that version's own (relay.py step_logits)."""
+    model = Seq2SeqModel.load(export_dir)
+    ids, mask = np.array(goldens["input_ids"]), np.array(goldens["attention_mask"])
+    expected = np.array(goldens["step_logits"]["logits"], dtype=np.float32)
+    got = model.sessions.teacher_forced_logits(ids, mask, np.array(goldens["step_logits"]["decoder_ids"]))
+    assert got.shape == expected.shape and expected.shape[1] > 3, (got.shape, expected.shape)
+    return float(np.abs(got - expected).max())
 
 
 # ---------------------------------------------------------------- the checkpoint zoo
@@ -159,7 +180,8 @@ def _slow_unless_representative(entries):
 
 @pytest.mark.parametrize("entry", _slow_unless_representative(zoo_matrix()))
 def test_zoo_checkpoint_exports_4x_tokens(zoo, entry, tmp_path):
-    """Every layout and stored dtype exports and generates the writing version's fp32 tokens exactly."""
+    """Every layout and stored dtype exports and generates the writing version's fp32 tokens exactly, and
+    its fp32 logits at fp32 tolerance (tokens alone may not tell an fp16 file read through bf16)."""
     folder = zoo(entry)
     goldens = json.loads((folder / "goldens.json").read_text())
     weights = goldens["weight_files"]
@@ -167,6 +189,9 @@ def test_zoo_checkpoint_exports_4x_tokens(zoo, entry, tmp_path):
     assert any(name.endswith(".index.json") for name in weights) == entry.layout.startswith("sharded"), weights
     export(str(folder), tmp_path / "export")
     assert_generates_goldens(tmp_path / "export", goldens)
+    error = step_logits_error(tmp_path / "export", goldens)
+    print(f"{entry.id}: step logits max abs error {error:.2e}")
+    assert error <= STEP_LOGITS_ATOL, f"{entry.id}: the export's logits are {error:.2e} from 4.x's fp32 ones"
     record_result(entry, goldens, "exports; 4.x tokens exactly")
 
 
@@ -203,12 +228,22 @@ def lay_out_as_hub_cache(checkpoint: Path, cache: Path, repo_id: str, extra_file
     return snapshot
 
 
-def test_hub_id_exports_offline_from_the_hub_cache(zoo, tmp_path):
+@pytest.mark.parametrize("layout", ["pytorch_model.bin", "sharded-bin"])
+def test_hub_id_exports_offline_from_the_hub_cache(zoo, tmp_path, layout):
     """`make export MODEL=pegasus-xsum` for a user whose hub cache holds google/pegasus-xsum as the hub
-    serves it: pytorch_model.bin only, beside other frameworks' weights, which are not read."""
+    serves it: pytorch_model.bin only (or its shards, pytorch_model-0000N-of-0000M.bin with
+    pytorch_model.bin.index.json, as larger checkpoints are), beside other frameworks' weights, which are
+    not read."""
     from ortseq.exporter.sources import ALIASES
 
-    checkpoint = zoo(ZooEntry("pegasus_untied", "pytorch_model.bin"))
+    checkpoint = zoo(ZooEntry("pegasus_untied", layout))
+    weights = json.loads((checkpoint / "goldens.json").read_text())["weight_files"]
+    assert ("pytorch_model.bin.index.json" in weights) == (layout == "sharded-bin"), weights
+    # a download fetches what the family's patterns match (huggingface_hub's allow_patterns: fnmatch); the
+    # offline cache below holds every file whatever they match, so check them here
+    patterns = family_for(checkpoint).download_patterns()
+    needed = [path.name for path in checkpoint.iterdir() if path.name != "goldens.json"]
+    assert not [name for name in needed if not any(fnmatch(name, pattern) for pattern in patterns)], patterns
     other_frameworks = {"tf_model.h5": b"not a torch file", "flax_model.msgpack": b"not a torch file"}
     lay_out_as_hub_cache(checkpoint, tmp_path / "hub", ALIASES["pegasus-xsum"], other_frameworks)
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}

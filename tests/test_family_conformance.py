@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import CORPUS, SETTINGS, padded_batch, tiny_model_params, torch_generate
+from helpers import CORPUS, SETTINGS, WITHOUT_SETTING, degenerate, padded_batch, tiny_model_params, torch_generate
 from test_bundle import summarize
 
 from ortseq.exporter.families import family_named
@@ -80,11 +80,6 @@ def test_the_runtime_tokenizer_round_trips_as_transformers(tiny_export, family, 
         assert ours.decode([expected]) == [reference_tokenizer.decode(expected, skip_special_tokens=True)], text[:60]
 
 
-def row_lengths(tokens: np.ndarray, eos: int) -> list[int]:
-    """Generated tokens of each row, up to its EOS (or all of them)."""
-    return [int(np.argmax(row[1:] == eos)) + 1 if (row[1:] == eos).any() else len(row) - 1 for row in tokens]
-
-
 def candidate_batches(ours: Seq2SeqModel):
     """Padded batches of rows of varied lengths, real text first, then random ids (helpers.padded_batch)."""
     manifest = ours.manifest
@@ -102,18 +97,25 @@ def candidate_batches(ours: Seq2SeqModel):
 )
 @pytest.mark.parametrize(("family", "kind"), CASES)
 def test_generate_matches_transformers_on_a_padded_batch(tiny_export, reference, family, kind, setting):
-    """On the first candidate batch where transformers' rows end at varied steps (rows that all end at the
-    first step, or all run to the maximum, check nothing), ortseq's tokens are transformers'."""
+    """On the first candidate batch where the case discriminates (helpers.degenerate: rows end at varied
+    steps, some before the maximum, and the tokens differ from the same case without its setting),
+    ortseq's tokens are transformers'."""
     if not family_named(family).reference_encoder:
         pytest.skip(f"transformers has no {family} encoder: its parity rests on the reference code's goldens")
     ours = Seq2SeqModel.load(tiny_export(kind).export_dir)
     settings, eos = PARITY_SETTINGS[setting], ours.manifest.special_tokens.eos_token_id
+    torch_model, without = reference(family, kind), WITHOUT_SETTING.get(setting)
+    max_new = settings.get("max_new_tokens", torch_model.generation_config.max_length - 1)
+    reasons = set()
     for ids, mask in candidate_batches(ours):
-        expected = torch_generate(reference(family, kind), ids, mask, settings)
-        if len(set(row_lengths(expected, eos))) > 1:
+        expected = torch_generate(torch_model, ids, mask, settings)
+        other = torch_generate(torch_model, ids, mask, settings | without) if without else None
+        reason = degenerate(expected, other, max_new, eos)
+        if reason is None:
             np.testing.assert_array_equal(ours.generate(ids, mask, **settings), expected)
             return
-    pytest.fail(f"{setting}: on none of {2 * CANDIDATES} batches do transformers' rows end at varied steps")
+        reasons.add(reason)
+    pytest.fail(f"{setting}: none of {2 * CANDIDATES} batches discriminates: {reasons}")
 
 
 @pytest.mark.slow

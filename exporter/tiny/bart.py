@@ -37,6 +37,7 @@ class TinyBartShape:
         9.0  # a tied random decoder repeats a token: a strong EOS bias ends hypotheses at varied lengths
     )
     cross_attention_gain: float = 3.0  # sharper cross-attention: tokens depend on the input
+    min_length: int = 6  # bart-large-cnn's generation config asks for at least 56 tokens: 6 at tiny lengths
 
 
 def train_bart_tokenizer(out_dir: Path, vocab_size: int, seed: int, lines: list[str] | None = None, **config):
@@ -101,7 +102,7 @@ def build_tiny_bart(out_dir: Path, shape: TinyBartShape = TinyBartShape(), seed:
     make_outputs_input_dependent(bart_lineage_parts(model), shape.eos_logit_bias, shape.cross_attention_gain)
     # bart-large-cnn's search (4 beams, length penalty 2, no 3-gram repeats, early stopping) at tiny lengths
     model.generation_config = GenerationConfig(
-        num_beams=4, max_length=32, min_length=6, length_penalty=2.0, no_repeat_ngram_size=3, early_stopping=True,
+        num_beams=4, max_length=32, min_length=shape.min_length, length_penalty=2.0, no_repeat_ngram_size=3, early_stopping=True,
         **BART_TOKEN_IDS, **forced_bos,
     )  # fmt: skip
     model.save_pretrained(out_dir)

@@ -7,8 +7,11 @@ JOBS.json is a list of {"source", "out", "layout", "dtype", "variant"}: source a
 tests/fixtures/legacy (its checkpoint and goldens.json), out the folder to write (written beside, then
 renamed). Each job loads the source as a user of this version does, casts the weights to `dtype`,
 saves them in `layout` (LAYOUTS), reloads the written checkpoint as this version loads it (float32 on a
-CPU: stored fp16/bf16 weights upcast) and writes goldens.json: the source's inputs and this version's
-generate() tokens for the source's greedy and 4-beam cases.
+CPU: stored fp16/bf16 weights upcast) and writes goldens.json: the source's inputs, this version's
+generate() tokens for the source's greedy and 4-beam cases, and its float32 logits of each decoder step
+when fed the greedy tokens (as generate() runs it, one step at a time with its cache): on tiny models an
+export that rounded weights through another dtype, or computed a layer in reduced precision, may still
+give the same tokens, never the same logits.
 
 variant: "" (as saved), "without_pooler" (EncoderDecoderModel: the encoder saved without its pooler, as
 checkpoints built from BertModel(add_pooling_layer=False) are; generation never reads it), or
@@ -89,6 +92,8 @@ def write_goldens(model, source_goldens: dict, folder: Path, job: dict) -> None:
             if job["dtype"] == "float32":  # the same weights: the source's own tokens
                 assert sequences.tolist() == case["sequences"], (job, case["name"])
             cases.append({"name": case["name"], "kwargs": case["kwargs"], "sequences": sequences.tolist()})
+    greedy = next(case["sequences"] for case in cases if case["name"] == "greedy")
+    decoder_ids = torch.tensor(greedy)[:, :-1]
     goldens = {
         "writer": {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]},
         "job": {key: job[key] for key in ("layout", "dtype", "variant")},
@@ -96,8 +101,23 @@ def write_goldens(model, source_goldens: dict, folder: Path, job: dict) -> None:
         "input_ids": source_goldens["input_ids"],
         "attention_mask": source_goldens["attention_mask"],
         "cases": cases,
+        "step_logits": {"decoder_ids": decoder_ids.tolist(), "logits": step_logits(model, ids, mask, decoder_ids)},
     }
     (folder / "goldens.json").write_text(json.dumps(goldens, indent=1) + "\n")
+
+
+def step_logits(model, ids, mask, decoder_ids) -> list:
+    """[batch, steps, vocab] float32 logits of the decoder fed decoder_ids one step at a time with its cache."""
+    past, logits = None, []
+    with torch.no_grad():
+        for step in range(decoder_ids.shape[1]):
+            out = model(
+                input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids[:, step : step + 1],
+                past_key_values=past, use_cache=True,
+            )  # fmt: skip
+            past = out.past_key_values
+            logits.append(out.logits[:, -1].float())
+    return torch.stack(logits, dim=1).tolist()
 
 
 def main() -> None:
