@@ -32,20 +32,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from load_inflight import INPUT_TOKENS, MODELS, RESULTS, THREADS, WORDS, prepare
+from load_inflight import MODELS, RESULTS, THREADS, prepare, random_text
 
 
 def corpus(model, count: int, seed: int) -> list[str]:
     """count texts of random token lengths in INPUT_TOKENS."""
     rng = np.random.default_rng(seed)
-    texts = []
-    for _ in range(count):
-        target = int(rng.integers(INPUT_TOKENS[0], INPUT_TOKENS[1] + 1))
-        words = [WORDS[i] for i in rng.integers(0, len(WORDS), size=target)]
-        while len(model.tokenizer.token_ids([" ".join(words)])[0]) > target:
-            words.pop()
-        texts.append(" ".join(words))
-    return texts
+    return [random_text(model, rng) for _ in range(count)]
 
 
 def batched(summarizer, texts: list[str], batch_size: int) -> list[tuple[str, int]]:

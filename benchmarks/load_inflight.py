@@ -93,18 +93,24 @@ def _build(checkpoint: Path, bench: BenchModel) -> None:
     model.save_pretrained(checkpoint)
 
 
+def random_text(model, rng) -> str:
+    """Words of WORDS making at most a random token length in INPUT_TOKENS (the model's tokenizer)."""
+    target = int(rng.integers(INPUT_TOKENS[0], INPUT_TOKENS[1] + 1))
+    words = [WORDS[i] for i in rng.integers(0, len(WORDS), size=target)]
+    while len(model.tokenizer.token_ids([" ".join(words)])[0]) > target:
+        words.pop()
+    return " ".join(words)
+
+
 def request_pool(model, size: int, seed: int) -> list[dict]:
     """size requests: a text of a random token length in INPUT_TOKENS and its parameters."""
     rng = np.random.default_rng(seed)
     pool = []
     for _ in range(size):
-        target = int(rng.integers(INPUT_TOKENS[0], INPUT_TOKENS[1] + 1))
-        words = [WORDS[i] for i in rng.integers(0, len(WORDS), size=target)]
-        while len(model.tokenizer.token_ids([" ".join(words)])[0]) > target:
-            words.pop()
+        text = random_text(model, rng)
         new = int(rng.integers(NEW_TOKENS[0], NEW_TOKENS[1] + 1))
         parameters = {"num_beams": int(rng.choice(BEAMS)), "max_new_tokens": new, "min_new_tokens": new}
-        pool.append({"text": " ".join(words), "parameters": parameters})
+        pool.append({"text": text, "parameters": parameters})
     return pool
 
 
