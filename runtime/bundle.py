@@ -18,7 +18,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from ..graphs.directories import check_out_dir, replace_dir
+from ..graphs.directories import BUNDLE_CODE, BUNDLE_ENTRIES, BUNDLE_LAUNCHER, check_out_dir, replace_dir
 from ..graphs.manifest import MANIFEST_FILE, Manifest
 
 logger = logging.getLogger("ortseq")
@@ -77,15 +77,17 @@ def make_bundle(export_dir: str | Path, out_dir: str | Path, force: bool = False
         (staging / "model").mkdir(parents=True)
         for name in [*manifest.files, MANIFEST_FILE]:
             shutil.copy2(export_dir / name, staging / "model" / name)
-        _copy_runtime_code(staging / "ortseq")
+        _copy_runtime_code(staging / BUNDLE_CODE)
         (staging / "requirements.txt").write_text(requirements())
-        (staging / "summarize").write_text(LAUNCHER)
-        (staging / "summarize").chmod(0o755)
+        (staging / BUNDLE_LAUNCHER).write_text(LAUNCHER)
+        (staging / BUNDLE_LAUNCHER).chmod(0o755)
         (staging / "README.md").write_text(
             README.format(
                 source=manifest.source or export_dir.name, family=manifest.family, precision=manifest.precision
             )
         )
+        # --force may later replace exactly these entries (graphs/directories.py): nothing else may be written
+        assert sorted(path.name for path in staging.iterdir()) == sorted(BUNDLE_ENTRIES)
         replace_dir(staging, out_dir)
     logger.info("bundle complete: %s (%.1f MB)", out_dir, directory_bytes(out_dir) / 1e6)
     return out_dir
