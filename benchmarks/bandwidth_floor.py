@@ -121,18 +121,26 @@ class DecoderClock:
         return getattr(self._session, name)
 
 
+def greedy(model: Seq2SeqModel, ids: np.ndarray, new_tokens: int) -> None:
+    """Exactly new_tokens greedy tokens for one row. num_beams is given: an export's own default may be a
+    beam search (the sweep model's is 8 beams, as pegasus-xsum's), which would time 8 rows a step."""
+    out = model.generate(ids, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    if out.shape != (1, 1 + new_tokens):
+        raise RuntimeError(f"greedy batch 1 returned shape {out.shape}, not (1, {1 + new_tokens})")
+
+
 def step_times(model: Seq2SeqModel, length: int, rounds: int) -> dict:
     ids = np.random.default_rng(0).integers(3, model.manifest.dims.vocab_size, size=(1, length))
     clock = DecoderClock(model.engine.sessions.decoder)
     model.engine.sessions.decoder = clock
     samples = []
-    model.generate(ids, max_new_tokens=SHORT, min_new_tokens=SHORT)  # warm-up
+    greedy(model, ids, SHORT)  # warm-up
     for _ in range(rounds):
         sample = {}
         for new in (SHORT, LONG):
             clock.seconds = 0.0
             start = time.perf_counter()
-            model.generate(ids, max_new_tokens=new, min_new_tokens=new)
+            greedy(model, ids, new)
             sample[new] = (time.perf_counter() - start, clock.seconds)
         samples.append(
             dict(
@@ -200,8 +208,10 @@ def main() -> None:
         )
         print(f"[floor] {export_dir}: {times['step_ms']:.2f} ms a step, floor {floor_ms:.2f} ms", flush=True)
         del model
+    from benchmarks.bench import machine
+
     meta = dict(
-        date=time.strftime("%Y-%m-%d"), length=args.length, rounds=args.rounds, threads=THREADS,
+        date=time.strftime("%Y-%m-%d"), machine=machine(), length=args.length, rounds=args.rounds, threads=THREADS,
         steps=f"({LONG} - {SHORT} new tokens) / {LONG - SHORT}", bandwidth_bytes_per_s=bandwidth,
         bandwidth_samples=bandwidth_samples, load_average_end=os.getloadavg(),
     )  # fmt: skip

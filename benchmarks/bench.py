@@ -149,6 +149,19 @@ def _timed(generate, ids, beams: int, new_tokens: int, repeats: int):
     return statistics.median(times), out
 
 
+def machine() -> dict:
+    """The CPU a result was measured on: times from machines of other SIMD widths do not compare (int8
+    and fp32 kernels differ most between AVX2 and AVX-512)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    fields = {}
+    for line in info.splitlines():  # the first processor's block is enough: they are all alike
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    simd = sorted(flags & {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"})
+    return dict(cpu=fields.get("model name", ""), cpu_count=os.cpu_count(), simd=simd)
+
+
 def rss_mb(field: str = "VmHWM") -> float:
     """VmHWM: peak resident set of this process image (ru_maxrss would carry the parent's over exec);
     VmRSS: the current one."""
@@ -394,7 +407,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(
-        date=time.strftime("%Y-%m-%d"), cpu_count=os.cpu_count(), threads=THREADS, rounds=args.rounds,
+        date=time.strftime("%Y-%m-%d"), machine=machine(), threads=THREADS, rounds=args.rounds,
         input_ids="uniform over [3, vocab_size)",
         new_tokens=NEW_TOKENS, per_step=f"(t({NEW_TOKENS} new tokens) - t({SHORT_TOKENS})) / {NEW_TOKENS - SHORT_TOKENS}",
     )  # fmt: skip

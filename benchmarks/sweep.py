@@ -149,7 +149,7 @@ def main() -> None:
         done = {key(r): r for r in json.loads((args.out / "sweep.json").read_text())["results"]}
     todo = points(args)
     meta = dict(
-        date=time.strftime("%Y-%m-%d"), cpu_count=os.cpu_count(), threads=bench.THREADS, rounds=args.rounds,
+        date=time.strftime("%Y-%m-%d"), machine=bench.machine(), threads=bench.THREADS, rounds=args.rounds,
         model=MODEL, shape=bench.SHAPES[MODEL], input_ids="uniform over [3, vocab_size)",
         peak_rss="VmHWM of the fresh worker process", time="median over rounds of one call after a warm-up call",
     )  # fmt: skip
