@@ -155,6 +155,14 @@ def discriminating_batch(torch_model, setting: str, make_batch, first_seed: int,
     raise AssertionError(f"{setting}: no input of seeds {first_seed}+{SEARCH_SEEDS} discriminates: {set(reasons)}")
 
 
+def exact_log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log_softmax over the last axis in float64: the exact values float32 kernels are held to (their own
+    rounding depends on the CPU's SIMD, torch's and onnxruntime's alike)."""
+    wide = logits.astype(np.float64)
+    wide -= wide.max(axis=-1, keepdims=True)
+    return wide - np.log(np.exp(wide).sum(axis=-1, keepdims=True))
+
+
 def padded_batch(manifest, lengths: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Random ids of the export's vocabulary (graphs/manifest.py Manifest), one row per length, right-padded
     with its pad id. Ids start at 3 (where every family's tokenizer keeps its first specials); the

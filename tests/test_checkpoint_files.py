@@ -47,8 +47,9 @@ def assert_generates_goldens(export_dir: Path, goldens: dict, cases=TOKEN_CASES)
 
 # How far ortseq's fp32 decoder logits may be from the writing version's fp32 ones (float32 on a CPU, stored
 # fp16/bf16 weights upcast). Measured over all 71 zoo entries (logits up to 7 in size): 2.6e-6 to 1.15e-4
-# (the most: LSG-Pegasus bf16 against the reference code's, and BertGeneration fp16 at 1.1e-4). Rounding the fp32 weights to fp16 moves 4.x's logits by 3.8e-3 to 5.9e-2 (the fp16 files' goldens
-# against the fp32 ones'); reading Pegasus' fp16 file through bf16 moved them by 1.9e-1, with the same tokens.
+# (the most: LSG-Pegasus bf16 against the reference code's, and BertGeneration fp16 at 1.1e-4). Rounding the
+# fp32 weights to fp16 moves 4.x's logits by 3.8e-3 to 5.9e-2 (the fp16 files' goldens against the fp32 ones');
+# reading Pegasus' fp16 file through bf16 moved them by 1.9e-1, with the same tokens.
 STEP_LOGITS_ATOL = 5e-4
 
 

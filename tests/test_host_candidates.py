@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import exact_log_softmax
 
 from ortseq.runtime import search
 from ortseq.runtime.search import _best_block_members, log_softmax_, top_k
@@ -75,11 +76,5 @@ def test_log_softmax_is_the_same_with_a_scratch_of_a_few_rows(rows, scratch_rows
     # Against the exact values (float64, rounded once), within 2 float32 ulps of the largest: torch's own
     # float32 kernel is no reference here, its error depends on the CPU's SIMD (on AVX2 it was 2.4e-5 of
     # values up to 40, a per-row offset of its sum of exps; numpy's 3.7e-6).
-    exact = _exact_log_softmax(logits)
+    exact = exact_log_softmax(logits).astype(np.float32)
     assert np.abs(whole - exact).max() <= 2 * np.spacing(np.abs(exact).max())
-
-
-def _exact_log_softmax(logits: np.ndarray) -> np.ndarray:
-    wide = logits.astype(np.float64)
-    wide -= wide.max(axis=-1, keepdims=True)
-    return (wide - np.log(np.exp(wide).sum(axis=-1, keepdims=True))).astype(np.float32)

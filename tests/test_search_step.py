@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import onnxruntime as ort
 import pytest
-from helpers import padded_batch, torch_generate
+from helpers import exact_log_softmax, padded_batch, torch_generate
 
 from ortseq.exporter.search_step import search_step_model
 from ortseq.graphs import contract
@@ -129,11 +129,8 @@ def test_device_candidates_equal_the_hosts_with_each_rows_bans(session, fields, 
 
 def exact_beam_scores(logits: np.ndarray, running: np.ndarray, flat_ids: np.ndarray) -> np.ndarray:
     """log_softmax(logits) + running score of each chosen (beam * vocab + token), in float64."""
-    wide = logits.astype(np.float64)
-    log_probs = wide - wide.max(axis=1, keepdims=True)
-    log_probs -= np.log(np.exp(log_probs).sum(axis=1, keepdims=True))
     batch, beams = running.shape
-    totals = log_probs.reshape(batch, beams, -1) + running[:, :, None]
+    totals = exact_log_softmax(logits).reshape(batch, beams, -1) + running[:, :, None]
     return np.take_along_axis(totals.reshape(batch, -1), flat_ids, axis=1)
 
 
