@@ -82,7 +82,27 @@ def markdown(results: list[dict]) -> str:
         )
     misses = {f: sum(r["ratios"][f] > 1.0 for r in results) for f in FIELDS}
     lines += ["", f"{len(results)} points; time missed at {misses['seconds']}, peak RSS at {misses['peak_rss_mb']}."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *group_summary(results)]) + "\n"
+
+
+def group_summary(results: list[dict]) -> list[str]:
+    """Per precision, mode and batch: the ratios' range, the points over 1, and the longest point's figures."""
+    lines = [
+        "| precision | mode | batch | time ratio, lowest – highest (points over 1) | peak RSS ratio, lowest – highest "
+        "| longest point: seconds and MB, ortseq / CT2 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for group in sorted({(r["precision"], r["mode"], r["batch"]) for r in results}, key=str):
+        mine = [r for r in results if (r["precision"], r["mode"], r["batch"]) == group]
+        time, rss = ([r["ratios"][f] for r in mine] for f in ("seconds", "peak_rss_mb"))
+        longest = max(mine, key=lambda r: (r["length"], r["new_tokens"]))
+        ours, theirs = (longest["summary"][name] for name in longest["systems"])
+        lines.append(
+            f"| {' | '.join(map(str, group))} | {min(time):.2f} – {max(time):.2f} ({sum(t > 1.0 for t in time)}) | "
+            f"{min(rss):.2f} – {max(rss):.2f} | {ours['seconds']:.2f} / {theirs['seconds']:.2f} s "
+            f"at {longest['length']} in, {longest['new_tokens']} out, {ours['peak_rss_mb']:.0f} / {theirs['peak_rss_mb']:.0f} |"
+        )
+    return lines
 
 
 def plot(results: list[dict], path: Path) -> None:
