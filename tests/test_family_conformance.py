@@ -16,7 +16,16 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import CORPUS, SETTINGS, WITHOUT_SETTING, degenerate, padded_batch, tiny_model_params, torch_generate
+from helpers import (
+    CORPUS,
+    SETTINGS,
+    WITHOUT_SETTING,
+    degenerate,
+    discriminating_batch,
+    padded_batch,
+    tiny_model_params,
+    torch_generate,
+)
 from test_bundle import summarize
 
 from ortseq.exporter.families import family_named
@@ -119,6 +128,27 @@ def test_generate_matches_transformers_on_a_padded_batch(tiny_export, reference,
             return
         reasons.add(reason)
     pytest.fail(f"{setting}: none of {2 * CANDIDATES} batches discriminates: {reasons}")
+
+
+@pytest.mark.parametrize("setting", DEFAULT_RUN_SETTINGS)
+@pytest.mark.parametrize(("family", "kind"), CASES)
+def test_generate_matches_transformers_on_an_unpadded_batch(tiny_export, reference, family, kind, setting):
+    """Rows of one length: the encoder runs without its mask (exporter/unpadded_attention.py), the other
+    branch from the padded batches above, which short inputs share an encoder run in (runtime/sessions.py)."""
+    if not family_named(family).reference_encoder:
+        pytest.skip(f"transformers has no {family} encoder: its parity rests on the reference code's goldens")
+    ours = Seq2SeqModel.load(tiny_export(kind).export_dir)
+    longest = min(ours.manifest.dims.max_position_embeddings, 48)
+    ids, mask, expected = discriminating_batch(
+        reference(family, kind),
+        setting,
+        lambda seed: padded_batch(ours.manifest, [longest, longest, longest], seed=seed),
+        first_seed=0,
+        eos=ours.manifest.special_tokens.eos_token_id,
+        settings=PARITY_SETTINGS[setting],
+    )
+    assert mask.all()
+    np.testing.assert_array_equal(ours.generate(ids, mask, **PARITY_SETTINGS[setting]), expected)
 
 
 @pytest.mark.slow

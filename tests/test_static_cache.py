@@ -233,24 +233,42 @@ class CountingSession:
         return getattr(self._session, name)
 
 
-def test_cpu_encoder_encodes_one_input_per_run_into_the_batchs_buffers(exported):
-    # one input per run: the encoder's working memory is one input's whatever the batch (the peak RSS
-    # of batch 8 x 512 tokens); the outputs are those of one run over the whole padded batch, exactly
-    # for the padded inputs (the same masked attention), to fp32 rounding for the longest one: alone,
-    # it has no padding, and its attention runs without the mask (exporter/unpadded_attention.py)
+def test_cpu_encoder_runs_are_bounded_in_positions_and_hold_every_row_once():
+    assert sessions_module.ENCODE_TOKENS == 512
+    chunks = sessions_module.encoder_chunks
+    assert chunks(8, 64) == [slice(0, 8)]  # short inputs share one run
+    assert chunks(8, 256) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
+    assert chunks(3, 512) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # a run per input
+    assert chunks(2, 1024) == [slice(0, 1), slice(1, 2)]  # longer than the bound: still one input a run
+    assert chunks(5, 100) == [slice(0, 5)] and chunks(6, 100) == [slice(0, 5), slice(5, 6)]
+    assert chunks(1, 1) == [slice(0, 1)]
+
+
+def test_cpu_encoder_encodes_a_few_inputs_per_run_into_the_batchs_buffers(exported, monkeypatch):
+    # runs of at most ENCODE_TOKENS positions: the encoder's working memory is bounded whatever the batch
+    # (the peak RSS of batch 8 x 512 tokens); the outputs are those of one run over the whole padded batch,
+    # exactly for rows of a run with padding (the same masked attention), to fp32 rounding for the rows of
+    # a run without: it has no padding, and its attention runs without the mask
+    # (exporter/unpadded_attention.py)
     model = Seq2SeqModel.load(exported("head32").export_dir)
-    ids, mask = _batch(model)
+    ids, mask = padded_batch(model.manifest, [13, 13, 6, 1, 9], seed=7)
+    monkeypatch.setattr(sessions_module, "ENCODE_TOKENS", 2 * ids.shape[1])  # two rows a run
+    runs = sessions_module.encoder_chunks(*ids.shape)
+    assert runs == [slice(0, 2), slice(2, 4), slice(4, 5)]
     whole = model.sessions.encode(ids, mask)
     counting = CountingSession(model.sessions.encoder)
     model.sessions.encoder = counting
-    per_input = model.sessions.encode_on_device(ids, mask)
-    assert counting.runs == len(ids)
-    assert list(per_input) == list(whole)
-    padded = ~mask.all(axis=1)
-    assert 0 < padded.sum() < len(ids)
-    for name, value in per_input.items():
-        np.testing.assert_array_equal(value.numpy()[padded], whole[name][padded], err_msg=name)
-        np.testing.assert_allclose(value.numpy()[~padded], whole[name][~padded], rtol=1e-5, atol=1e-5, err_msg=name)
+    chunked = model.sessions.encode_on_device(ids, mask)
+    assert counting.runs == len(runs)
+    assert list(chunked) == list(whole)
+    unpadded_run = np.zeros(len(ids), dtype=bool)
+    for rows in runs:
+        unpadded_run[rows] = mask[rows].all()
+    assert unpadded_run.tolist() == [True, True, False, False, False]
+    for name, value in chunked.items():
+        got = value.numpy()
+        np.testing.assert_array_equal(got[~unpadded_run], whole[name][~unpadded_run], err_msg=name)
+        np.testing.assert_allclose(got[unpadded_run], whole[name][unpadded_run], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_only_a_tiny_decoder_runs_with_a_memory_pattern(exported):

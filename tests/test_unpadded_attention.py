@@ -1,6 +1,6 @@
 """The encoder's attention: onnxruntime's MultiHeadAttention, without its mask when no input is padded
-(exporter/unpadded_attention.py). The families' parity suites run both branches against transformers (a
-padded batch is encoded one input at a time: its longest input unpadded, the others padded)."""
+(exporter/unpadded_attention.py). The families' conformance suite runs both branches against transformers
+(a padded batch, and a batch of rows of one length)."""
 
 from __future__ import annotations
 
