@@ -164,8 +164,8 @@ class EncoderDecoderSessions:
         """encode(), its outputs left on the session's device (never copied through numpy).
 
         On the CPU the encoder runs on a few inputs at a time (encoder_chunks), writing into the batch's
-        output buffers: its working memory (a layer's attention scores and FFN activations) is then about
-        that of ENCODE_TOKENS tokens whatever the batch (mid-size int8 Pegasus, batch 8 x 512 tokens: the
+        output buffers: its working memory (a layer's attention scores and FFN activations) is then bounded
+        whatever the batch (mid-size int8 Pegasus, batch 8 x 512 tokens: the
         encode's peak RSS went from 439 to 381 MB, benchmarks/profile_memory.py), while short inputs still
         share a run. In fp32 each input's encoding depends on that input alone (the padded length is the
         batch's), so the outputs are the same; int8 quantizes a run's activations with one scale, as it does
@@ -221,16 +221,20 @@ class EncoderDecoderSessions:
         return np.stack([np.array(step(decoder_ids[:, t], rows), dtype=np.float32) for t in range(steps)], axis=1)
 
 
-# The most input positions one CPU encoder run holds (rows x padded length). One run per input kept the
-# working memory at one input's, but short inputs then paid a run each: mid-size int8 Pegasus, 8 inputs of
-# 64 tokens, the encode took 62 ms one input a run and 37 ms in one run (a whole call, 8 beams, 16 new
-# tokens: 0.685 -> 0.630 s, peak RSS 258 -> 260 MB). A 512-token input has a run to itself either way.
+# What one CPU encoder run may hold: at most ENCODE_TOKENS input positions (rows x padded length), and
+# no more rows x length^2 (a layer's attention work) than one input of ENCODE_SCORES_LENGTH tokens. One run
+# per input kept the working memory at one input's, but short inputs then paid a run each: mid-size int8
+# Pegasus, 8 inputs of 64 tokens, the encode took 62 ms one input a run and 37 ms in one run (a whole call,
+# 8 beams, 16 new tokens: 0.685 -> 0.630 s, peak RSS 258 -> 260 MB). Two 256-token inputs in a run raised
+# the peak of 8 x 256 calls by 13 MB (fp32 and int8) for no measurable gain, hence the second bound.
 ENCODE_TOKENS = 512
+ENCODE_SCORES_LENGTH = 256
 
 
 def encoder_chunks(rows: int, length: int) -> list[slice]:
-    """The batch's rows in consecutive runs of at most ENCODE_TOKENS positions (at least one row each)."""
-    per_run = max(1, ENCODE_TOKENS // max(1, length))
+    """The batch's rows in consecutive runs within both bounds above (at least one row each)."""
+    length = max(1, length)
+    per_run = max(1, min(ENCODE_TOKENS // length, (ENCODE_SCORES_LENGTH // length) ** 2))
     return [slice(start, min(start + per_run, rows)) for start in range(0, rows, per_run)]
 
 

@@ -233,19 +233,20 @@ class CountingSession:
         return getattr(self._session, name)
 
 
-def test_cpu_encoder_runs_are_bounded_in_positions_and_hold_every_row_once():
-    assert sessions_module.ENCODE_TOKENS == 512
+def test_cpu_encoder_runs_are_bounded_in_positions_and_attention_and_hold_every_row_once():
+    assert (sessions_module.ENCODE_TOKENS, sessions_module.ENCODE_SCORES_LENGTH) == (512, 256)
     chunks = sessions_module.encoder_chunks
     assert chunks(8, 64) == [slice(0, 8)]  # short inputs share one run
-    assert chunks(8, 256) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
-    assert chunks(3, 512) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # a run per input
-    assert chunks(2, 1024) == [slice(0, 1), slice(1, 2)]  # longer than the bound: still one input a run
-    assert chunks(5, 100) == [slice(0, 5)] and chunks(6, 100) == [slice(0, 5), slice(5, 6)]
-    assert chunks(1, 1) == [slice(0, 1)]
+    assert chunks(8, 128) == [slice(0, 4), slice(4, 8)]  # 512 positions, one 256-token input's attention
+    assert chunks(3, 200) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # 2 x 200^2 > 256^2
+    assert chunks(2, 256) == [slice(0, 1), slice(1, 2)]  # a run per input from 256 tokens up
+    assert chunks(2, 1024) == [slice(0, 1), slice(1, 2)]  # longer than the bounds: still one input a run
+    assert chunks(4, 100) == [slice(0, 4)] and chunks(5, 100) == [slice(0, 4), slice(4, 5)]
+    assert chunks(1, 1) == [slice(0, 1)] and chunks(3, 0) == [slice(0, 3)]
 
 
 def test_cpu_encoder_encodes_a_few_inputs_per_run_into_the_batchs_buffers(exported, monkeypatch):
-    # runs of at most ENCODE_TOKENS positions: the encoder's working memory is bounded whatever the batch
+    # runs within encoder_chunks' bounds: the encoder's working memory is bounded whatever the batch
     # (the peak RSS of batch 8 x 512 tokens); the outputs are those of one run over the whole padded batch,
     # exactly for rows of a run with padding (the same masked attention), to fp32 rounding for the rows of
     # a run without: it has no padding, and its attention runs without the mask
