@@ -165,9 +165,8 @@ class EncoderDecoderSessions:
 
         On the CPU the encoder runs on a few inputs at a time (encoder_chunks), writing into the batch's
         output buffers: its working memory (a layer's attention scores and FFN activations) is then bounded
-        whatever the batch (mid-size int8 Pegasus, batch 8 x 512 tokens: the
-        encode's peak RSS went from 439 to 381 MB, benchmarks/profile_memory.py), while short inputs still
-        share a run. In fp32 each input's encoding depends on that input alone (the padded length is the
+        whatever the batch (mid-size int8 Pegasus, batch 8 x 512 tokens: the encode's peak RSS went from 439
+        to 381 MB, benchmarks/profile_memory.py), while short inputs still share a run. In fp32 each input's encoding depends on that input alone (the padded length is the
         batch's), so the outputs are the same; int8 quantizes a run's activations with one scale, as it does
         a batched decoder step's. A GPU keeps the whole batch in one run: there, smaller runs would idle
         the device.

@@ -142,7 +142,7 @@ def test_generate_matches_transformers_on_an_unpadded_batch(tiny_export, referen
     ids, mask, expected = discriminating_batch(
         reference(family, kind),
         setting,
-        lambda seed: padded_batch(ours.manifest, [longest, longest, longest], seed=seed),
+        lambda seed: padded_batch(ours.manifest, [longest] * 3, seed=seed),
         first_seed=0,
         eos=ours.manifest.special_tokens.eos_token_id,
         settings=PARITY_SETTINGS[setting],
